@@ -1,0 +1,44 @@
+"""The library's exception hierarchy.
+
+Every error a user can cause (a bad file, a bad model folder, a prompt that does not fit) is a
+`Dsvl2Error` with a one-line message that says what is wrong and what to do. The CLI maps these
+to exit code 1 and prints the message; anything else is a bug and shows a traceback.
+"""
+
+from __future__ import annotations
+
+
+class Dsvl2Error(Exception):
+    """Base class: a problem the user can fix. `str(err)` is a complete one-line message."""
+
+
+class ModelError(Dsvl2Error):
+    """The model folder is missing, incomplete, corrupt, or not a DeepSeek-VL2 checkpoint."""
+
+
+class ConfigError(ModelError):
+    """config.json is unreadable or holds values this runtime cannot run."""
+
+
+class WeightsError(ModelError):
+    """A safetensors file is missing, corrupt, or its tensors do not match the config."""
+
+
+class TokenizerError(ModelError):
+    """tokenizer.json is missing or lacks a special token the model needs."""
+
+
+class InputError(Dsvl2Error):
+    """A user input (image, PDF, prompt, conversation file) cannot be used."""
+
+
+class ImageError(InputError):
+    """An image cannot be opened or decoded."""
+
+
+class PromptError(InputError):
+    """The prompt is empty, malformed, or its <image> placeholders do not match the images."""
+
+
+class ContextTooLongError(PromptError):
+    """The prompt (images + text) does not fit in the model's context window."""

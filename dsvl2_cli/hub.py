@@ -1,0 +1,75 @@
+"""Where a model comes from: a local folder, the Hugging Face cache, or a download.
+
+The cache is the one transformers uses (HF_HOME / HF_HUB_CACHE), so a checkpoint downloaded by
+either tool serves both. Only the files the runtime reads are fetched: safetensors, JSON and the
+tokenizer; never Python files (we never run code from a model folder) nor pickles.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    source: str  # "local folder", "Hugging Face cache" or "downloaded"
+    name: str  # what the user asked for
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve(name: str | os.PathLike | None = None, *, download: bool = True) -> ResolvedModel:
+    """Folder if `name` is one, else a Hugging Face id looked up in the cache, else downloaded."""
+    name = str(name or os.environ.get("DSVL2_MODEL") or DEFAULT_MODEL)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ResolvedModel(path.resolve(), "local folder", name)
+    if path.exists():
+        raise ModelError(f"{name}: is a file; --model takes a model folder or a Hugging Face id like {DEFAULT_MODEL}")
+    if not _REPO_ID.match(name):
+        raise ModelError(f"{name}: no such folder, and not a Hugging Face id (owner/name); "
+                         f"give a model folder or an id like {DEFAULT_MODEL}")
+    cached = _from_cache(name)
+    if cached is not None:
+        return ResolvedModel(cached, "Hugging Face cache", name)
+    if is_offline() or not download:
+        raise ModelError(
+            f"{name}: not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE); "
+            f"fetch it on a connected machine with `dsvl2 pull {name}` (or `hf download {name}`), "
+            "or pass the model folder with -m PATH"
+        )
+    return ResolvedModel(download_model(name), "downloaded", name)
+
+
+def _from_cache(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss (not cached, partial, bad cache dir) means "not cached"
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def download_model(repo_id: str) -> Path:
+    """Download into the shared Hugging Face cache (huggingface_hub shows its progress bars)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS))
+    except Exception as err:  # noqa: BLE001 - network, auth, missing repo: all become one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{repo_id}: download failed ({reason}); check the id and your connection, "
+                         "or pass a local folder with -m PATH") from None

@@ -1,0 +1,135 @@
+"""DeepSeekMoE feed-forward (DeepSeekMoE paper; DeepSeek-V2/V3 routers): fine-grained routed
+experts chosen per token by a router, plus always-on shared experts.
+
+Routed experts are stored stacked, `gate_up` (E, 2M, D) and `down` (E, D, M), and computed grouped:
+the token copies are sorted by expert and each active expert runs one matmul over its slice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP; gate_proj and up_proj are fused into one (2I, D) weight at load time."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.inner = inner
+        self.gate_up = nn.Parameter(torch.empty(2 * inner, hidden))
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up).split(self.inner, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Router(nn.Module):
+    """Chooses num_experts_per_tok experts per token and their weights (both per token).
+
+    Scores are computed in float32 from float32 copies of the gate weight, as the reference does.
+    - softmax + greedy (tiny, small): raw top-k probabilities, no renormalisation by default.
+    - group_limited_greedy: top-k within the best topk_group groups (by max score).
+    - sigmoid + noaux_tc (27B): experts chosen by score + e_score_correction_bias, weighted by the
+      unbiased scores; groups ranked by the sum of their two best biased scores.
+    Then optional renormalisation to sum 1 and multiplication by routed_scaling_factor.
+    """
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_experts = cfg.n_routed_experts
+        self.scoring = cfg.scoring_func
+        self.method = cfg.topk_method
+        self.n_group = cfg.n_group or 1
+        self.topk_group = cfg.topk_group or 1
+        self.normalise = cfg.norm_topk_prob
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size, dtype=torch.float32))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.empty(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) -> expert ids (N, k) int64 and weights (N, k) float32."""
+        logits = F.linear(x.float(), self.weight)  # (N, E)
+        scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
+        if self.method == "greedy":
+            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
+        elif self.method == "group_limited_greedy":
+            group_scores = scores.view(-1, self.n_group, self.n_experts // self.n_group).amax(-1)
+            ids = self._topk_in_groups(scores, group_scores)
+            weights = scores.gather(1, ids)
+        else:  # noaux_tc
+            biased = scores + self.e_score_correction_bias
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            ids = self._topk_in_groups(biased, group_scores)
+            weights = scores.gather(1, ids)
+        if self.top_k > 1 and self.normalise:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scale
+
+    def _topk_in_groups(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
+        if self.n_group > 1:
+            best = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # (N, topk_group)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            keep = keep.repeat_interleave(self.n_experts // self.n_group, dim=1)  # (N, E)
+            scores = scores.masked_fill(~keep, 0.0)  # the reference fills with 0, not -inf
+        return scores.topk(self.top_k, dim=-1, sorted=False).indices
+
+
+class Experts(nn.Module):
+    """The routed experts as stacked weights: gate_up (E, 2M, D), down (E, D, M)."""
+
+    def __init__(self, n_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.inner = inner
+        self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * inner, hidden))
+        self.down = nn.Parameter(torch.empty(n_experts, hidden, inner))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on tokens x (n, D) -> (n, D)."""
+        gate, up = F.linear(x, self.gate_up[e]).split(self.inner, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down[e])
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, D), ids/weights (N, k) -> sum_k weight * expert(x) as (N, D)."""
+        n, k = ids.shape
+        flat = ids.flatten()  # (N*k,)
+        order = flat.argsort(stable=True)  # token copies grouped by expert
+        counts = torch.bincount(flat, minlength=self.gate_up.shape[0]).tolist()
+        routed = x[order // k]  # (N*k, D), sorted by expert
+        out = torch.empty_like(routed)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                out[start:start + count] = self.expert(e, routed[start:start + count])
+                start += count
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        # Weighted sum in float32, then back: the reference's order of rounding.
+        return (unsorted.view(n, k, -1).float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, D)
+        ids, weights = self.gate(flat)
+        y = self.experts(flat, ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(shape)

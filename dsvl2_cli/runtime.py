@@ -1,0 +1,135 @@
+"""The library's entry point: `load()` a checkpoint and get a `VLModel` that prepares
+conversations and runs the model. The CLI sits on this and nothing lower.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .config import ModelConfig
+from .errors import Dsvl2Error, ModelError
+from .language import rope_table
+from .model import DeepseekVL2
+from .processor import Message, Prepared, Processor, ProcessorSettings
+from .tokenizer import Tokenizer
+from .weights import TensorReader, check_tensors, expected_tensors, load_into, read_headers, weight_files
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise Dsvl2Error(f"dtype {dtype} is not supported; use bfloat16, float16 or float32")
+        return dtype
+    name = (dtype or "bfloat16").lower()
+    if name not in DTYPES:
+        raise Dsvl2Error(f"dtype {dtype!r} is not supported; use bfloat16, float16 or float32")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    name = str(device or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise Dsvl2Error(f"device {device!r} is not valid; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Dsvl2Error("device cuda asked for, but this PyTorch has no usable CUDA GPU; use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise Dsvl2Error("device mps asked for, but it is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise Dsvl2Error(f"device {device!r} is not supported; use auto, cpu, cuda or mps")
+    return dev
+
+
+def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               on_progress: Callable[[int, int], None] | None = None) -> DeepseekVL2:
+    """Strict-check the checkpoint against `cfg`, then build the model and fill its weights."""
+    infos = read_headers(weight_files(model_dir))
+    check_tensors(infos, expected_tensors(cfg), str(model_dir))
+    with torch.device("meta"):
+        model = DeepseekVL2(cfg)
+    reader = TensorReader(infos)
+    try:
+        load_into(model, reader, cfg, dtype, device, on_progress)
+    finally:
+        reader.close()
+    lm = cfg.language
+    rope_dim = lm.qk_rope_head_dim if lm.use_mla else lm.head_dim
+    model.language.rope_angles = rope_table(rope_dim, lm.max_position_embeddings, lm.rope_theta).to(device)
+    return model.eval()
+
+
+@dataclass
+class VLModel:
+    """A loaded checkpoint: config, weights, tokenizer and processor on one device and dtype."""
+
+    name: str
+    path: Path
+    source: str
+    config: ModelConfig
+    model: DeepseekVL2
+    tokenizer: Tokenizer
+    processor: Processor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def prepare(self, messages: Sequence[Message], *, system: str | None = None) -> Prepared:
+        return self.processor.prepare(messages, system=system)
+
+    @torch.inference_mode()
+    def embed(self, prepared: Prepared) -> torch.Tensor:
+        """Prompt embeddings (1, T, D) with the images encoded and laid out."""
+        return self.model.embed(
+            prepared.input_ids[None], prepared.image_mask[None], prepared.pixel_values(),
+            [img.grid for img in prepared.images],
+        )
+
+    @torch.inference_mode()
+    def logits(self, prepared: Prepared) -> torch.Tensor:
+        """Full uncached forward pass: logits (T, V) float32 for every prompt position."""
+        return self.model.language(self.embed(prepared))[0]
+
+
+def load(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    download: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> VLModel:
+    """Load a DeepSeek-VL2 checkpoint from a folder or a Hugging Face id (default: tiny).
+
+    dtype: bfloat16 (default), float16 or float32; device: auto (default), cpu, cuda, mps.
+    """
+    resolved = hub.resolve(model, download=download)
+    dt, dev = resolve_dtype(dtype), resolve_device(device)
+    cfg = ModelConfig.from_dir(resolved.path)
+    tokenizer = Tokenizer.from_dir(resolved.path)
+    if tokenizer.vocab_size > cfg.language.vocab_size:
+        raise ModelError(f"{resolved.path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {cfg.language.vocab_size}; tokenizer and weights do not belong together")
+    processor = Processor(tokenizer, ProcessorSettings.from_model_dir(resolved.path))
+    weights = load_model(resolved.path, cfg, dt, dev, on_progress)
+    return VLModel(resolved.name, resolved.path, resolved.source, cfg, weights, tokenizer, processor)
