@@ -1,0 +1,399 @@
+"""Generation in three layers (as mlx-lm): a step loop over the model, a stream of typed events
+(`Prefilled`, `Token`, `Done`), and `generate()` which joins the stream into a `Result`.
+
+- The prompt is prefilled in chunks of `prefill_chunk` positions (the reference's "incremental
+  prefilling"): the same logits as one pass, with activations bounded by the chunk size.
+- A `PromptCache` remembers which positions (token ids, and for image positions which image) its
+  ModelCache holds, so a follow-up turn only prefills what is new; images already in the cache
+  are not encoded again. A changed history truncates the cache at the first difference.
+- `generate_batch` runs independent prompts together, left-padded, with outputs equal to running
+  them one by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import ModelCache
+from .errors import ContextTooLongError, Dsvl2Error
+from .processor import Prepared
+from .sampling import SamplingParams, make_generator, sample
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+# ------------------------------------------------------------------------------------ events
+
+@dataclass(frozen=True)
+class Prefilled:
+    """The prompt is in the cache; decoding starts."""
+
+    prompt_tokens: int
+    reused_tokens: int  # positions taken from the cache of an earlier turn
+    image_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token and the text it completes (may be "" while a character is partial).
+    `id` is None for text that was held back and is released at the end without a new token."""
+
+    id: int | None
+    text: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    prompt_tokens: int
+    reused_tokens: int
+    image_tokens: int
+    generated_tokens: int
+    time_to_first_token: float  # seconds from the call to the first token, images and prefill included
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+    cache_bytes: int
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Done:
+    """Generation ended. finish_reason: "eos", "length" (max_tokens), "stop" (a stop string),
+    "context" (the context window is full)."""
+
+    finish_reason: str
+    text: str
+    token_ids: tuple[int, ...]
+    stats: Stats
+
+
+Event = Prefilled | Token | Done
+
+
+@dataclass(frozen=True)
+class Result:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_tokens: int = 512
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise Dsvl2Error(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.prefill_chunk < 1:
+            raise Dsvl2Error(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+
+
+# ------------------------------------------------------------------------------ prompt cache
+
+def image_fingerprint(pixel_values: torch.Tensor) -> str:
+    """Identity of an image as the model sees it (its normalised tiles)."""
+    data = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def image_spans(prepared: Prepared) -> list[tuple[int, int]]:
+    """[start, end) prompt positions of each image's tokens, in order."""
+    positions = prepared.image_mask.nonzero().flatten().tolist()
+    spans, i = [], 0
+    for img in prepared.images:
+        spans.append((positions[i], positions[i + img.num_tokens - 1] + 1))
+        i += img.num_tokens
+    return spans
+
+
+def position_keys(prepared: Prepared) -> list:
+    """Per prompt position what the cache must have seen there: a token id, or (image, index)."""
+    keys: list = prepared.input_ids.tolist()
+    for img, (start, end) in zip(prepared.images, image_spans(prepared)):
+        fp = image_fingerprint(img.pixel_values)
+        keys[start:end] = [(fp, j) for j in range(end - start)]
+    return keys
+
+
+class PromptCache:
+    """A ModelCache plus what it holds, for reuse across the turns of one conversation."""
+
+    def __init__(self):
+        self.cache: ModelCache | None = None
+        self.keys: list = []
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes if self.cache is not None else 0
+
+    def reset(self) -> None:
+        self.cache, self.keys = None, []
+
+    def reusable(self, keys: list) -> int:
+        """How many leading positions of a new prompt the cache already holds (< len(keys):
+        the last prompt position is always recomputed, its logits pick the first token)."""
+        n = 0
+        limit = min(len(self.keys), len(keys) - 1)
+        while n < limit and self.keys[n] == keys[n]:
+            n += 1
+        if n and isinstance(keys[n], tuple) and keys[n][1] > 0:
+            # never start inside an image: back up to its first token
+            n -= keys[n][1]
+        return n
+
+
+# --------------------------------------------------------------------------------- the engine
+
+def check_context(vlm, prepared: Prepared) -> None:
+    limit = vlm.config.language.max_position_embeddings
+    total = int(prepared.input_ids.numel())
+    if total < limit:
+        return
+    image_counts = [img.num_tokens for img in prepared.images]
+    text = total - sum(image_counts)
+    detail = f"images {' + '.join(map(str, image_counts))}, text {text}" if image_counts else f"text {text}"
+    raise ContextTooLongError(
+        f"prompt is {total} tokens ({detail}) but the context holds {limit} including the answer; "
+        "use fewer images (with 3 or more, images are not tiled), smaller or less elongated images, "
+        "a shorter text, or start a new conversation"
+    )
+
+
+def _prefill(vlm, prepared: Prepared, pcache: PromptCache, chunk: int) -> tuple[torch.Tensor, int]:
+    """Bring the cache up to the whole prompt; return the last position's logits (1, V) and the
+    number of positions reused."""
+    keys = position_keys(prepared)
+    model = vlm.model
+    if pcache.cache is None:
+        pcache.cache = model.language.new_cache(1)
+    start = pcache.reusable(keys)
+    pcache.cache.truncate(start)
+    pcache.keys = pcache.keys[:start]
+
+    ids = prepared.input_ids[start:]
+    # encode only the images whose tokens lie in the new part (earlier ones are cached)
+    spans = image_spans(prepared)
+    new_images = [i for i, (s, _) in enumerate(spans) if s >= start]
+    pixels = torch.cat([prepared.images[i].pixel_values for i in new_images]) if new_images else None
+    embeds = model.embed(ids[None], prepared.image_mask[start:][None], pixels,
+                         [prepared.images[i].grid for i in new_images])
+    pcache.cache.reserve(prepared.input_ids.numel() + 1)
+    logits = None
+    for s in range(0, embeds.shape[1], chunk):
+        logits = model.language(embeds[:, s:s + chunk], pcache.cache, last_only=True)
+    pcache.keys = keys
+    return logits[:, -1], start
+
+
+class _Sequence:
+    """One generated sequence's bookkeeping: ids, detokenizer, stop strings, why it ended."""
+
+    def __init__(self, vlm, config: GenerationConfig, history: torch.Tensor):
+        self.tok = vlm.tokenizer
+        self.config = config
+        self.generator = make_generator(config.sampling.seed)
+        self.history = history  # (T,) prompt ids, for the repetition penalty
+        self.decoder = self.tok.stream(skip_special=True)
+        self.stops = StopMatcher(config.stop)
+        self.ids: list[int] = []
+        self.parts: list[str] = []
+        self.reason: str | None = None
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """logits (V,) -> the next token id."""
+        penalty = self.config.sampling.repetition_penalty != 1.0
+        if penalty:
+            self.history = torch.cat([self.history, self.history.new_tensor(self.ids[-1:])])
+        return int(sample(logits[None], self.config.sampling, self.history[None] if penalty else None,
+                          self.generator)[0])
+
+    def accept(self, token_id: int, cache_len: int, limit: int) -> Token | None:
+        """Record a sampled token; returns its event (None for eos) and sets `reason` when done."""
+        if token_id == self.tok.eos_id:
+            self.reason = "eos"
+            return None
+        self.ids.append(token_id)
+        text, hit = self.stops.feed(self.decoder.push(token_id))
+        self.parts.append(text)
+        if hit:
+            self.reason = "stop"
+        elif len(self.ids) >= self.config.max_tokens:
+            self.reason = "length"
+        elif cache_len >= limit:
+            self.reason = "context"
+        return Token(token_id, text)
+
+    def finish(self) -> Token | None:
+        """Release text held back for a partial character or a possible stop string."""
+        if self.reason == "stop":
+            return None
+        tail, _ = self.stops.feed(self.decoder.flush(), final=True)
+        if not tail:
+            return None
+        self.parts.append(tail)
+        return Token(None, tail)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _stats(prompt_len, reused, image_tokens, n, t0, t_prefill_end, t_first, t_end, cache_bytes) -> Stats:
+    prefill_time = t_prefill_end - t0
+    decode_time = (t_end - t_first) if t_first else 0.0
+    return Stats(
+        prompt_tokens=prompt_len,
+        reused_tokens=reused,
+        image_tokens=image_tokens,
+        generated_tokens=n,
+        time_to_first_token=(t_first or t_end) - t0,
+        prefill_tokens_per_second=(prompt_len - reused) / prefill_time if prefill_time > 0 else 0.0,
+        decode_tokens_per_second=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
+        cache_bytes=cache_bytes,
+    )
+
+
+@torch.inference_mode()
+def stream_generate(vlm, prepared: Prepared, config: GenerationConfig | None = None,
+                    prompt_cache: PromptCache | None = None) -> Iterator[Event]:
+    """Prefill `prepared` (reusing `prompt_cache` when given) and yield events until done.
+
+    With a prompt_cache, the generated tokens stay in it, so the next turn's prompt (this
+    conversation, the answer, a new question) only prefills what is new.
+    """
+    config = config or GenerationConfig()
+    check_context(vlm, prepared)
+    pcache = prompt_cache if prompt_cache is not None else PromptCache()
+    limit = vlm.config.language.max_position_embeddings
+    t0 = time.perf_counter()
+
+    logits, reused = _prefill(vlm, prepared, pcache, config.prefill_chunk)
+    t_prefill = time.perf_counter()
+    prompt_len = int(prepared.input_ids.numel())
+    image_tokens = sum(img.num_tokens for img in prepared.images)
+    yield Prefilled(prompt_len, reused, image_tokens, t_prefill - t0)
+
+    seq = _Sequence(vlm, config, prepared.input_ids.to(vlm.device))
+    t_first = None
+    while seq.reason is None:
+        next_id = seq.choose(logits[0])
+        t_first = t_first or time.perf_counter()
+        event = seq.accept(next_id, pcache.cache.length, limit)
+        if event is not None:
+            yield event
+        if seq.reason is None:
+            step = torch.tensor([[next_id]], device=vlm.device)
+            logits = vlm.model.language(vlm.model.embed(step), pcache.cache)[:, -1]
+            pcache.keys.append(next_id)
+    tail = seq.finish()
+    if tail is not None:
+        yield tail
+    # pcache.keys lists the prompt and every generated token except the last one, which was
+    # never fed through the model; the next turn reuses the cache up to its first difference.
+    stats = _stats(prompt_len, reused, image_tokens, len(seq.ids), t0, t_prefill, t_first,
+                   time.perf_counter(), pcache.nbytes)
+    yield Done(seq.reason, seq.text, tuple(seq.ids), stats)
+
+
+@torch.inference_mode()
+def generate_batch(vlm, prompts: Sequence[Prepared], config: GenerationConfig | None = None) -> list[Result]:
+    """Independent prompts decoded together (left-padded); each result equals its one-by-one run."""
+    config = config or GenerationConfig()
+    if not prompts:
+        return []
+    for p in prompts:
+        check_context(vlm, p)
+    model, limit = vlm.model, vlm.config.language.max_position_embeddings
+    t0 = time.perf_counter()
+    lengths = [int(p.input_ids.numel()) for p in prompts]
+    width, b = max(lengths), len(prompts)
+    pad = torch.tensor([width - n for n in lengths])
+    ids = torch.full((b, width), vlm.tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, pad[row]:] = p.input_ids
+        mask[row, pad[row]:] = p.image_mask
+    images = [img for p in prompts for img in p.images]  # row-major, as embed() fills them
+    pixels = torch.cat([img.pixel_values for img in images]) if images else None
+    embeds = model.embed(ids, mask, pixels, [img.grid for img in images])
+    cache = model.language.new_cache(b, pad.to(vlm.device) if int(pad.max()) else None)
+    cache.reserve(width + config.max_tokens)
+    for s in range(0, width, config.prefill_chunk):
+        logits = model.language(embeds[:, s:s + config.prefill_chunk], cache, last_only=True)[:, -1]
+    t_prefill = time.perf_counter()
+
+    seqs = [_Sequence(vlm, config, p.input_ids.to(vlm.device)) for p in prompts]
+    t_first = None
+    while any(s.reason is None for s in seqs):
+        step = []
+        for row, seq in enumerate(seqs):
+            if seq.reason is None:
+                next_id = seq.choose(logits[row])
+                seq.accept(next_id, cache.length - int(pad[row]), limit)
+                step.append(next_id)
+            else:
+                step.append(vlm.tokenizer.eos_id)  # finished rows idle along; their output is ignored
+        t_first = t_first or time.perf_counter()
+        if all(s.reason is not None for s in seqs):
+            break
+        tokens = torch.tensor(step, device=vlm.device)[:, None]
+        logits = model.language(model.embed(tokens), cache)[:, -1]
+    t_end = time.perf_counter()
+    results = []
+    for row, seq in enumerate(seqs):
+        seq.finish()
+        stats = _stats(lengths[row], 0, sum(i.num_tokens for i in prompts[row].images), len(seq.ids),
+                       t0, t_prefill, t_first, t_end, cache.nbytes // b)
+        results.append(Result(seq.text, tuple(seq.ids), seq.reason, stats))
+    return results
+
+
+def generate(vlm, prepared: Prepared, config: GenerationConfig | None = None,
+             prompt_cache: PromptCache | None = None) -> Result:
+    """The joined stream: the whole answer at once."""
+    for event in stream_generate(vlm, prepared, config, prompt_cache):
+        if isinstance(event, Done):
+            return Result(event.text, event.token_ids, event.finish_reason, event.stats)
+    raise AssertionError("stream ended without Done")  # pragma: no cover
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string, so a stop string split across
+    tokens is never half-printed; cuts the text where a stop string begins."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+        """New text in -> (text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        safe = len(self.pending) if final else self._safe_prefix()
+        out, self.pending = self.pending[:safe], self.pending[safe:]
+        return out, False
+
+    def _safe_prefix(self) -> int:
+        """Length of the longest prefix of pending after which no stop string can still start."""
+        for i in range(max(0, len(self.pending) - self.hold), len(self.pending)):
+            tail = self.pending[i:]
+            if any(s.startswith(tail) for s in self.stops):
+                return i
+        return len(self.pending)

@@ -1,0 +1,150 @@
+"""Image loading: any file Pillow reads, turned into one RGB picture the processor can tile.
+
+Paths, bytes and binary streams (stdin) are accepted. EXIF orientation is applied, transparency
+is composited on white, 16-bit and float images are scaled to 8 bits, animated files give their
+first frame. Every failure a user can cause is an `ImageError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Union
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+# Refuse images above this many pixels before decoding them (Pillow's own default bomb limit,
+# ~89.5M pixels, about 9500 x 9500). Tests lower it with monkeypatch.
+MAX_PIXELS = 89_478_485
+
+ImageSource = Union[str, Path, bytes, bytearray, BinaryIO]
+
+_HINT = "use a PNG, JPEG, WebP, GIF, BMP or TIFF image"
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Open `source` as an RGB image; notes (e.g. "animated: first frame used") go to
+    `img.info["dsvl2_notes"]` (a list of strings, empty when there is nothing to say)."""
+    img, notes = load_image_with_notes(source)
+    img.info["dsvl2_notes"] = notes
+    return img
+
+
+def load_image_with_notes(source: ImageSource) -> tuple[Image.Image, list[str]]:
+    """Open `source` as a fully decoded RGB image and return it with notes for the user.
+
+    `source` is a path, the file's bytes, or a binary file object (stdin is read to the end).
+    Raises ImageError for a missing path, a directory, an empty/truncated/corrupt file, a
+    non-image, or an image above MAX_PIXELS (checked from the header, before decoding).
+    """
+    name, data = _read_source(source)
+    if not data:
+        raise ImageError(f"{name}: the file is empty; {_HINT}")
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        # Pillow warns above its own limit (our _check_pixels below says it better, with the
+        # size) and raises above twice that; keep the warning off the user's terminal.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"{name}: refused, too many pixels ({exc}); resize the image first") from exc
+        except UnidentifiedImageError as exc:
+            raise ImageError(f"{name}: not an image or an unsupported format; {_HINT}") from exc
+        except Exception as exc:  # Pillow plugins raise many types for corrupt headers
+            raise ImageError(f"{name}: cannot read the image header ({_describe(exc)}); {_HINT}") from exc
+        _check_pixels(name, img.size)
+        if getattr(img, "is_animated", False):
+            notes.append(f"{name}: animated image, only the first frame is used")
+        try:
+            img.seek(0)
+            img.load()  # force the full decode so truncated or corrupt data is caught here
+        except Exception as exc:
+            raise ImageError(f"{name}: the image data is truncated or corrupt ({_describe(exc)}); "
+                             "re-export or re-download the file") from exc
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # a broken EXIF block should not make a readable picture unusable
+        notes.append(f"{name}: unreadable EXIF orientation ignored")
+    return _to_rgb(name, img), notes
+
+
+def _read_source(source: ImageSource) -> tuple[str, bytes]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>", bytes(source)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = str(source)
+        if not path.exists():
+            raise ImageError(f"{name}: no such file; check the path")
+        if path.is_dir():
+            raise ImageError(f"{name}: is a directory, not an image file")
+        try:
+            size = path.stat().st_size
+            if size == 0:
+                return name, b""
+            with path.open("rb") as fh:
+                return name, fh.read()
+        except OSError as exc:
+            raise ImageError(f"{name}: cannot read the file ({exc.strerror or exc})") from exc
+    if hasattr(source, "read"):
+        name = str(getattr(source, "name", "<stream>"))
+        try:
+            data = source.read()
+        except OSError as exc:
+            raise ImageError(f"{name}: cannot read the stream ({exc})") from exc
+        if isinstance(data, str):
+            raise ImageError(f"{name}: opened in text mode; pass a binary stream (e.g. sys.stdin.buffer)")
+        return name, bytes(data)
+    raise ImageError(f"cannot open an image from a {type(source).__name__}; pass a path, bytes or a binary file")
+
+
+def _check_pixels(name: str, size: tuple[int, int]) -> None:
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{name}: image is {w}x{h} = {w * h:,} pixels, above the limit of "
+                         f"{MAX_PIXELS:,} pixels; resize it first")
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _to_rgb(name: str, img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = _deep_to_l(img)
+        img.info.pop("transparency", None)  # a 16-bit colour key means nothing at 8 bits
+        mode = "L"
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    try:
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        if mode == "RGB":
+            return img
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"{name}: cannot convert colour mode {mode} to RGB ({exc}); {_HINT}") from exc
+
+
+def _deep_to_l(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float greyscale -> 8-bit, scaled rather than clipped."""
+    if img.mode == "F":
+        lo, hi = img.getextrema()
+        scale = 255.0 if hi <= 1.0 else 255.0 / 65535 if hi <= 65535 else 255.0 / hi
+        return img.point(lambda v: v * scale).convert("L")
+    if img.mode != "I":
+        img = img.convert("I")  # every I;16 variant widens losslessly to 32-bit
+        scale = 255.0 / 65535
+    else:
+        lo, hi = img.getextrema()
+        scale = 1.0 if hi <= 255 else 255.0 / 65535 if hi <= 65535 else 255.0 / hi
+    return img.point(lambda v: v * scale).convert("L")

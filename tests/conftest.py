@@ -1,0 +1,83 @@
+"""Shared pytest fixtures: small random checkpoints in the real on-disk layout, test images,
+and the optional ../shared reference data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # plain `pytest` without an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from dsvl2_cli.synthetic import FAMILIES, write_checkpoint, write_image  # noqa: E402
+
+# (name, width, height): landscape, tall portrait, wide panorama, tiny.
+TEST_IMAGES = (
+    ("landscape_640x480.png", 640, 480),
+    ("portrait_300x900.png", 300, 900),
+    ("wide_1200x400.png", 1200, 400),
+    ("tiny_50x50.png", 50, 50),
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: long-running test (real-size weights); runs only with DSVL2_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("DSVL2_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: set DSVL2_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ckpt_tiny(tmp_path_factory) -> Path:
+    """tiny-like: plain MHA, softmax greedy router, single model.safetensors."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-like", "tiny-like")
+
+
+@pytest.fixture(scope="session")
+def ckpt_small(tmp_path_factory) -> Path:
+    """small-like: MLA, softmax router, no bos/eos/use_mla in config, different special ids."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "small-like", "small-like")
+
+
+@pytest.fixture(scope="session")
+def ckpt_vl2(tmp_path_factory) -> Path:
+    """vl2-like: MLA, sigmoid/noaux_tc router with correction bias; two shards + index."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "vl2-like", "vl2-like", shards=2)
+
+
+_CKPT_FIXTURES = {"tiny-like": "ckpt_tiny", "small-like": "ckpt_small", "vl2-like": "ckpt_vl2"}
+
+
+@pytest.fixture(params=FAMILIES, ids=list(FAMILIES))
+def ckpt(request) -> Path:
+    """Each small family in turn (the same session-scoped folders as ckpt_tiny/_small/_vl2)."""
+    return request.getfixturevalue(_CKPT_FIXTURES[request.param])
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only reference data next to the repository (../shared); skip when absent."""
+    path = REPO_ROOT.parent / "shared"
+    if not path.is_dir():
+        pytest.skip("../shared not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def images_dir(tmp_path_factory) -> Path:
+    """A folder of deterministic RGB PNGs of several aspect ratios (see TEST_IMAGES)."""
+    root = tmp_path_factory.mktemp("images")
+    for seed, (name, w, h) in enumerate(TEST_IMAGES):
+        write_image(root / name, w, h, seed=seed)
+    return root

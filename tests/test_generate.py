@@ -1,0 +1,214 @@
+"""Generation engine equivalences on all three fixture families."""
+
+import pytest
+import torch
+from PIL import Image
+
+import dsvl2_cli
+from dsvl2_cli.config import ModelConfig
+from dsvl2_cli.errors import ContextTooLongError
+from dsvl2_cli.generate import GenerationConfig, PromptCache, StopMatcher, generate, generate_batch, stream_generate
+from dsvl2_cli.generate import Done, Prefilled, Token
+from dsvl2_cli.processor import Message, user_message
+from dsvl2_cli.sampling import SamplingParams
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def models(ckpt_tiny, ckpt_small, ckpt_vl2):
+    return {name: dsvl2_cli.load(path, dtype="float32", device="cpu")
+            for name, path in (("tiny-like", ckpt_tiny), ("small-like", ckpt_small), ("vl2-like", ckpt_vl2))}
+
+
+@pytest.fixture(params=["tiny-like", "small-like", "vl2-like"])
+def vlm(request, models):
+    return models[request.param]
+
+
+def picture(w, h, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(data, "RGB")
+
+
+def prompt(vlm, text="Describe this image.", images=(picture(500, 300),)):
+    return vlm.prepare([user_message(text, list(images))])
+
+
+GREEDY = GenerationConfig(max_tokens=8)
+
+
+def test_cached_decode_equals_uncached_forward(vlm):
+    prepared = prompt(vlm)
+    model = vlm.model
+    with torch.inference_mode():
+        embeds = vlm.embed(prepared)
+        cache = model.language.new_cache()
+        logits = model.language(embeds, cache, last_only=True)[0, -1]
+        ids, cached_logits = [], []
+        for _ in range(8):
+            cached_logits.append(logits)
+            ids.append(int(logits.argmax()))
+            step = model.embed(torch.tensor([[ids[-1]]]))
+            logits = model.language(step, cache)[0, -1]
+            embeds = torch.cat([embeds, step], 1)
+        # uncached: a full forward over the prompt plus the tokens so far, at every step
+        full = model.language(embeds)[0]
+    t = prepared.input_ids.numel()
+    for i in range(8):
+        torch.testing.assert_close(cached_logits[i], full[t - 1 + i], **TOL)
+        assert int(full[t - 1 + i].argmax()) == ids[i]
+    # and the engine produces the same greedy tokens (eos may end it early)
+    result = generate(vlm, prepared, GREEDY)
+    assert list(result.token_ids) == ids[: len(result.token_ids)]
+
+
+@pytest.mark.parametrize("chunk", [1, 37, 256])
+def test_chunked_prefill_equals_one_shot(vlm, chunk):
+    prepared = prompt(vlm, images=(picture(300, 900, seed=1),))
+    whole = generate(vlm, prepared, GenerationConfig(max_tokens=6, prefill_chunk=100_000))
+    chunked = generate(vlm, prepared, GenerationConfig(max_tokens=6, prefill_chunk=chunk))
+    assert chunked.token_ids == whole.token_ids
+    with torch.inference_mode():
+        a, b = PromptCache(), PromptCache()
+        from dsvl2_cli.generate import _prefill
+        la, _ = _prefill(vlm, prepared, a, 100_000)
+        lb, _ = _prefill(vlm, prepared, b, chunk)
+    torch.testing.assert_close(la, lb, **TOL)
+    for ca, cb in zip(a.cache.layers, b.cache.layers):
+        assert ca.length == cb.length == prepared.input_ids.numel()
+
+
+def test_multi_turn_follow_up_reuses_cache_and_skips_vision(vlm, monkeypatch):
+    img = picture(640, 480, seed=2)
+    first = [user_message("What is this?", [img])]
+    cache = PromptCache()
+    answer = generate(vlm, vlm.prepare(first), GenerationConfig(max_tokens=5), cache)
+    history = first + [Message("assistant", answer.text), user_message("And the colours?")]
+    follow = vlm.prepare(history)
+
+    calls = []
+    original = vlm.model.vision.forward
+    monkeypatch.setattr(vlm.model.vision, "forward", lambda x: calls.append(x.shape[0]) or original(x))
+    events = list(stream_generate(vlm, follow, GenerationConfig(max_tokens=5), cache))
+    prefilled = next(e for e in events if isinstance(e, Prefilled))
+    assert calls == []  # the image was not encoded again
+    assert prefilled.reused_tokens > sum(i.num_tokens for i in follow.images)
+
+    # same logits as processing the whole conversation from scratch
+    with torch.inference_mode():
+        from dsvl2_cli.generate import _prefill
+        fresh, _ = _prefill(vlm, follow, PromptCache(), 512)
+        cache2 = PromptCache()
+        generate(vlm, vlm.prepare(first), GenerationConfig(max_tokens=5), cache2)
+        reused, n = _prefill(vlm, follow, cache2, 512)
+    assert n > 0
+    torch.testing.assert_close(reused, fresh, **TOL)
+
+
+def test_edited_history_invalidates_cache(vlm):
+    img_a, img_b = picture(400, 400, seed=3), picture(400, 400, seed=4)
+    cache = PromptCache()
+    generate(vlm, vlm.prepare([user_message("Describe.", [img_a])]), GenerationConfig(max_tokens=3), cache)
+    # same text and same token count, different image: nothing after the image start may be reused
+    edited = vlm.prepare([user_message("Describe.", [img_b])])
+    events = list(stream_generate(vlm, edited, GenerationConfig(max_tokens=3), cache))
+    reused = next(e for e in events if isinstance(e, Prefilled)).reused_tokens
+    first_image = int(edited.image_mask.nonzero()[0])
+    assert reused <= first_image
+    fresh = generate(vlm, edited, GenerationConfig(max_tokens=3))
+    assert events[-1].token_ids == fresh.token_ids
+
+
+def test_batch_equals_one_by_one(vlm):
+    prompts = [
+        prompt(vlm, "Describe this image.", [picture(640, 480, seed=5)]),
+        prompt(vlm, "Read the text.", [picture(200, 900, seed=6)]),
+        vlm.prepare([user_message("Just text, no image here at all.", [])]),
+    ]
+    config = GenerationConfig(max_tokens=6)
+    batch = generate_batch(vlm, prompts, config)
+    single = [generate(vlm, p, config) for p in prompts]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+    assert [r.finish_reason for r in batch] == [r.finish_reason for r in single]
+
+
+def test_mla_cache_bytes_per_token(models, shared_dir):
+    for name, vlm in models.items():
+        lm = vlm.config.language
+        prepared = prompt(vlm)
+        result = generate(vlm, prepared, GenerationConfig(max_tokens=1))
+        per_token = result.stats.cache_bytes / prepared.input_ids.numel()
+        expected = lm.num_hidden_layers * lm.cache_values_per_token() * 4  # float32
+        assert per_token == expected, name
+        if lm.use_mla:
+            assert lm.cache_values_per_token() == lm.kv_lora_rank + lm.qk_rope_head_dim
+    # the real small config: 27 layers x 576 x 2 bytes = 31,104 B/token vs 276,480 B for full K/V
+    cfg = ModelConfig.from_dir(shared_dir / "reference" / "deepseek-vl2").language
+    import dataclasses
+    small = dataclasses.replace(cfg, num_hidden_layers=27, num_attention_heads=16)
+    assert small.num_hidden_layers * small.cache_values_per_token() * 2 == 31_104
+    assert small.num_hidden_layers * small.full_kv_values_per_token() * 2 == 276_480
+
+
+def test_context_limit_is_a_clear_error(models):
+    vlm = models["tiny-like"]
+    prepared = vlm.prepare([user_message("word " * 5000, [picture(640, 480)])])
+    with pytest.raises(ContextTooLongError, match=r"prompt is \d+ tokens \(images 1023, text \d+\) .* 4096"):
+        generate(vlm, prepared)
+
+
+def test_stream_events_are_typed_and_join_to_result(vlm):
+    prepared = prompt(vlm)
+    events = list(stream_generate(vlm, prepared, GenerationConfig(max_tokens=7)))
+    assert isinstance(events[0], Prefilled) and isinstance(events[-1], Done)
+    tokens = [e for e in events if isinstance(e, Token)]
+    done = events[-1]
+    assert "".join(t.text for t in tokens) == done.text
+    assert tuple(t.id for t in tokens if t.id is not None) == done.token_ids
+    assert done.finish_reason in ("eos", "length")
+    assert done.text == vlm.tokenizer.decode(list(done.token_ids), skip_special_tokens=True)
+    s = done.stats
+    assert s.prompt_tokens == prepared.input_ids.numel() and s.generated_tokens == len(done.token_ids)
+    assert s.time_to_first_token > 0 and s.image_tokens == prepared.images[0].num_tokens
+
+
+def test_max_tokens_and_stop_strings(models):
+    vlm = models["tiny-like"]
+    prepared = prompt(vlm)
+    long = generate(vlm, prepared, GenerationConfig(max_tokens=12))
+    if long.finish_reason != "length" or len(long.text) < 4:
+        pytest.skip("fixture answer too short to cut")
+    assert len(long.token_ids) == 12
+    stop = long.text[2:4]
+    cut = generate(vlm, prepared, GenerationConfig(max_tokens=12, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == long.text[: long.text.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible(models):
+    vlm = models["small-like"]
+    prepared = prompt(vlm)
+    cfg = GenerationConfig(max_tokens=10, sampling=SamplingParams(temperature=1.0, top_p=0.95, seed=7))
+    a, b = generate(vlm, prepared, cfg), generate(vlm, prepared, cfg)
+    assert a.token_ids == b.token_ids
+    other = generate(vlm, prepared, GenerationConfig(max_tokens=10, sampling=SamplingParams(temperature=1.0, seed=8)))
+    greedy = generate(vlm, prepared, GenerationConfig(max_tokens=10))
+    assert other.token_ids != a.token_ids or greedy.token_ids != a.token_ids
+
+
+def test_stop_matcher_across_token_boundaries():
+    m = StopMatcher(["</end>"])
+    out, hits = [], []
+    for piece in ["hel", "lo </", "en", "d> more"]:
+        text, hit = m.feed(piece)
+        out.append(text)
+        hits.append(hit)
+    assert "".join(out) == "hello " and hits == [False, False, False, True]
+    # a partial match that does not complete is released
+    m = StopMatcher(["STOP"])
+    assert m.feed("abc ST") == ("abc ", False)
+    assert m.feed("ART") == ("START", False)
+    assert m.feed("", final=True) == ("", False)
+    assert StopMatcher([]).feed("anything") == ("anything", False)
