@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache import KVCache, LatentCache
 from .config import LanguageConfig
 
@@ -89,9 +90,9 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = kernels.linear(x, self.q_proj.weight).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = kernels.linear(x, self.k_proj.weight).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = kernels.linear(x, self.v_proj.weight).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin, interleaved=False)
         k = apply_rope(k, cos, sin, interleaved=False)
         if cache is not None:
@@ -100,7 +101,7 @@ class MultiHeadAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
             enable_gqa=self.kv_heads != self.heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return kernels.linear(out.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight)
 
 
 class LatentAttention(nn.Module):
@@ -130,11 +131,11 @@ class LatentAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: LatentCache | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.nope + self.rope).transpose(1, 2)
+        q = kernels.linear(x, self.q_proj.weight).view(b, t, self.heads, self.nope + self.rope).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)  # (B, H, T, nope), (B, H, T, R)
         q_rope = apply_rope(q_rope, cos, sin, interleaved=True)
 
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        latent, k_rope = kernels.linear(x, self.kv_a_proj_with_mqa.weight).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, T, C)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)  # (B, T, R)
         entry = torch.cat([latent, k_rope], dim=-1)  # (B, T, C + R): what the cache holds
@@ -146,7 +147,7 @@ class LatentAttention(nn.Module):
             out = self._absorbed(q_nope, q_rope, entry, mask)
         else:
             out = self._decompressed(q_nope, q_rope, entry, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim))
+        return kernels.linear(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim), self.o_proj.weight)
 
     def _decompressed(self, q_nope, q_rope, entry, mask) -> torch.Tensor:
         b, h, t, _ = q_nope.shape

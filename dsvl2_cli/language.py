@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
 from .attention import LatentAttention, MultiHeadAttention, RMSNorm, attention_mask, rope_table
 from .cache import ModelCache
 from .config import LanguageConfig
@@ -78,4 +79,4 @@ class LanguageModel(nn.Module):
             x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+        return kernels.linear(self.model.norm(x), self.lm_head.weight).float()

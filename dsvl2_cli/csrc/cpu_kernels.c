@@ -1,0 +1,178 @@
+/* Decode-time CPU kernels for dsvl2: bfloat16 matrix-vector products at memory bandwidth.
+ *
+ * Decoding one token reads every active weight once, so it is bound by memory traffic; torch's
+ * bf16 GEMV reaches only a third to a half of the machine's bandwidth. These kernels stream each
+ * weight row once, multiply with AVX512-BF16 dot products where the CPU has them (fp32 products of
+ * bf16 pairs, fp32 accumulation: the same arithmetic as a GEMM's inner loop), and fall back to
+ * AVX2/FMA or plain C. Compiled on the user's machine at first use (-march=native) and called
+ * through ctypes with raw pointers: no Python objects are touched here.
+ *
+ * Layouts: weights are row-major (rows, K) bf16, as nn.Linear stores them; x is (M, K) with a
+ * leading dimension; outputs are (M, rows).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef uint16_t bf16;
+
+static inline float bf16_to_f32(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+int dsvl2_kernel_isa(void) {
+#if defined(__AVX512BF16__)
+    return 3;
+#elif defined(__AVX512F__)
+    return 2;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* dot product of one weight row with one x row, in float32. One row at a time with independent
+ * accumulators along K: the weights stream through memory as one sequential read per thread,
+ * which the hardware prefetcher follows best (measured 2x faster than interleaving 4 rows). */
+static inline float dot_row(const bf16 *x, const bf16 *w, int64_t K) {
+#if defined(__AVX512BF16__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+#define DP(acc, off) acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(w + k + off)), \
+                                            (__m512bh)_mm512_loadu_si512((const void *)(x + k + off)))
+    for (; k + 128 <= K; k += 128) { DP(a0, 0); DP(a1, 32); DP(a2, 64); DP(a3, 96); }
+    for (; k + 32 <= K; k += 32) DP(a0, 0);
+#undef DP
+    if (k < K) {
+        __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w + k),
+                              (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(__AVX512F__)
+#define LD16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm512_fmadd_ps(LD16(w + k), LD16(x + k), a0);
+        a1 = _mm512_fmadd_ps(LD16(w + k + 16), LD16(x + k + 16), a1);
+    }
+#undef LD16
+    float t = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (; k < K; k++) t += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
+    return t;
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        a0 = _mm256_fmadd_ps(LD8(w + k), LD8(x + k), a0);
+        a1 = _mm256_fmadd_ps(LD8(w + k + 8), LD8(x + k + 8), a1);
+    }
+#undef LD8
+    float acc[8];
+    _mm256_storeu_ps(acc, _mm256_add_ps(a0, a1));
+    float t = 0;
+    for (int i = 0; i < 8; i++) t += acc[i];
+    for (; k < K; k++) t += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
+    return t;
+#else
+    float t = 0;
+    for (int64_t k = 0; k < K; k++) t += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
+    return t;
+#endif
+}
+
+/* rows [r0, r1) of y = x @ w.T for M rows of x; y_f32 or y_bf16 (one of them non-NULL). */
+static void gemv_rows(const bf16 *x, int64_t ldx, int64_t M, const bf16 *w, int64_t K,
+                      int64_t r0, int64_t r1, float *y_f32, bf16 *y_bf16, int64_t ldy) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t m = 0; m < M; m++) { /* the row stays in L1 for the other x rows */
+            float t = dot_row(x + m * ldx, w + r * K, K);
+            if (y_f32) y_f32[m * ldy + r] = t;
+            else y_bf16[m * ldy + r] = f32_to_bf16(t);
+        }
+}
+
+/* y (M, N) = x (M, K) @ w (N, K).T ; out_f32 selects float32 output (logits) over bf16. */
+void dsvl2_gemv_bf16(const bf16 *x, int64_t ldx, int64_t M, const bf16 *w, int64_t N, int64_t K,
+                     void *y, int64_t ldy, int out_f32, int threads) {
+    const int64_t block = 64; /* rows per work item: ~160 KB of weights at K=1280 */
+    int64_t blocks = (N + block - 1) / block;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t r0 = b * block, r1 = r0 + block < N ? r0 + block : N;
+        gemv_rows(x, ldx, M, w, K, r0, r1, out_f32 ? (float *)y : NULL, out_f32 ? NULL : (bf16 *)y, ldy);
+    }
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* Routed experts for a few tokens, one call per MoE layer, expert ids read here (no host loop):
+ *   for each token t and slot j: e = ids[t, j]
+ *     h = bf16(silu(bf16(Wg[e] x_t)) * bf16(Wu[e] x_t))        (gate_up stacked as (E, 2M, D))
+ *     o = bf16(Wd[e] h)                                        (down stacked as (E, D, M))
+ *   out[t] = bf16(sum_j weights[t, j] * o)                     (sum in float32)
+ * The bf16 roundings between steps are those of the eager torch path.
+ * scratch: at least T*k*(2M + D) floats.
+ */
+void dsvl2_moe_bf16(const bf16 *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t k,
+                    const bf16 *gate_up, const bf16 *down, int64_t M, bf16 *out, float *scratch, int threads) {
+    int64_t items = T * k;
+    float *act = scratch;                 /* (items, 2M) */
+    float *expert_out = scratch + items * 2 * M; /* (items, D) */
+    bf16 *hidden = (bf16 *)(expert_out + items * D); /* (items, M) bf16: needs items*M*2 bytes more */
+    /* phase 1: gate and up projections, rows spread over threads */
+    const int64_t block = 64;
+    int64_t gu_blocks = (2 * M + block - 1) / block;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t i = 0; i < items; i++)
+            for (int64_t b = 0; b < gu_blocks; b++) {
+                const bf16 *w = gate_up + ids[i] * 2 * M * D;
+                int64_t r0 = b * block, r1 = r0 + block < 2 * M ? r0 + block : 2 * M;
+                gemv_rows(x + (i / k) * D, D, 1, w, D, r0, r1, act + i * 2 * M, NULL, 0);
+            }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < items; i++)
+            for (int64_t c = 0; c < M; c++) {
+                float g = bf16_to_f32(f32_to_bf16(act[i * 2 * M + c]));
+                float u = bf16_to_f32(f32_to_bf16(act[i * 2 * M + M + c]));
+                float s = bf16_to_f32(f32_to_bf16(silu(g)));
+                hidden[i * M + c] = f32_to_bf16(s * u);
+            }
+        int64_t d_blocks = (D + block - 1) / block;
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t i = 0; i < items; i++)
+            for (int64_t b = 0; b < d_blocks; b++) {
+                const bf16 *w = down + ids[i] * D * M;
+                int64_t r0 = b * block, r1 = r0 + block < D ? r0 + block : D;
+                gemv_rows(hidden + i * M, M, 1, w, M, r0, r1, expert_out + i * D, NULL, 0);
+            }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t c = 0; c < D; c++) {
+                float acc = 0.0f;
+                for (int64_t j = 0; j < k; j++)
+                    acc += weights[t * k + j] * bf16_to_f32(f32_to_bf16(expert_out[(t * k + j) * D + c]));
+                out[t * D + c] = f32_to_bf16(acc);
+            }
+    }
+}

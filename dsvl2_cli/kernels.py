@@ -1,0 +1,165 @@
+"""Optional native CPU kernels for decoding (csrc/cpu_kernels.c), with torch as the fallback.
+
+Decoding a token is a chain of matrix-vector products bound by memory traffic, and torch's bf16
+GEMV runs at a fraction of the memory bandwidth. The C kernels stream weights at close to it.
+They are compiled with the system C compiler on first use (-O3 -march=native -fopenmp, about a
+second), cached under ~/.cache/dsvl2/kernels keyed by source, compiler and CPU, and loaded with
+ctypes: no Python extension ABI, no torch headers. The library links the same libgomp as torch,
+so both share one thread pool.
+
+Used only where they apply: CPU tensors, bfloat16, a few rows (decode and small batches). Set
+DSVL2_KERNELS=0 to use torch everywhere (results agree within bf16 rounding; see the tests).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 8  # beyond this a GEMM (torch) is faster than repeated GEMVs
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_failure: str | None = None
+_off = threading.local()  # per-thread switch for `disabled()`
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("DSVL2_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dsvl2" / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compile(cc: str, out: Path) -> None:
+    torch_lib = Path(torch.__file__).parent / "lib"
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", str(out), "-lm"]
+    if (torch_lib / "libgomp.so.1").exists():
+        # resolve OpenMP to torch's copy at run time: one runtime, one thread pool
+        cmd += [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _failure
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("DSVL2_KERNELS", "1") == "0":
+            _failure = "disabled by DSVL2_KERNELS=0"
+            return None
+        if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+            _failure = f"no kernels for {sys.platform}/{platform.machine()} yet"
+            return None
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            _failure = "no C compiler found (install gcc to enable the fast CPU kernels)"
+            return None
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+            key = hashlib.sha256(b"\0".join([
+                _SOURCE.read_bytes(), version.encode(), _cpu_signature().encode(), torch.__version__.encode(),
+            ])).hexdigest()[:20]
+            target = _cache_dir() / f"cpu_kernels-{key}.so"
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    built = Path(tmp) / "k.so"
+                    _compile(cc, built)
+                    os.replace(built, target)  # atomic: concurrent first runs never see half a file
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as err:
+            _failure = f"compiling the CPU kernels failed ({type(err).__name__}); using torch"
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.dsvl2_gemv_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int]
+        lib.dsvl2_gemv_bf16.restype = None
+        lib.dsvl2_moe_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+        lib.dsvl2_moe_bf16.restype = None
+        lib.dsvl2_kernel_isa.restype = ctypes.c_int
+        _lib = lib
+        return lib
+
+
+def status() -> str:
+    """One line for `dsvl2 info` and benchmarks: which kernels run decoding."""
+    lib = _load()
+    if lib is None:
+        return f"torch ({_failure})"
+    isa = {3: "AVX512-BF16", 2: "AVX512", 1: "AVX2", 0: "portable C"}[lib.dsvl2_kernel_isa()]
+    return f"native CPU kernels ({isa})"
+
+
+@contextmanager
+def disabled():
+    """Run the enclosed code on the torch path (equivalence tests, same-run comparisons)."""
+    previous = getattr(_off, "value", False)
+    _off.value = True
+    try:
+        yield
+    finally:
+        _off.value = previous
+
+
+def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    if getattr(_off, "value", False):
+        return False
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not x.requires_grad
+            and all(w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() for w in weights)
+            and _load() is not None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) without bias; native GEMV when x has at most MAX_ROWS rows."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if rows == 0 or rows > MAX_ROWS or not _usable(x, weight):
+        return F.linear(x, weight)
+    x2 = x.reshape(rows, x.shape[-1]).contiguous()  # (M, K)
+    n, k = weight.shape
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    _lib.dsvl2_gemv_bf16(x2.data_ptr(), k, rows, weight.data_ptr(), n, k, out.data_ptr(), n, 0,
+                         torch.get_num_threads())
+    return out.view(*x.shape[:-1], n)
+
+
+def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor | None:
+    """Routed experts for a few tokens in one native call; None when the kernel does not apply.
+
+    x (T, D) bf16, ids (T, k) int64, weights (T, k) float32, gate_up (E, 2M, D), down (E, D, M).
+    """
+    t, d = x.shape
+    if t > MAX_ROWS or not _usable(x, gate_up, down):
+        return None
+    k, m = ids.shape[1], down.shape[2]
+    x = x.contiguous()
+    ids = ids.contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    items = t * k
+    scratch = torch.empty(items * (2 * m + d) + (items * m + 1) // 2, dtype=torch.float32)
+    out = torch.empty(t, d, dtype=torch.bfloat16)
+    _lib.dsvl2_moe_bf16(x.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), k, gate_up.data_ptr(),
+                        down.data_ptr(), m, out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,0 +1,89 @@
+"""The native decode kernels against torch's own computation (bfloat16, CPU)."""
+
+import os
+import platform
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsvl2_cli
+from dsvl2_cli import kernels
+from dsvl2_cli.generate import GenerationConfig, generate
+from dsvl2_cli.moe import Experts
+from dsvl2_cli.processor import user_message
+
+EXPECTED_HERE = (sys.platform == "linux" and platform.machine() == "x86_64" and shutil.which("cc")
+                 and os.environ.get("DSVL2_KERNELS", "1") != "0")
+
+
+def test_kernels_build_where_they_should():
+    if not EXPECTED_HERE:
+        pytest.skip("no native kernels on this platform")
+    assert kernels.status().startswith("native CPU kernels"), kernels.status()
+
+
+needs_kernels = pytest.mark.skipif(not EXPECTED_HERE, reason="native kernels not available here")
+
+
+def bf16_close(a, b, ulps=2):
+    """Equal up to a few bf16 roundings relative to the output's scale."""
+    scale = b.float().abs().max().clamp_min(1e-6)
+    err = (a.float() - b.float()).abs().max() / scale
+    assert err <= ulps * 2**-8, float(err)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("n, k", [(64, 1280), (100, 100), (7, 33), (1000, 896), (3, 129)])
+def test_linear_matches_torch(rows, n, k):
+    g = torch.Generator().manual_seed(rows * n + k)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    bf16_close(kernels.linear(x, w), F.linear(x, w))
+
+
+def test_linear_falls_back_outside_its_domain():
+    w = torch.randn(16, 32)
+    x = torch.randn(2, 32)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))  # float32: torch path
+    xb, wb = x.bfloat16(), w.bfloat16()
+    big = torch.randn(kernels.MAX_ROWS + 1, 32).bfloat16()
+    assert torch.equal(kernels.linear(big, wb), F.linear(big, wb))  # many rows: GEMM
+    with kernels.disabled():
+        assert torch.equal(kernels.linear(xb, wb), F.linear(xb, wb))
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_moe_kernel_matches_grouped_torch(tokens):
+    g = torch.Generator().manual_seed(tokens)
+    experts = Experts(16, 96, 40)
+    with torch.no_grad():
+        experts.gate_up.copy_(torch.randn(16, 80, 96, generator=g) / 10)
+        experts.down.copy_(torch.randn(16, 96, 40, generator=g) / 6)
+    experts = experts.bfloat16()
+    x = torch.randn(tokens, 96, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(16, generator=g)[:6] for _ in range(tokens)])
+    weights = torch.rand(tokens, 6, generator=g)
+    with torch.inference_mode():
+        fast = experts(x, ids, weights)
+        with kernels.disabled():
+            slow = experts(x, ids, weights)
+    bf16_close(fast, slow)
+
+
+@needs_kernels
+def test_bf16_model_decode_same_with_and_without_kernels(ckpt_vl2, ckpt_tiny):
+    for path in (ckpt_tiny, ckpt_vl2):
+        vlm = dsvl2_cli.load(path, dtype="bfloat16", device="cpu")
+        g = torch.Generator().manual_seed(0)
+        img = (torch.rand(300, 400, 3, generator=g) * 255).to(torch.uint8).numpy()
+        from PIL import Image
+        prepared = vlm.prepare([user_message("Describe.", [Image.fromarray(img)])])
+        fast = generate(vlm, prepared, GenerationConfig(max_tokens=8))
+        with kernels.disabled():
+            slow = generate(vlm, prepared, GenerationConfig(max_tokens=8))
+        assert fast.token_ids == slow.token_ids
