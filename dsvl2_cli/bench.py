@@ -212,8 +212,7 @@ def bench_ours(path: Path, quick: bool) -> dict:
     load_peak = peak_rss_bytes()
     weight_bytes = sum(p.numel() * p.element_size() for p in vlm.model.parameters())
     cfg = vlm.config
-    out = {"model": cfg.language.num_hidden_layers, "load_s": load_s, "load_peak_rss": load_peak,
-           "weight_bytes": weight_bytes}
+    out = {"load_s": load_s, "load_peak_rss": load_peak, "weight_bytes": weight_bytes}
     out["model"] = {"layers": cfg.language.num_hidden_layers, "hidden": cfg.language.hidden_size,
                     "attention": "MLA" if cfg.language.use_mla else "MHA", "experts": cfg.language.n_routed_experts}
     reset_peak_rss()
@@ -257,8 +256,6 @@ def bench_ours(path: Path, quick: bool) -> dict:
         out["cache_bytes_per_token"] = per_token
     out["generate_peak_rss"] = peak_rss_bytes()
     out["cache_bytes_at_2000"] = out["cache_bytes_per_token"] * 2000
-    del vlm
-    gc.collect()
     return out
 
 
