@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from PIL import Image
 
-from .errors import Dsvl2Error
+from .errors import Dsvl2Error, PromptError
 from .generate import Done, Event, GenerationConfig, PromptCache, Token, stream_generate
 from .processor import MAX_TILED_IMAGES, Message, Prepared, user_message
 
@@ -61,6 +61,18 @@ class ChatSession:
         self.cache.reset()
         self.last_prepared = None
 
+    def load(self, messages: Sequence[Message]) -> None:
+        """Start from a given conversation (e.g. a conversation file) that ends with a user
+        message or an empty assistant message; `respond()` then answers it."""
+        msgs = list(messages)
+        if msgs and msgs[-1].kind == "assistant" and not msgs[-1].content.strip():
+            msgs.pop()  # the generation slot
+        if not msgs or msgs[-1].kind != "user":
+            raise PromptError("the conversation must end with a user message (or an empty assistant "
+                              "message) for the model to answer")
+        self.reset()
+        self.messages = msgs
+
     def ask(self, text: str, images: Sequence[Image.Image] = ()) -> Iterator[Event]:
         """Ask a question (with the pending images and `images`); yields the generation events.
 
@@ -71,10 +83,18 @@ class ChatSession:
         """
         attached = [*self.pending, *images]
         message = user_message(text, attached)
-        prepared = self.vlm.prepare([*self.messages, message], system=self.system)
-        self.last_prepared = prepared
+        self.vlm.prepare([*self.messages, message], system=self.system)  # validate before changing state
         self.pending = []
         self.messages.append(message)
+        yield from self._respond(attached)
+
+    def respond(self) -> Iterator[Event]:
+        """Answer the conversation as it stands (it ends with a user message, see `load`)."""
+        return self._respond([])
+
+    def _respond(self, attached: list[Image.Image]) -> Iterator[Event]:
+        prepared = self.vlm.prepare(self.messages, system=self.system)
+        self.last_prepared = prepared
         parts: list[str] = []
         finished = failed = False
         try:

@@ -61,6 +61,7 @@ from rich.text import Text
 
 from . import hub, runtime
 from .chat import ChatSession
+from .conversation import read_conversation
 from .errors import Dsvl2Error, InputError, ModelError
 from .generate import Done, GenerationConfig, Token, stream_generate
 from .grounding import caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
@@ -266,6 +267,10 @@ def chat(
         "--prompt", "-P", show_default=False, help="The prompt; every argument is then an image.")] = None,
     interactive: Annotated[bool, typer.Option(
         "--interactive", "-i", help="Chat even when stdin is not a terminal (one message per line).")] = False,
+    conversation: Annotated[Optional[str], typer.Option(
+        "--conversation", metavar="FILE", show_default=False,
+        help="Answer a conversation given exactly: a JSON file in the official message format "
+             "(- reads it from stdin); image paths are relative to the file.")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
@@ -275,6 +280,11 @@ def chat(
     opts = _opts(model=model, device=device, dtype=dtype, max_tokens=max_tokens, temperature=temperature,
                  top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_, quiet=quiet)
     ui = UI(quiet)
+    if conversation is not None:
+        if args or prompt is not None:
+            raise UsageError("--conversation takes the whole conversation from the file; give no images or prompt")
+        answer_conversation(conversation, opts, ui, interactive)
+        return
     files, text = (list(args or []), prompt) if prompt is not None else split_images_and_prompt(args or [])
     _stdin_once(files)
     if "-" in files and (interactive or text is None):
@@ -297,6 +307,25 @@ def chat(
         report(done, ui)
         return
     if interactive_chat(session, opts, ui, images, first=text):
+        raise typer.Exit(1)
+
+
+def answer_conversation(source: str, opts: Options, ui: UI, interactive: bool) -> None:
+    """chat --conversation: answer a conversation file, then (with -i) go on chatting."""
+    messages, notes = read_conversation(source)
+    for note in notes:
+        ui.warn(note)
+    _check_sampling(opts, ui)
+    vlm = open_model(opts, ui)
+    session = ChatSession(vlm, system=opts.system, config=opts.generation("chat"))
+    session.load(messages)
+    if not session.tiling:
+        _warn_untiled(ui, session.image_count)
+    done = show_answer(session.respond(), ui, stream=opts.stream and not opts.json, echo=not opts.json)
+    if opts.json:
+        print_json(answer_record(vlm, done, session.last_prepared, session.images), ui)
+    report(done, ui)
+    if interactive and interactive_chat(session, opts, ui, session.images):
         raise typer.Exit(1)
 
 
@@ -748,6 +777,16 @@ def model_facts(resolved, dtype: str, device: str) -> dict:
         * torch.empty((), dtype=torch_dtype).element_size(),
         "image_tokens_384": image_token_count(1, 1, side),
     }
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+@_command
+def bench(ctx: typer.Context):
+    """Measure speed and memory at the real model shapes, with synthetic weights (no download);
+    `dsvl2 bench --help` lists its options."""
+    from . import bench as bench_module
+
+    raise typer.Exit(bench_module.main(ctx.args))
 
 
 @app.command()

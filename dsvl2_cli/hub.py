@@ -44,12 +44,15 @@ def resolve(name: str | os.PathLike | None = None, *, download: bool = True) -> 
     cached = _from_cache(name)
     if cached is not None:
         return ResolvedModel(cached, "Hugging Face cache", name)
-    if is_offline() or not download:
+    if is_offline():
         raise ModelError(
             f"{name}: not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE); "
             f"fetch it on a connected machine with `dsvl2 pull {name}` (or `hf download {name}`), "
             "or pass the model folder with -m PATH"
         )
+    if not download:
+        raise ModelError(f"{name}: not in the Hugging Face cache; download it with `dsvl2 pull {name}` "
+                         "or pass the model folder with -m PATH")
     return ResolvedModel(download_model(name), "downloaded", name)
 
 

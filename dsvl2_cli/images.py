@@ -25,22 +25,24 @@ ImageSource = Union[str, Path, bytes, bytearray, BinaryIO]
 _HINT = "use a PNG, JPEG, WebP, GIF, BMP or TIFF image"
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
     """Open `source` as an RGB image; notes (e.g. "animated: first frame used") go to
     `img.info["dsvl2_notes"]` (a list of strings, empty when there is nothing to say)."""
-    img, notes = load_image_with_notes(source)
+    img, notes = load_image_with_notes(source, name)
     img.info["dsvl2_notes"] = notes
     return img
 
 
-def load_image_with_notes(source: ImageSource) -> tuple[Image.Image, list[str]]:
+def load_image_with_notes(source: ImageSource, name: str | None = None) -> tuple[Image.Image, list[str]]:
     """Open `source` as a fully decoded RGB image and return it with notes for the user.
 
     `source` is a path, the file's bytes, or a binary file object (stdin is read to the end).
     Raises ImageError for a missing path, a directory, an empty/truncated/corrupt file, a
     non-image, or an image above MAX_PIXELS (checked from the header, before decoding).
+    `name` is how messages refer to the image (default: the path, or "<bytes>").
     """
-    name, data = _read_source(source)
+    source_name, data = _read_source(source)
+    name = name or source_name
     if not data:
         raise ImageError(f"{name}: the file is empty; {_HINT}")
     notes: list[str] = []

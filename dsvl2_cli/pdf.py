@@ -284,12 +284,9 @@ def load_image_arg(arg: str, warn: Callable[[str], None], data: bytes | None = N
     (animated, EXIF) go to `warn`."""
     if arg != "-" and is_pdf(arg) and Path(arg).is_file():
         raise InputError(f"{arg}: is a PDF; use `dsvl2 ask {arg} QUESTION --pages N` or `dsvl2 ocr {arg}`")
-    try:
-        img, notes = load_image_with_notes(data if arg == "-" else arg)
-    except ImageError as err:
-        raise ImageError(str(err).replace("<bytes>", "-", 1)) from None
+    img, notes = load_image_with_notes(data if arg == "-" else arg, name=arg)
     for note in notes:
-        warn(note.replace("<bytes>", "-", 1))
+        warn(note)
     return tag(img, arg)
 
 

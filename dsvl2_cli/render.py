@@ -285,6 +285,9 @@ def answer_record(vlm, done: Done, prepared, images: Sequence[Image.Image]) -> d
     """The JSON object of one answer (schema in cli.py's docstring)."""
     st = done.stats
     entries = [image_origin(img) for img in images]
+    for entry, prepared_image in zip(entries, prepared.images):
+        entry["grid"] = list(prepared_image.grid)  # local tiles (wide, high); [1, 1] when untiled
+        entry["tokens"] = prepared_image.num_tokens
     inputs = {e["input"] for e in entries}
     return {
         "model": vlm.name,
