@@ -246,6 +246,24 @@ def test_noaux_bias_changes_choice_but_not_weights():
     torch.testing.assert_close(w1, chosen / chosen.sum(-1, keepdim=True) * 2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_path_equals_per_expert_loop(dtype):
+    from dsvl2_cli.moe import HAS_GROUPED_MM
+    if not HAS_GROUPED_MM:
+        pytest.skip("this torch has no _grouped_mm")
+    cfg = lm_config(**ROUTERS["softmax-greedy"])
+    moe = MoE(cfg)
+    randomise(moe, seed=4)
+    moe = moe.to(dtype)
+    moe.gate.float()  # the loader keeps the router in float32
+    x = torch.randn(50, cfg.hidden_size, dtype=dtype)  # more rows than the decode kernel takes
+    with torch.inference_mode():
+        grouped = moe(x)
+        moe.experts.use_grouped_mm = False
+        looped = moe(x)
+    torch.testing.assert_close(grouped, looped, rtol=0, atol=0)
+
+
 def test_single_token_decode_path_matches_batch():
     cfg = lm_config(**ROUTERS["softmax-greedy"])
     moe = MoE(cfg)
