@@ -63,7 +63,7 @@ def test_corrupted_headers_are_named(sample, edit, needle):
 @pytest.mark.parametrize("damage, needle", [
     (lambda d: d[:5], "shorter than its 8-byte header"),
     (lambda d: struct.pack("<Q", 10**9) + d[8:], "does not fit in the file"),
-    (lambda d: d[:8] + b"{" + d[9:], "not valid JSON"),
+    (lambda d: d[:8] + b"x" + d[9:], "not valid JSON"),
     (lambda d: d[: len(d) // 2], "outside the file|does not fit"),
 ])
 def test_damaged_files(sample, damage, needle):
