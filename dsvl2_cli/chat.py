@@ -83,17 +83,16 @@ class ChatSession:
         """
         attached = [*self.pending, *images]
         message = user_message(text, attached)
-        self.vlm.prepare([*self.messages, message], system=self.system)  # validate before changing state
+        prepared = self.vlm.prepare([*self.messages, message], system=self.system)  # may refuse: state unchanged
         self.pending = []
         self.messages.append(message)
-        yield from self._respond(attached)
+        yield from self._respond(attached, prepared)
 
     def respond(self) -> Iterator[Event]:
         """Answer the conversation as it stands (it ends with a user message, see `load`)."""
-        return self._respond([])
+        return self._respond([], self.vlm.prepare(self.messages, system=self.system))
 
-    def _respond(self, attached: list[Image.Image]) -> Iterator[Event]:
-        prepared = self.vlm.prepare(self.messages, system=self.system)
+    def _respond(self, attached: list[Image.Image], prepared: Prepared) -> Iterator[Event]:
         self.last_prepared = prepared
         parts: list[str] = []
         finished = failed = False

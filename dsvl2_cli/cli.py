@@ -241,6 +241,8 @@ def split_images_and_prompt(args: list[str]) -> tuple[list[str], str | None]:
 
 
 def _looks_like_file(arg: str) -> bool:
+    if not arg.strip():  # "" is an (empty) prompt, not the current folder
+        return False
     try:
         if Path(arg).exists():
             return True
@@ -293,8 +295,11 @@ def chat(
         text = sys.stdin.read()
         if not text.strip():
             raise InputError("empty prompt on stdin; give a prompt argument or pipe some text")
+    if text is not None and not interactive and not text.strip():
+        raise InputError("empty prompt; say what to ask about the images (an argument, -P TEXT or text on stdin)")
     data = read_stdin_bytes() if "-" in files else None
-    images = [load_image_arg(f, ui.warn, data) for f in files]  # every file is checked before the model loads
+    images = [load_image_arg(f, ui.warn, data if f == "-" else None)  # all checked before the model loads
+              for f in files]
     _check_sampling(opts, ui)
     vlm = open_model(opts, ui)
     session = ChatSession(vlm, system=opts.system, config=opts.generation("chat"), images=images)

@@ -16,6 +16,9 @@ from .errors import ModelError
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
+# "tokenizer*" would also match e.g. tokenizer_x.py: code and pickles are never fetched.
+IGNORE_PATTERNS = ["*.py", "*.pyc", "*.so", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.npy",
+                   "*.npz", "*.h5", "*.msgpack"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -60,7 +63,8 @@ def _from_cache(repo_id: str) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+        path = Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
+                                      local_files_only=True))
     except Exception:  # noqa: BLE001 - any miss (not cached, partial, bad cache dir) means "not cached"
         return None
     return path if (path / "config.json").is_file() else None
@@ -71,7 +75,7 @@ def download_model(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
     except Exception as err:  # noqa: BLE001 - network, auth, missing repo: all become one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{repo_id}: download failed ({reason}); check the id and your connection, "

@@ -1,13 +1,17 @@
 """Image loading: any file Pillow reads, turned into one RGB picture the processor can tile.
 
-Paths, bytes and binary streams (stdin) are accepted. EXIF orientation is applied, transparency
-is composited on white, 16-bit and float images are scaled to 8 bits, animated files give their
-first frame. Every failure a user can cause is an `ImageError` with a one-line message.
+Paths, bytes and binary streams (stdin) are accepted; a pipe (a FIFO such as the shell's `<(...)`,
+or stdin) is read once, up to MAX_STREAM_BYTES, and devices (/dev/zero, a terminal) are refused.
+EXIF orientation is applied, transparency is composited on white, 16-bit and float images are
+scaled to 8 bits, animated files give their first frame. Every failure a user can cause is an
+`ImageError` with a one-line message.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -19,6 +23,8 @@ from .errors import ImageError
 # Refuse images above this many pixels before decoding them (Pillow's own default bomb limit,
 # ~89.5M pixels, about 9500 x 9500). Tests lower it with monkeypatch.
 MAX_PIXELS = 89_478_485
+# A pipe, FIFO (`<(...)`) or stdin is read up to this many bytes; a file on disk is bounded by its size.
+MAX_STREAM_BYTES = 1 << 30
 
 ImageSource = Union[str, Path, bytes, bytearray, BinaryIO]
 
@@ -52,8 +58,11 @@ def load_image_with_notes(source: ImageSource, name: str | None = None) -> tuple
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"{name}: refused, too many pixels ({exc}); resize the image first") from exc
+        except Image.DecompressionBombError as exc:  # above twice Pillow's limit: its header said so
+            count = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(count.group(1)):,} pixels" if count else "too many pixels"
+            raise ImageError(f"{name}: image is {size}, above the limit of {MAX_PIXELS:,} pixels; "
+                             "refused without decoding it, resize it first") from exc
         except UnidentifiedImageError as exc:
             raise ImageError(f"{name}: not an image or an unsupported format; {_HINT}") from exc
         except Exception as exc:  # Pillow plugins raise many types for corrupt headers
@@ -85,23 +94,37 @@ def _read_source(source: ImageSource) -> tuple[str, bytes]:
         if path.is_dir():
             raise ImageError(f"{name}: is a directory, not an image file")
         try:
-            size = path.stat().st_size
-            if size == 0:
-                return name, b""
-            with path.open("rb") as fh:
-                return name, fh.read()
+            st = path.stat()
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):  # /dev/zero, a terminal...
+                raise ImageError(f"{name}: is a device, not an image file")
+            if stat.S_ISREG(st.st_mode):
+                if st.st_size == 0:
+                    return name, b""
+                with path.open("rb") as fh:
+                    return name, fh.read()
+            with path.open("rb") as fh:  # a FIFO or pipe (/dev/fd/N from `<(...)`): no size until read
+                return name, read_capped(fh, name)
         except OSError as exc:
             raise ImageError(f"{name}: cannot read the file ({exc.strerror or exc})") from exc
     if hasattr(source, "read"):
         name = str(getattr(source, "name", "<stream>"))
         try:
-            data = source.read()
+            data = read_capped(source, name)
         except OSError as exc:
             raise ImageError(f"{name}: cannot read the stream ({exc})") from exc
         if isinstance(data, str):
             raise ImageError(f"{name}: opened in text mode; pass a binary stream (e.g. sys.stdin.buffer)")
         return name, bytes(data)
     raise ImageError(f"cannot open an image from a {type(source).__name__}; pass a path, bytes or a binary file")
+
+
+def read_capped(stream: BinaryIO, name: str, error: type[Exception] = ImageError) -> bytes:
+    """All of a stream that has no size (pipe, FIFO, stdin), refused above MAX_STREAM_BYTES."""
+    data = stream.read(MAX_STREAM_BYTES + 1)
+    if data is not None and len(data) > MAX_STREAM_BYTES:
+        raise error(f"{name}: more than {MAX_STREAM_BYTES:,} bytes of input; refused (no image or PDF is that "
+                    "large)")
+    return data
 
 
 def _check_pixels(name: str, size: tuple[int, int]) -> None:

@@ -5,9 +5,10 @@ atomic writes).
 
 Every problem a user can cause is an `InputError` (a Dsvl2Error) with a one-line message:
 an encrypted file without or with a wrong password (naming `--password`), a corrupt, truncated
-or empty file, a document with no pages, a malformed or out-of-range page selection (stating
-the document's page count). Pages are rendered at the requested dpi but never above
-`MAX_SIDE` pixels on their long side, whatever the page size.
+(no %%EOF at its end, even where MuPDF could rebuild part of it) or empty file, a document with
+no pages, a malformed or out-of-range page selection (stating the document's page count).
+Pages are rendered at the requested dpi but never above `MAX_SIDE` pixels on their long side,
+whatever the page size.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import functools
 import os
 import re
+import stat
 import sys
 import tempfile
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import ImageError, InputError
-from .images import load_image_with_notes
+from .images import load_image_with_notes, read_capped
 
 DEFAULT_DPI = 144
 MAX_SIDE = 4096
@@ -93,6 +95,8 @@ def is_pdf(data_or_path: bytes | str | Path) -> bool:
     if path.suffix.lower() == ".pdf":
         return True
     try:
+        if not path.is_file():  # never sniff a pipe or a device: that would drain or block it
+            return False
         with path.open("rb") as fh:
             return b"%PDF-" in fh.read(1024)
     except OSError:
@@ -136,6 +140,12 @@ class PdfDocument:
         except Exception as exc:  # noqa: BLE001 - FileDataError, RuntimeError, OSError...
             raise InputError(f"{self.name}: cannot open as a PDF, the file is corrupt, truncated or not "
                              f"a PDF ({_first_line(exc)})") from None
+        if getattr(self._doc, "is_repaired", False) and not _ends_like_a_pdf(source):
+            # MuPDF rebuilds a cut-off file from what is left and renders the lost pages blank
+            # (or drops them): refuse rather than read half a document.
+            self.close()
+            raise InputError(f"{self.name}: the PDF is truncated (it does not end with %%EOF; an unfinished "
+                             "download or copy?); get the complete file")
         if self._doc.needs_pass:
             if password is None:
                 self.close()
@@ -193,6 +203,21 @@ class PdfDocument:
         if img.width < 1 or img.height < 1:
             raise InputError(f"{self.name}: page {page} is empty (zero size)")
         return img
+
+
+def _ends_like_a_pdf(source: str | Path | bytes) -> bool:
+    """Whether the file's last KiB holds the %%EOF marker every complete PDF ends with."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            tail = bytes(source[-1024:])
+        else:
+            with open(source, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 1024))
+                tail = fh.read()
+    except OSError:
+        return False
+    return b"%%EOF" in tail
 
 
 def _first_line(exc: BaseException) -> str:
@@ -273,18 +298,38 @@ def write_atomic(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------------------------- inputs
 
 def read_stdin_bytes() -> bytes:
-    data = sys.stdin.buffer.read()
+    data = read_capped(sys.stdin.buffer, "-", InputError)
     if not data:
         raise InputError("-: nothing on stdin; pipe an image or a PDF into it")
     return data
 
 
+def _is_pipe(arg: str) -> bool:
+    """A FIFO or socket path, e.g. /dev/fd/63 from the shell's `<(...)`: it can be read only once."""
+    try:
+        mode = os.stat(arg).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _read_pipe(arg: str) -> bytes:
+    try:
+        with open(arg, "rb") as fh:
+            data = read_capped(fh, arg, InputError)
+    except OSError as err:
+        raise InputError(f"{arg}: cannot read ({err.strerror or err})") from None
+    if not data:
+        raise InputError(f"{arg}: the file is empty")
+    return data
+
+
 def load_image_arg(arg: str, warn: Callable[[str], None], data: bytes | None = None) -> Image.Image:
-    """An image from a path, or from stdin's bytes for "-", tagged with its origin; notes
-    (animated, EXIF) go to `warn`."""
-    if arg != "-" and is_pdf(arg) and Path(arg).is_file():
+    """An image from a path, or from `data` (the bytes of stdin for "-", or of a pipe) when given,
+    tagged with its origin; notes (animated, EXIF) go to `warn`."""
+    if data is None and arg != "-" and Path(arg).is_file() and is_pdf(arg):  # (sniffing would drain a pipe)
         raise InputError(f"{arg}: is a PDF; use `dsvl2 ask {arg} QUESTION --pages N` or `dsvl2 ocr {arg}`")
-    img, notes = load_image_with_notes(data if arg == "-" else arg, name=arg)
+    img, notes = load_image_with_notes(data if data is not None else arg, name=arg)
     for note in notes:
         warn(note)
     return tag(img, arg)
@@ -299,7 +344,7 @@ def collect_sources(files: list[str], pages: str | None, dpi: int, password: str
     sources: list[Source] = []
     any_pdf = False
     for arg in files:
-        data = read_stdin_bytes() if arg == "-" else None
+        data = read_stdin_bytes() if arg == "-" else _read_pipe(arg) if _is_pipe(arg) else None
         if is_pdf(data) if data is not None else (is_pdf(arg) and not Path(arg).is_dir()):
             any_pdf = True
             doc = stack.enter_context(PdfDocument(data if data is not None else arg, password, name=arg))

@@ -139,7 +139,9 @@ def test_chat_json_for_every_family(monkeypatch, request, family, images):
     (rec,) = r.json_lines
     assert set(rec) >= ANSWER_KEYS
     assert rec["input"] == str(images["a"]) and rec["page"] is None
-    assert rec["images"] == [{"input": str(images["a"]), "page": None, "size": [64, 48]}]
+    # a 64x48 image tiles 1x1 (421 tokens)
+    assert rec["images"] == [{"input": str(images["a"]), "page": None, "size": [64, 48], "grid": [1, 1],
+                              "tokens": 421}]
     assert rec["finish_reason"] in ("eos", "length") and len(rec["token_ids"]) == rec["usage"]["generated_tokens"]
     assert len(rec["usage"]["image_tokens"]) == 1 and rec["usage"]["prompt_tokens"] > rec["usage"]["image_tokens"][0]
     assert set(rec["timings"]) == {"time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
