@@ -1,5 +1,8 @@
 """The library's entry point: `load()` a checkpoint and get a `VLModel` that prepares
 conversations and runs the model. The CLI sits on this and nothing lower.
+
+`quantize=` ("int8", "int4", "nf4"; see quant.py) quantizes the routed experts while loading, one
+layer at a time; a folder written by `quantize_folder` (`dsvl2 quantize`) loads quantized as it is.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from . import hub
+from . import hub, quant
 from .config import ModelConfig
 from .errors import Dsvl2Error, ModelError
 from .language import rope_table
 from .model import DeepseekVL2
 from .processor import Message, Prepared, Processor, ProcessorSettings
+from .quant import QuantSpec
 from .tokenizer import Tokenizer
 from .weights import TensorReader, check_tensors, expected_tensors, load_into, read_headers, weight_files
 
@@ -57,20 +61,35 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               on_progress: Callable[[int, int], None] | None = None) -> DeepseekVL2:
-    """Strict-check the checkpoint against `cfg`, then build the model and fill its weights."""
+               on_progress: Callable[[int, int], None] | None = None,
+               quantize: str | None = None) -> DeepseekVL2:
+    """Strict-check the checkpoint against `cfg`, then build the model and fill its weights.
+
+    quantize: None (as the folder is: float, or its pre-quantized method), "none", "int8", "int4"
+    or "nf4" (routed experts quantized as each layer is read; a pre-quantized folder only loads
+    with its own method).
+    """
+    folder_spec = quant.read_spec(model_dir)
+    spec = quant.resolve(quantize, folder_spec, str(model_dir))
     infos = read_headers(weight_files(model_dir))
-    check_tensors(infos, expected_tensors(cfg), str(model_dir))
+    if folder_spec is not None:
+        expected, dtypes = quant.expected_quantized(cfg, folder_spec)
+        check_tensors(infos, expected, str(model_dir), dtypes)
+        experts = quant.packed_layer_hook(folder_spec, device)
+    else:
+        check_tensors(infos, expected_tensors(cfg), str(model_dir))
+        experts = quant.quantize_layer_hook(spec, cfg, device) if spec is not None else None
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
     reader = TensorReader(infos)
     try:
-        load_into(model, reader, cfg, dtype, device, on_progress)
+        load_into(model, reader, cfg, dtype, device, on_progress, experts=experts)
     finally:
         reader.close()
     lm = cfg.language
     rope_dim = lm.qk_rope_head_dim if lm.use_mla else lm.head_dim
     model.language.rope_angles = rope_table(rope_dim, lm.max_position_embeddings, lm.rope_theta).to(device)
+    model.quantization = spec
     return model.eval()
 
 
@@ -85,6 +104,15 @@ class VLModel:
     model: DeepseekVL2
     tokenizer: Tokenizer
     processor: Processor
+
+    @property
+    def quantization(self) -> QuantSpec | None:
+        """How the routed experts are stored (None: in the compute dtype)."""
+        return getattr(self.model, "quantization", None)
+
+    def weight_memory(self) -> dict[str, int]:
+        """Bytes of weights by component (see quant.weight_memory)."""
+        return quant.weight_memory(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -118,11 +146,16 @@ def load(
     dtype: str | torch.dtype | None = None,
     download: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    quantize: str | None = None,
 ) -> VLModel:
     """Load a DeepSeek-VL2 checkpoint from a folder or a Hugging Face id (default: tiny).
 
     dtype: bfloat16 (default), float16 or float32; device: auto (default), cpu, cuda, mps.
+    quantize: routed experts as "int8", "int4" or "nf4" (needs bitsandbytes), quantized while
+    loading; "none" keeps them in `dtype`; None (default) loads the folder as it is (a
+    pre-quantized folder from `dsvl2 quantize` with its own method).
     """
+    quant.parse_method(quantize)  # a typo fails before any download
     resolved = hub.resolve(model, download=download)
     dt, dev = resolve_dtype(dtype), resolve_device(device)
     cfg = ModelConfig.from_dir(resolved.path)
@@ -131,5 +164,5 @@ def load(
         raise ModelError(f"{resolved.path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {cfg.language.vocab_size}; tokenizer and weights do not belong together")
     processor = Processor(tokenizer, ProcessorSettings.from_model_dir(resolved.path))
-    weights = load_model(resolved.path, cfg, dt, dev, on_progress)
+    weights = load_model(resolved.path, cfg, dt, dev, on_progress, quantize)
     return VLModel(resolved.name, resolved.path, resolved.source, cfg, weights, tokenizer, processor)

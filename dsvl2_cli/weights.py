@@ -7,6 +7,9 @@
 5. `load_into`         fill a model built on the meta device, one tensor (or one layer's experts)
                        at a time, converting names on the way: gate/up fused, experts stacked,
                        kv_b_proj split for MLA. Peak memory is the model plus one layer's experts.
+                       An `experts` hook may build each MoE layer's routed-experts module instead
+                       (quantization: quant.py). The model owns its memory: no tensor aliases the
+                       memory-mapped files, which are let go of as loading proceeds.
 """
 
 from __future__ import annotations
@@ -145,12 +148,17 @@ def _mlp_shapes(out: dict, prefix: str, d: int, inner: int) -> None:
     out[prefix + "down_proj.weight"] = (d, inner)
 
 
-def check_tensors(found: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], where: str) -> None:
+def check_tensors(found: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], where: str,
+                  dtypes: dict[str, str] | None = None) -> None:
+    """`dtypes`: the exact safetensors dtype of some tensors (packed quantized weights); every
+    other tensor must be floating point."""
+    dtypes = dtypes or {}
     present = {n: i for n, i in found.items() if not n.startswith(IGNORED_PREFIXES)}
     missing = sorted(set(expected) - set(present))
     unexpected = sorted(set(present) - set(expected))
     misshaped = [n for n in expected if n in present and present[n].shape != expected[n]]
-    wrong_type = [n for n in expected if n in present and present[n].dtype not in FLOAT_DTYPES]
+    wrong_type = [n for n in expected if n in present and
+                  (present[n].dtype != dtypes[n] if n in dtypes else present[n].dtype not in FLOAT_DTYPES)]
 
     def names(items: list[str]) -> str:
         more = f" and {len(items) - 3} more" if len(items) > 3 else ""
@@ -166,30 +174,40 @@ def check_tensors(found: dict[str, TensorInfo], expected: dict[str, tuple[int, .
                            (f" ({len(misshaped) - 1} more mis-shaped)" if len(misshaped) > 1 else ""))
     if wrong_type:
         n = wrong_type[0]
-        raise WeightsError(f"{where}: tensor {n} has dtype {present[n].dtype}; weights must be floating point")
+        want = dtypes.get(n, "floating point")
+        raise WeightsError(f"{where}: tensor {n} in {present[n].file.name} has dtype {present[n].dtype}; "
+                           f"it must be {want}")
     if unexpected:
         raise WeightsError(f"{where}: unexpected tensor(s) {names(unexpected)}; this checkpoint does not match "
                            "its config.json (another model, or a config from a different size?)")
 
 
 class TensorReader:
-    """Reads single tensors by name from open safetensors files (memory-mapped by safetensors)."""
+    """Reads single tensors by name from open safetensors files (memory-mapped by safetensors).
+
+    The tensors returned are views of the mapped file; `close()` drops the handles, and a file's
+    mapping (and the pages read through it) goes once no tensor from it is left.
+    """
 
     def __init__(self, infos: dict[str, TensorInfo]):
         self.infos = infos
         self._handles = {}
+        self.bytes_read = 0  # since the last close()
 
     def get(self, name: str) -> torch.Tensor:
         path = self.infos[name].file
         if path not in self._handles:
             self._handles[path] = safe_open(path, framework="pt")
         try:
-            return self._handles[path].get_tensor(name)
+            tensor = self._handles[path].get_tensor(name)
         except (SafetensorError, OSError, ValueError) as err:
             raise WeightsError(f"{path}: tensor {name} cannot be read ({err}); the file is corrupt, re-download it") from None
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def close(self) -> None:
         self._handles.clear()
+        self.bytes_read = 0
 
 
 # Our parameter name -> how to build it from checkpoint tensors. Anything not matched is a
@@ -201,21 +219,27 @@ def _fused_gate_up(prefix: str) -> Recipe:
     return lambda r, _: torch.cat([r.get(prefix + "gate_proj.weight"), r.get(prefix + "up_proj.weight")])
 
 
+def stack_experts(reader: TensorReader, prefix: str, n_experts: int, part: str) -> torch.Tensor:
+    """One MoE layer's routed experts as stored in the checkpoint (dtype unchanged), stacked:
+    part "gate_up" -> (E, 2M, D), gate rows then up rows; "down" -> (E, D, M). prefix: '...mlp.'"""
+    first = reader.get(f"{prefix}experts.0.{'gate' if part == 'gate_up' else 'down'}_proj.weight")
+    rows = first.shape[0] * (2 if part == "gate_up" else 1)
+    out = torch.empty((n_experts, rows, first.shape[1]), dtype=first.dtype)
+    for e in range(n_experts):
+        if part == "gate_up":
+            half = rows // 2
+            out[e, :half] = reader.get(f"{prefix}experts.{e}.gate_proj.weight")
+            out[e, half:] = reader.get(f"{prefix}experts.{e}.up_proj.weight")
+        else:
+            out[e] = reader.get(f"{prefix}experts.{e}.down_proj.weight")
+    return out
+
+
 def _recipes(cfg: ModelConfig) -> list[tuple[re.Pattern, Callable[[re.Match], Recipe]]]:
     lm = cfg.language
 
     def experts(m: re.Match) -> Recipe:
-        prefix, part = m.group(1), m.group(2)
-
-        def build(r: TensorReader, _: str) -> torch.Tensor:
-            if part == "gate_up":
-                mats = [torch.cat([r.get(f"{prefix}experts.{e}.gate_proj.weight"),
-                                   r.get(f"{prefix}experts.{e}.up_proj.weight")])
-                        for e in range(lm.n_routed_experts)]
-            else:
-                mats = [r.get(f"{prefix}experts.{e}.down_proj.weight") for e in range(lm.n_routed_experts)]
-            return torch.stack(mats)  # (E, 2M, D) or (E, D, M)
-        return build
+        return lambda r, _: stack_experts(r, m.group(1), lm.n_routed_experts, m.group(2))
 
     def kv_b(m: re.Match) -> Recipe:
         def build(r: TensorReader, _: str) -> torch.Tensor:
@@ -232,39 +256,64 @@ def _recipes(cfg: ModelConfig) -> list[tuple[re.Pattern, Callable[[re.Match], Re
     ]
 
 
+EXPERTS_PARAM = re.compile(r"(.*\.mlp\.experts)\.(gate_up|down)$")
+RELEASE_BYTES = 256 << 20  # let go of the mapped files after reading about this much (a layer's experts)
+
+
 def load_into(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, dtype: torch.dtype,
               device: torch.device, on_progress: Callable[[int, int], None] | None = None,
-              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+              experts: Callable[[str, TensorReader], torch.nn.Module] | None = None) -> None:
     """Materialise every parameter of a meta-device `model` from the checkpoint.
 
     Router weights and the correction bias stay float32 (the reference computes routing in
     float32 from weights rounded to the model dtype). `transform(name, tensor)` may replace a
-    finished tensor (quantisation hooks in here).
+    finished tensor. `experts(module_name, reader)`, when given, is called once per MoE layer
+    with the name of its routed-experts module ("language.model.layers.1.mlp.experts") and
+    returns the module to put there (quantized experts), instead of loading `gate_up`/`down`.
     """
     recipes = _recipes(cfg)
     params = list(model.named_parameters())
     for done, (name, param) in enumerate(params, 1):
-        tensor = _build_tensor(name, reader, recipes)
-        if tuple(tensor.shape) != tuple(param.shape):  # our own invariant, after the strict check
-            raise WeightsError(f"{name}: built shape {list(tensor.shape)} but the model needs {list(param.shape)}")
-        if param.dtype == torch.float32 and (name.endswith(".gate.weight") or name.endswith("correction_bias")):
-            tensor = tensor.to(dtype).float() if name.endswith(".gate.weight") else tensor.float()
+        m = EXPERTS_PARAM.match(name) if experts is not None else None
+        if m is not None:
+            if m.group(2) == "gate_up":  # the hook builds both parts
+                _set_module(model, m.group(1), experts(m.group(1), reader))
         else:
-            tensor = tensor.to(dtype)
-        tensor = tensor.to(device)
-        if transform is not None:
-            tensor = transform(name, tensor)
-        _set_param(model, name, tensor)
+            _set_param(model, name, _load_param(name, param, reader, recipes, dtype, device, transform))
+        if reader.bytes_read > RELEASE_BYTES:
+            reader.close()
         if on_progress is not None:
             on_progress(done, len(params))
 
 
-def _build_tensor(name: str, reader: TensorReader, recipes) -> torch.Tensor:
+def _load_param(name, param, reader, recipes, dtype, device, transform) -> torch.Tensor:
+    raw, from_file = _build_tensor(name, reader, recipes)
+    if tuple(raw.shape) != tuple(param.shape):  # our own invariant, after the strict check
+        raise WeightsError(f"{name}: built shape {list(raw.shape)} but the model needs {list(param.shape)}")
+    if param.dtype == torch.float32 and (name.endswith(".gate.weight") or name.endswith("correction_bias")):
+        tensor = raw.to(dtype).float() if name.endswith(".gate.weight") else raw.float()
+    else:
+        tensor = raw.to(dtype)
+    tensor = tensor.to(device)
+    if from_file and tensor.data_ptr() == raw.data_ptr():  # still the file's pages: take a copy of our own
+        tensor = tensor.clone()
+    del raw
+    return transform(name, tensor) if transform is not None else tensor
+
+
+def _build_tensor(name: str, reader: TensorReader, recipes) -> tuple[torch.Tensor, bool]:
+    """The checkpoint tensor for our parameter `name`, and whether it is a view of the file."""
     for pattern, make in recipes:
         m = pattern.match(name)
         if m:
-            return make(m)(reader, name)
-    return reader.get(name)
+            return make(m)(reader, name), False
+    return reader.get(name), True
+
+
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
 
 
 def _set_param(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

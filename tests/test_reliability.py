@@ -689,7 +689,7 @@ def _wrong_dtype(folder: Path) -> tuple[str, str]:
         t["view_seperator"] = torch.zeros_like(t["view_seperator"], dtype=torch.int32)
     _rewrite(folder / "model.safetensors", edit)
     # (weights.check_tensors names the folder, not model.safetensors, for a wrong dtype)
-    return str(folder), "view_seperator has dtype I32"
+    return str(folder), "view_seperator in model.safetensors has dtype I32"
 
 
 def _missing_tensor(folder: Path) -> tuple[str, str]:

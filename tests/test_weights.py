@@ -73,7 +73,7 @@ def test_integer_tensor_is_refused(ckpt_tiny, tmp_path):
     def edit(t):
         t["view_seperator"] = torch.zeros_like(t["view_seperator"], dtype=torch.int32)
     _rewrite_single(folder, edit)
-    with pytest.raises(WeightsError, match="view_seperator has dtype I32"):
+    with pytest.raises(WeightsError, match="view_seperator in model.safetensors has dtype I32"):
         _load(folder)
 
 

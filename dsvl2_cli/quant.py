@@ -1,0 +1,795 @@
+"""Quantized routed experts: int8, int4 and nf4 weights for the DeepSeekMoE routed experts.
+
+Routed experts hold most of the parameters (tiny: 2.4B of 3.37B) and decoding streams the chosen
+ones from memory for every token, so they are what gets quantized; attention, shared experts,
+embeddings and lm_head stay in the compute dtype. "Pack once, swap modules at load": experts are
+quantized into a portable packed form (below), converted once to the layout of the kernel that
+runs them, and the layer's `mlp.experts` module is replaced by a `QuantizedExperts` with the
+interface of `moe.Experts` (`forward(x, ids, weights)`, `expert(e, x)`, float32 weighted sum).
+
+Methods ("none" keeps the float experts):
+  int8  per output channel, symmetric, bf16 scale: w = q * scale. torch `_weight_int8pack_mm`.
+  int4  groups of G inputs (default 128), asymmetric, bf16 scale and zero per group:
+        w = (q - 8) * scale + zero. torch `_weight_int4pack_mm_for_cpu` (CUDA: `_weight_int4pack_mm`).
+  nf4   NormalFloat4 (QLoRA) in blocks of B inputs (default 64), float32 absmax per block:
+        w = NF4[q] * absmax, bitsandbytes' format. bitsandbytes' AVX512-BF16 CPU GEMV where
+        available, else `bnb.matmul_4bit` (CUDA; elsewhere it dequantizes per call: slow).
+Bytes per routed parameter, scales included: int8 ~1.0, int4 (G=128) 0.531, nf4 (B=64) 0.5625 on
+disk and 0.531 in memory on AVX512-BF16 CPUs (absmax kept as bf16 there, as bitsandbytes does).
+
+Portable storage, per MoE layer L and part P in {gate_up (E, 2M, D): gate rows then up rows, as
+`Experts.gate_up`; down (E, D, M)}, N = output and K = input size of the part, under
+`language.model.layers.L.mlp.experts.<method>.P.`:
+  int8  qweight I8 (E, N, K)       scales BF16 (E, N)
+  int4  qweight U8 (E, N, K/2)     scales_zeros BF16 (E, K/G, N, 2) = (scale, zero) per group
+  nf4   qweight U8 (E, N, K/2)     absmax F32 (E, N*K/B)
+4-bit codes are two per byte, the even input index in the high nibble. G (and B) is the largest
+of group_size, group_size/2, ... (at least 32) that divides K, so it can differ between parts
+(the fixtures' K = 32); the stored shapes say which. A pre-quantized folder (`quantize_folder`)
+holds these tensors in place of `experts.<e>.{gate,up,down}_proj.weight`, the other tensors
+unchanged, and its config.json says so under "dsvl2_quantization" ({"method", "group_size",
+"modules": "routed_experts", "format_version": 1}). The CPU kernels' own layouts depend on the
+machine, so they are made at load time and never stored.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .errors import Dsvl2Error, ModelError
+from .moe import combine_experts, per_expert_loop
+from .weights import (IGNORED_PREFIXES, INDEX_NAME, TensorReader, check_tensors, expected_tensors, read_headers,
+                      stack_experts, weight_files)
+
+METHODS = ("none", "int8", "int4", "nf4")
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128, "nf4": 64}
+CONFIG_KEY = "dsvl2_quantization"
+FORMAT_VERSION = 1
+PARTS = ("gate_up", "down")
+_INT4_GROUPS = (256, 128, 64, 32)  # what the int4 kernels accept
+# NormalFloat4 code values (QLoRA, appendix E), the table of bitsandbytes' "nf4".
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+_SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+class QuantizationError(Dsvl2Error):
+    """A quantization method or option that cannot be used here."""
+
+
+# ------------------------------------------------------------------------------------ spec
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What is quantized and how; `group_size` is None for int8 (one scale per output channel)."""
+
+    method: str
+    group_size: int | None = None
+
+    @classmethod
+    def make(cls, method: str, group_size: int | None = None) -> "QuantSpec":
+        method = str(method).lower()
+        if method not in METHODS or method == "none":
+            raise QuantizationError(f"quantization method {method!r} cannot be used here; use int8, int4 or nf4")
+        if method == "int8":
+            return cls(method, None)
+        size = DEFAULT_GROUP_SIZE[method] if group_size is None else group_size
+        allowed = _INT4_GROUPS if method == "int4" else tuple(2**i for i in range(5, 13))
+        if size not in allowed:
+            raise QuantizationError(f"{method} group size must be one of {', '.join(map(str, sorted(allowed)))}, "
+                                    f"got {size!r}")
+        return cls(method, int(size))
+
+    def as_config(self) -> dict:
+        return {"method": self.method, "group_size": self.group_size, "modules": "routed_experts",
+                "format_version": FORMAT_VERSION}
+
+
+def read_spec(model_dir: str | os.PathLike) -> QuantSpec | None:
+    """The quantization a model folder's config.json declares (None for a float checkpoint)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelError(f"{path}: cannot be read ({err})") from None
+    entry = raw.get(CONFIG_KEY) if isinstance(raw, dict) else None
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("modules") != "routed_experts":
+        raise ModelError(f"{path}: '{CONFIG_KEY}' is malformed; re-create the folder with `dsvl2 quantize`")
+    if entry.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{path}: quantized with format version {entry.get('format_version')!r}; this dsvl2 reads "
+                         f"version {FORMAT_VERSION}: update dsvl2 or re-create the folder with `dsvl2 quantize`")
+    try:
+        return QuantSpec.make(entry.get("method"), entry.get("group_size"))
+    except QuantizationError as err:
+        raise ModelError(f"{path}: {err}") from None
+
+
+def parse_method(quantize: str | None) -> str | None:
+    """A `quantize=` value, checked and lower-cased (None stays None: "as the folder is")."""
+    if quantize is None:
+        return None
+    method = str(quantize).lower()
+    if method not in METHODS:
+        raise QuantizationError(f"quantization method {quantize!r} is not known; use one of {', '.join(METHODS)}")
+    return method
+
+
+def resolve(quantize: str | None, folder: QuantSpec | None, where: str) -> QuantSpec | None:
+    """The quantization to load with: the folder's when `quantize` is None; an error when a
+    pre-quantized folder is asked for another method (its float experts no longer exist)."""
+    quantize = parse_method(quantize)
+    if folder is not None:
+        if quantize is not None and quantize != folder.method:
+            raise QuantizationError(
+                f"{where} holds {folder.method}-quantized routed experts (written by `dsvl2 quantize`) and cannot be "
+                f"loaded as {quantize!r}; leave --quantize unset, or quantize the original checkpoint instead")
+        return folder
+    if quantize is None or quantize == "none":
+        return None
+    return QuantSpec.make(quantize)
+
+
+def group_for(spec: QuantSpec, k: int) -> int | None:
+    """The group (int4) or block (nf4) size used for a part with K inputs: the largest power of
+    two up to `group_size` that divides K, so that groups never straddle rows."""
+    if spec.method == "int8":
+        return None
+    g = spec.group_size
+    while g >= 32:
+        if k % g == 0:
+            return g
+        g //= 2
+    raise QuantizationError(f"{spec.method} needs input sizes that are multiples of 32; this model has {k}")
+
+
+def packed_shapes(spec: QuantSpec, n_experts: int, n: int, k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Field -> (shape, dtype) of one part's portable tensors."""
+    e, g = n_experts, group_for(spec, k)
+    if spec.method == "int8":
+        return {"qweight": ((e, n, k), torch.int8), "scales": ((e, n), torch.bfloat16)}
+    if spec.method == "int4":
+        return {"qweight": ((e, n, k // 2), torch.uint8), "scales_zeros": ((e, k // g, n, 2), torch.bfloat16)}
+    return {"qweight": ((e, n, k // 2), torch.uint8), "absmax": ((e, n * k // g), torch.float32)}
+
+
+def expected_quantized(cfg: ModelConfig, spec: QuantSpec) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The strict check's table for a pre-quantized folder: name -> shape, and name -> dtype
+    for the packed tensors (every other tensor must be floating point)."""
+    shapes = {n: s for n, s in expected_tensors(cfg).items() if not _EXPERT_NAME.match(n)}
+    dtypes = {}
+    lm = cfg.language
+    d, m = lm.hidden_size, lm.moe_intermediate_size
+    for layer in range(lm.num_hidden_layers):
+        if not lm.is_moe_layer(layer):
+            continue
+        prefix = f"language.model.layers.{layer}.mlp.experts.{spec.method}."
+        for part, (n, k) in (("gate_up", (2 * m, d)), ("down", (d, m))):
+            for field, (shape, dtype) in packed_shapes(spec, lm.n_routed_experts, n, k).items():
+                shapes[prefix + part + "." + field] = shape
+                dtypes[prefix + part + "." + field] = _SAFETENSORS_DTYPES[dtype]
+    return shapes, dtypes
+
+
+_EXPERT_NAME = re.compile(r"(.*\.mlp\.)experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+# ------------------------------------------------------------------------ quantize (portable)
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """codes (..., K) in 0..15 -> bytes (..., K/2), even index in the high nibble."""
+    return (q[..., ::2] << 4 | q[..., 1::2]).to(torch.uint8)
+
+
+def _unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([b >> 4, b & 15], dim=-1).flatten(-2)  # (..., K)
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _quantize_int8(w: torch.Tensor, _: int | None) -> dict[str, torch.Tensor]:
+    """w (N, K) float32 -> symmetric per-row int8 (-127..127) with the bf16 scale it was made with."""
+    scale = (w.abs().amax(-1) / 127).to(torch.bfloat16)  # (N,)
+    q = (w / scale.float().clamp_min(_TINY)[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return {"qweight": q, "scales": scale}
+
+
+def _quantize_int4(w: torch.Tensor, g: int) -> dict[str, torch.Tensor]:
+    """w (N, K) float32 -> asymmetric 4-bit per group of g inputs; zero is the value of code 8."""
+    n, k = w.shape
+    wg = w.view(n, k // g, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # (N, K/g)
+    scale = ((hi - lo) / 15).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)  # rounded first, so codes use the stored values
+    q = (wg - zero.float()[..., None]).div_(scale.float().clamp_min(_TINY)[..., None]).add_(8)
+    q = q.round_().clamp_(0, 15).to(torch.uint8).view(n, k)
+    return {"qweight": _pack_nibbles(q), "scales_zeros": torch.stack([scale, zero], -1).transpose(0, 1).contiguous()}
+
+
+def _nf4_table() -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.tensor(NF4_VALUES, dtype=torch.float32)
+    return values, (values[1:] + values[:-1]) / 2  # code values, decision midpoints
+
+
+_NF4_BINS = 4096  # finer than the closest midpoints (0.08 apart): at most one midpoint per bin
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_lookup() -> tuple[torch.Tensor, torch.Tensor]:
+    """The code at each bin's lower edge over [-1, 1], and the midpoint above each code."""
+    mids = _nf4_table()[1]
+    edges = torch.arange(_NF4_BINS, dtype=torch.float32) * (2 / _NF4_BINS) - 1
+    return torch.bucketize(edges, mids).to(torch.uint8), torch.cat([mids, torch.tensor([float("inf")])])
+
+
+def _quantize_nf4(w: torch.Tensor, b: int) -> dict[str, torch.Tensor]:
+    """w (N, K) float32 -> nearest NF4 code of w / absmax (ties to the lower code, as
+    bitsandbytes), blocks of b over the row-major matrix. A bin lookup then one comparison
+    replaces a binary search (bucketize), which is 5x slower here."""
+    n, k = w.shape
+    blocks = w.reshape(-1, b)
+    absmax = blocks.abs().amax(-1)  # (N*K/b,)
+    scaled = blocks / absmax.clamp_min(_TINY)[:, None]  # in [-1, 1]
+    lut, above = _nf4_lookup()
+    bins = scaled.add(1).mul_(_NF4_BINS / 2).floor_().clamp_(0, _NF4_BINS - 1).long()
+    q = lut[bins]
+    q += scaled > above[q.long()]
+    return {"qweight": _pack_nibbles(q.view(n, k)), "absmax": absmax}
+
+
+_QUANTIZERS = {"int8": _quantize_int8, "int4": _quantize_int4, "nf4": _quantize_nf4}
+
+
+def pack_experts(gate_up: torch.Tensor, down: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Stacked float experts (E, 2M, D), (E, D, M) -> the portable tensors, keys "<part>.<field>"."""
+    return {**pack_part(gate_up, spec, "gate_up"), **pack_part(down, spec, "down")}
+
+
+def pack_part(w: torch.Tensor, spec: QuantSpec, part: str) -> dict[str, torch.Tensor]:
+    """One part's stacked float weights (E, N, K) -> its portable tensors "<part>.<field>".
+
+    Quantized from the values as given (the checkpoint's, in float32 arithmetic), one expert at a
+    time, so the temporaries stay at one expert's size.
+    """
+    e, n, k = w.shape
+    fields = {f: torch.empty(s, dtype=dt) for f, (s, dt) in packed_shapes(spec, e, n, k).items()}
+    for i in range(e):
+        for f, t in _QUANTIZERS[spec.method](w[i].float(), group_for(spec, k)).items():
+            fields[f][i] = t.reshape(fields[f].shape[1:])
+    return {f"{part}.{f}": t for f, t in fields.items()}
+
+
+def dequantize_part(method: str, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """One part's portable tensors (qweight and its scales/scales_zeros/absmax) -> float32 (E, N, K)."""
+    if method == "int8":
+        return qweight.float() * scales.float()[..., None]
+    codes = _unpack_nibbles(qweight).long()  # (E, N, K)
+    e, n, k = codes.shape
+    if method == "int4":
+        sz = scales.float()  # (E, K/G, N, 2)
+        g = k // sz.shape[1]
+        scale, zero = (sz[..., i].transpose(1, 2).repeat_interleave(g, dim=-1) for i in (0, 1))  # (E, N, K)
+        return (codes - 8) * scale + zero
+    absmax = scales.float()  # (E, N*K/B)
+    return (_nf4_table()[0][codes].view(e, absmax.shape[1], -1) * absmax[..., None]).view(e, n, k)
+
+
+def dequantize_packed(method: str, packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pure-PyTorch reference: portable tensors -> float32 gate_up (E, 2M, D), down (E, D, M)."""
+    second = _fields(method)[1]
+    gate_up, down = (dequantize_part(method, packed[f"{p}.qweight"], packed[f"{p}.{second}"]) for p in PARTS)
+    return gate_up, down
+
+
+def _fields(method: str) -> tuple[str, str]:
+    return {"int8": ("qweight", "scales"), "int4": ("qweight", "scales_zeros"), "nf4": ("qweight", "absmax")}[method]
+
+
+# ------------------------------------------------------------------------- kernel modules
+
+class QuantizedExperts(nn.Module):
+    """Routed experts held quantized; same interface and float32 weighted sum as `moe.Experts`.
+
+    Per part, buffers `<part>_q` (codes) and `<part>_s` (scales) in the layout of the kernel
+    chosen for the device (`layout`). Subclasses implement `_choose_layout(device, packed)`,
+    `_to_kernel(part, q, s)` and `_to_portable(part, q, s)` (portable <-> kernel layout, one part),
+    and `_linear(part, e, x)` (x @ W_e^T). `packed()` inverts the layout; `dequantize()` is the
+    pure-PyTorch reference.
+    The CPU kernels take bf16 activations whatever the model dtype (see `_bf16`); outputs come
+    back in the input's dtype.
+    """
+
+    method = ""
+
+    def __init__(self, n_experts: int, hidden: int, inner: int, spec: QuantSpec, layout: str):
+        super().__init__()
+        self.n_experts, self.hidden, self.inner = n_experts, hidden, inner
+        self.spec, self.layout = spec, layout
+
+    def extra_repr(self) -> str:
+        return (f"{self.method}, experts={self.n_experts}, hidden={self.hidden}, inner={self.inner}, "
+                f"group_size={self.spec.group_size}, layout={self.layout}")
+
+    def part_shape(self, part: str) -> tuple[int, int]:
+        """(N, K) of one expert's matrix."""
+        return (2 * self.inner, self.hidden) if part == "gate_up" else (self.hidden, self.inner)
+
+    def _weights(self, part: str, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's codes and scales for `part` (straight from _buffers: this is the hot path)."""
+        return self._buffers[part + "_q"][e], self._buffers[part + "_s"][e]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on tokens x (n, D) -> (n, D)."""
+        gate, up = self._linear("gate_up", e, x).split(self.inner, dim=-1)
+        return self._linear("down", e, F.silu(gate) * up)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, D), ids/weights (N, k) -> sum_k weight * expert(x) as (N, D)."""
+        n, k = ids.shape
+        if n == 1:  # decoding: the k chosen experts in turn, nothing to sort
+            out = torch.cat([self.expert(e, x) for e in ids[0].tolist()])  # (k, D)
+            return (out.view(1, k, -1).float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        return combine_experts(x, ids, weights, self.n_experts,
+                               lambda routed, counts: per_expert_loop(routed, counts, self.expert))
+
+    @classmethod
+    def from_packed(cls, packed: dict[str, torch.Tensor], spec: QuantSpec, device: torch.device | str = "cpu",
+                    copy: bool = True) -> "QuantizedExperts":
+        """Build from portable tensors. With `copy` (the default) the module never shares memory
+        with them (they may be a file's mapped pages); copy=False may keep tensors handed over."""
+        device = torch.device(device)
+        e, n, _ = packed["gate_up.qweight"].shape
+        module = cls(e, packed["down.qweight"].shape[1], n // 2, spec, cls._choose_layout(device, packed))
+        second = _fields(cls.method)[1]
+        for part in PARTS:
+            given = [packed[f"{part}.qweight"], packed[f"{part}.{second}"]]
+            kernel = module._to_kernel(part, *(t.to(device) for t in given))
+            for name, t, g in zip(("_q", "_s"), kernel, given):
+                module.register_buffer(part + name, t.clone() if copy and t.data_ptr() == g.data_ptr() else t)
+        return module
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The portable tensors (on CPU): what `pack_experts` made and a folder stores."""
+        out = {}
+        second = _fields(self.method)[1]
+        for part in PARTS:
+            q, s = self._to_portable(part, getattr(self, part + "_q").cpu(), getattr(self, part + "_s").cpu())
+            out[f"{part}.qweight"], out[f"{part}.{second}"] = q, s
+        return out
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference float32 weights gate_up (E, 2M, D), down (E, D, M), computed in plain PyTorch."""
+        return dequantize_packed(self.method, self.packed())
+
+
+class Int8Experts(QuantizedExperts):
+    """Layouts: "cpu" (torch's `_weight_int8pack_mm`) and "portable" (other devices: the chosen
+    expert dequantized per call)."""
+
+    method = "int8"
+
+    @classmethod
+    def _choose_layout(cls, device, packed):
+        return "cpu" if device.type == "cpu" else "portable"
+
+    def _to_kernel(self, part, q, s):
+        return q, s
+
+    def _to_portable(self, part, q, s):
+        return q, s
+
+    def _linear(self, part, e, x):
+        q, s = self._weights(part, e)
+        if self.layout == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(_bf16(x), q, s).to(x.dtype)
+        return F.linear(x, (q.to(x.dtype) * s[:, None].to(x.dtype)))
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """Activations for torch's CPU int8/int4 kernels: only their bf16 path is fast (float32 and
+    float16 run 10-30x slower), and bf16 rounding (0.4%) is far below the weights' own error."""
+    return x.to(torch.bfloat16).contiguous()
+
+
+class Int4Experts(QuantizedExperts):
+    """Layouts: "cpu" (torch's CPU int4 packing, which depends on the machine), "cuda" (torch's
+    tiled int32 packing), both with bf16 activations and scales; "portable" (other devices)."""
+
+    method = "int4"
+
+    @classmethod
+    def _choose_layout(cls, device, packed):
+        if device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return "cpu"
+        return "cuda" if device.type == "cuda" else "portable"
+
+    def _to_kernel(self, part, q, s):
+        if self.layout == "portable":
+            return q, s
+        return _convert_each(q, _int4_converter(self.layout, self.part_shape(part)[1])), s
+
+    def _to_portable(self, part, q, s):
+        if self.layout != "portable":
+            n, k = self.part_shape(part)
+            source = _inverse_layout(("int4", self.layout, n, k), n, k, _int4_converter(self.layout, k))
+            q = torch.stack([_pack_nibbles(_from_layout(q[i], source, n, k)) for i in range(q.shape[0])])
+        return q, s
+
+    def _linear(self, part, e, x):
+        q, sz = self._weights(part, e)  # sz (K/G, N, 2)
+        g = self.part_shape(part)[1] // sz.shape[0]
+        if self.layout == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(_bf16(x), q, g, sz).to(x.dtype)
+        if self.layout == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(_bf16(x), q, g, sz).to(x.dtype)
+        return F.linear(x, dequantize_part("int4", q[None], sz[None])[0].to(x.dtype))
+
+
+def _convert_each(q: torch.Tensor, convert: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply a one-matrix layout converter to each expert of (E, ...), into one stacked tensor."""
+    first = convert(q[0])
+    out = torch.empty((q.shape[0], *first.shape), dtype=first.dtype, device=first.device)
+    out[0] = first
+    for i in range(1, q.shape[0]):
+        out[i] = convert(q[i])
+    return out
+
+
+def _int4_converter(layout: str, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Portable bytes (N, K/2) of one matrix -> the kernel's packed weight."""
+    if layout == "cpu":
+        return lambda b: torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(b).to(torch.int32), 1)
+    tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)  # the CUDA kernel's innerKTiles
+    return lambda b: torch.ops.aten._convert_weight_to_int4pack(b.contiguous(), tiles)
+
+
+class NF4Experts(QuantizedExperts):
+    """Layouts: "cpu" (bitsandbytes' AVX512-BF16 GEMV packing, absmax as bf16 (E, K/B, N)) and
+    "bnb" (bitsandbytes' flat format through `bnb.matmul_4bit`: CUDA, or other CPUs)."""
+
+    method = "nf4"
+
+    @classmethod
+    def _choose_layout(cls, device, packed):
+        functional = _bitsandbytes().functional
+        if device.type != "cpu" or not hasattr(functional, "_convert_weight_packed_for_cpu") \
+                or not functional.has_avx512bf16():
+            return "bnb"
+        # its packing takes rows 32 at a time (blocks never straddle rows: see group_for)
+        return "cpu" if all(packed[f"{p}.qweight"].shape[1] % 32 == 0 for p in PARTS) else "bnb"
+
+    def _block(self, part: str) -> int:
+        n, k = self.part_shape(part)
+        return n * k // getattr(self, part + "_s")[0].numel()
+
+    def _to_kernel(self, part, q, s):
+        if self.layout == "bnb":
+            return q, s.float()
+        (n, k), e = self.part_shape(part), q.shape[0]
+        kernel_s = s.view(e, n, -1).transpose(1, 2).to(torch.bfloat16).contiguous()  # (E, K/B, N)
+        return _convert_each(q, _nf4_cpu_converter(n, k, n * k // s.shape[1])), kernel_s
+
+    def _to_portable(self, part, q, s):
+        if self.layout == "bnb":
+            return q, s
+        n, k = self.part_shape(part)
+        b = self._block(part)
+        source = _inverse_layout(("nf4", n, k, b), n, k, _nf4_cpu_converter(n, k, b))
+        q = torch.stack([_pack_nibbles(_from_layout(q[i], source, n, k)) for i in range(q.shape[0])])
+        return q, s.transpose(1, 2).reshape(q.shape[0], -1).float()
+
+    def _linear(self, part, e, x):
+        n, k = self.part_shape(part)
+        q, s = self._weights(part, e)
+        if self.layout == "cpu":
+            out = torch.ops.bitsandbytes.gemv_4bit.default(_bf16(x), q, [n, k], s, _nf4_code(str(x.device)),
+                                                           self._block(part))
+            return out.to(x.dtype)
+        bnb = _bitsandbytes()
+        state = bnb.functional.QuantState(absmax=s, shape=torch.Size([n, k]), code=_nf4_code(str(x.device)),
+                                          blocksize=self._block(part), quant_type="nf4", dtype=x.dtype)
+        return bnb.matmul_4bit(x, q.view(-1, 1).t(), state)
+
+
+def _nf4_cpu_converter(n: int, k: int, b: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Portable bytes (N, K/2) -> bitsandbytes' CPU GEMV packing (its own converter)."""
+    functional = _bitsandbytes().functional
+
+    def convert(portable: torch.Tensor) -> torch.Tensor:
+        state = functional.QuantState(absmax=torch.ones(n * k // b), shape=torch.Size([n, k]), code=_nf4_code("cpu"),
+                                      blocksize=b, quant_type="nf4", dtype=torch.bfloat16)
+        return functional._convert_weight_packed_for_cpu(portable.reshape(-1, 1).contiguous(), state)[0]
+    return convert
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code(device: str) -> torch.Tensor:
+    return _nf4_table()[0].to(device)
+
+
+def _bitsandbytes():
+    """bitsandbytes, imported on first use. Its CPU backend logs a warning at import about an
+    optional kernel package; the GEMV used here does not need it, so that is kept quiet."""
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError:
+        raise QuantizationError("nf4 needs bitsandbytes: pip install 'dsvl2[quant]', or use int4, which needs "
+                                "nothing extra") from None
+    finally:
+        log.setLevel(level)
+    return bitsandbytes
+
+
+def _inverse_layout(key, n: int, k: int, convert: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """For a converter that reorders the 4-bit codes of one (N, K) matrix, the row-major source
+    index of each code of its output (bytes in order, low nibble first). Found by converting
+    probe matrices whose codes spell out each element's own index, 4 bits at a time."""
+    if key not in _LAYOUTS:
+        index = torch.arange(n * k, dtype=torch.int64)
+        source = torch.zeros(n * k, dtype=torch.int64)
+        for shift in range(0, max(1, (n * k - 1).bit_length()), 4):
+            probe = ((index >> shift) & 15).to(torch.uint8).view(n, k)
+            source |= _nibbles(convert(_pack_nibbles(probe))).long() << shift
+        if not torch.equal(source.sort().values, index):
+            raise QuantizationError("a kernel's packed layout is not a reordering of 4-bit codes; cannot unpack it")
+        _LAYOUTS[key] = source
+    return _LAYOUTS[key]
+
+
+_LAYOUTS: dict[tuple, torch.Tensor] = {}
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    b = packed.contiguous().view(torch.uint8).flatten()
+    return torch.stack([b & 15, b >> 4], dim=-1).flatten()
+
+
+def _from_layout(kernel_q: torch.Tensor, source: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    codes = torch.empty(n * k, dtype=torch.uint8)
+    codes[source] = _nibbles(kernel_q)
+    return codes.view(n, k)
+
+
+_CLASSES = {"int8": Int8Experts, "int4": Int4Experts, "nf4": NF4Experts}
+
+
+def quantize_experts(gate_up: torch.Tensor, down: torch.Tensor, method: str, group_size: int | None = None,
+                     device: torch.device | str | None = None) -> QuantizedExperts:
+    """Float stacked experts (E, 2M, D), (E, D, M) -> a quantized experts module on `device`
+    (default: the weights'). It computes in the dtype of the activations it is given."""
+    spec = QuantSpec.make(method, group_size)
+    packed = pack_experts(gate_up.cpu(), down.cpu(), spec)
+    return experts_from_packed(packed, spec, device or gate_up.device, copy=False)
+
+
+def experts_from_packed(packed: dict[str, torch.Tensor], spec: QuantSpec, device: torch.device | str = "cpu",
+                        copy: bool = True) -> QuantizedExperts:
+    """Portable tensors ("<part>.<field>", see the module docstring) -> the module for `device`."""
+    return _CLASSES[spec.method].from_packed(packed, spec, device, copy)
+
+
+# ------------------------------------------------------------------------------ loading hooks
+
+def quantize_layer_hook(spec: QuantSpec, cfg: ModelConfig, device: torch.device):
+    """For `weights.load_into(experts=...)`: quantize each MoE layer's float experts as it is read."""
+    n = cfg.language.n_routed_experts
+
+    def build(module_name: str, reader: TensorReader) -> nn.Module:
+        prefix = module_name[: -len("experts")]
+        packed = {}
+        for part in PARTS:  # one part in float at a time
+            w = stack_experts(reader, prefix, n, part)
+            reader.close()  # let go of the file pages just read
+            packed.update(pack_part(w, spec, part))
+            del w
+        return experts_from_packed(packed, spec, device, copy=False)
+    return build
+
+
+def packed_layer_hook(spec: QuantSpec, device: torch.device):
+    """For `weights.load_into(experts=...)`: read a pre-quantized folder's packed experts."""
+    def build(module_name: str, reader: TensorReader) -> nn.Module:
+        prefix = f"{module_name}.{spec.method}."
+        packed = {f"{part}.{field}": reader.get(prefix + f"{part}.{field}")
+                  for part in PARTS for field in _fields(spec.method)}
+        return experts_from_packed(packed, spec, device)
+    return build
+
+
+# ------------------------------------------------------------------------- pre-quantized folder
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, method: str, group_size: int | None = None,
+                    on_progress: Callable[[int, int], None] | None = None,
+                    max_shard_bytes: int = 2_000_000_000) -> Path:
+    """Write a pre-quantized copy of the checkpoint folder `src` to `dst` (which must not exist,
+    or be empty): config.json with "dsvl2_quantization" added, the other small files copied,
+    the non-expert tensors unchanged and the routed experts packed. Built in a temporary folder
+    next to `dst` and renamed at the end, so a failure leaves nothing behind. Returns `dst`."""
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    spec = QuantSpec.make(method, group_size)
+    if read_spec(src) is not None:
+        raise QuantizationError(f"{src} is already quantized; quantize the original checkpoint")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise QuantizationError(f"{dst} already exists and is not empty; choose a new folder")
+    cfg = ModelConfig.from_dir(src)
+    infos = read_headers(weight_files(src))
+    check_tensors(infos, expected_tensors(cfg), str(src))
+    shapes, _ = expected_quantized(cfg, spec)  # fails early on sizes the method cannot take
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    reader = TensorReader(infos)
+    try:
+        raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        raw[CONFIG_KEY] = spec.as_config()
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+        for f in sorted(src.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.name not in ("config.json", INDEX_NAME) \
+                    and not f.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(f, tmp / f.name)
+
+        # output items in checkpoint order: non-expert tensors, and each MoE layer's packed experts
+        # at the place of its float ones; the unused pooling head is kept as it is
+        items, seen = [], set()
+        for name in list(expected_tensors(cfg)) + [n for n in infos if n.startswith(IGNORED_PREFIXES)]:
+            m = _EXPERT_NAME.match(name)
+            if m is None:
+                items.append(name)
+            elif m.group(1) not in seen:
+                seen.add(m.group(1))
+                items.append(m.group(1))
+        shards = _ShardWriter(tmp, max_shard_bytes, save_file)
+        for done, item in enumerate(items, 1):
+            if item.endswith(".mlp."):
+                for part in PARTS:  # one part in float at a time
+                    w = stack_experts(reader, item, cfg.language.n_routed_experts, part)
+                    reader.close()  # let go of the float experts' file pages
+                    for key, t in pack_part(w, spec, part).items():
+                        name = f"{item}experts.{spec.method}.{key}"
+                        assert tuple(t.shape) == shapes[name], name  # our own invariant
+                        shards.add(name, t)
+                    del w
+            else:
+                shards.add(item, reader.get(item))
+            if on_progress is not None:
+                on_progress(done, len(items))
+        shards.finish(spec)
+        reader.close()
+        tmp.chmod(0o755)
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except BaseException:
+        reader.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+class _ShardWriter:
+    """Collects tensors into safetensors shards of at most `limit` bytes, then names them
+    model-0000K-of-0000N.safetensors and writes the index."""
+
+    def __init__(self, folder: Path, limit: int, save_file):
+        self.folder, self.limit, self.save_file = folder, limit, save_file
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.limit:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        path = self.folder / f"shard-{len(self.files):05d}.partial"
+        self.save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, spec: QuantSpec) -> None:
+        if self.pending:
+            self._flush()
+        weight_map = {}
+        for i, (path, names) in enumerate(self.files, 1):
+            final = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total, CONFIG_KEY: spec.as_config()}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+# -------------------------------------------------------------------------------- accounting
+
+COMPONENTS = ("vision", "projector", "embeddings", "attention", "dense_mlp", "shared_experts", "routed_experts",
+              "router", "lm_head", "norms_other")
+
+
+_COMPONENT_RULES = tuple((re.compile(pattern), name) for pattern, name in (
+    (r"vision\.", "vision"), (r"projector\.", "projector"), (r"language\.model\.embed_tokens\.", "embeddings"),
+    (r"language\.lm_head\.", "lm_head"), (r".*\.self_attn\.", "attention"),
+    (r".*\.mlp\.shared_experts\.", "shared_experts"), (r".*\.mlp\.experts\.", "routed_experts"),
+    (r".*\.mlp\.gate\.", "router"), (r".*\.mlp\.", "dense_mlp")))  # first match wins
+
+
+def _component(name: str) -> str:
+    return next((c for pattern, c in _COMPONENT_RULES if pattern.match(name)), "norms_other")
+
+
+def _tensors(model: nn.Module):
+    """Every parameter and persistent buffer, each storage counted once."""
+    seen = set()
+    for mod_name, module in model.named_modules():
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        items = list(module._parameters.items()) + [(n, b) for n, b in module._buffers.items() if n not in skip]
+        for n, t in items:
+            if t is None or t.is_meta or (t.data_ptr(), t.numel()) in seen:
+                continue
+            seen.add((t.data_ptr(), t.numel()))
+            yield f"{mod_name}.{n}" if mod_name else n, t
+
+
+def weight_memory(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights by component (keys COMPONENTS, plus "total"); scales count as weights."""
+    out = dict.fromkeys(COMPONENTS, 0)
+    for name, t in _tensors(model):
+        out[_component(name)] += t.numel() * t.element_size()
+    out["total"] = sum(out.values())
+    return out
+
+
+def quantization_summary(model: nn.Module) -> dict:
+    """How the routed experts are stored: method, group size, parameters, bytes, bytes/param."""
+    params = nbytes = 0
+    method, group = "none", None
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedExperts):
+            method, group = module.method, module.spec.group_size
+            params += module.n_experts * 3 * module.hidden * module.inner
+            nbytes += sum(t.numel() * t.element_size() for t in module.buffers())
+        elif name.endswith(".mlp.experts"):
+            tensors = list(module.parameters())
+            params += sum(t.numel() for t in tensors)
+            nbytes += sum(t.numel() * t.element_size() for t in tensors)
+    return {"method": method, "group_size": group, "routed_params": params, "routed_bytes": nbytes,
+            "bytes_per_param": round(nbytes / params, 4) if params else 0.0}
+
+
+def describe(spec: QuantSpec | None) -> str:
+    """One line for `dsvl2 info`."""
+    if spec is None:
+        return "none (all weights in the compute dtype)"
+    group = f", group size {spec.group_size}" if spec.group_size else ", per-channel scales"
+    return f"{spec.method} routed experts{group}; everything else in the compute dtype"
+
