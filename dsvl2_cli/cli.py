@@ -59,7 +59,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from . import hub, runtime
+from . import hub, quant, runtime
+from .config import ModelConfig
 from .chat import ChatSession
 from .conversation import read_conversation
 from .errors import Dsvl2Error, InputError, ModelError
@@ -116,6 +117,10 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     help=f"Model folder or Hugging Face id. Default: $DSVL2_MODEL, else {hub.DEFAULT_MODEL}.")]
 DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=_M, help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", rich_help_panel=_M, help="Weights and compute dtype.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(
+    "--quantize", rich_help_panel=_M, show_default=False, metavar="none|int8|int4|nf4",
+    help="Quantize the routed experts while loading: int4 (fast on CPU), nf4 (bitsandbytes), int8. "
+         "Default: the folder as it is.")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-tokens", min=1, show_default=False, rich_help_panel=_G,
     help="Most tokens per answer (default 1024; ocr 2048).")]
@@ -145,6 +150,7 @@ class Options:
     model: str | None = None
     device: str = "auto"
     dtype: str = "bfloat16"
+    quantize: str | None = None
     max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -193,9 +199,10 @@ def _silence_stdout() -> None:
 
 # -------------------------------------------------------------------------------------- model
 
-def load_weights(path: Path, *, device: str, dtype: str, on_progress=None):
+def load_weights(path: Path, *, device: str, dtype: str, quantize: str | None = None, on_progress=None):
     """runtime.load on a resolved folder (tests replace this to reuse loaded models)."""
-    return runtime.load(path, device=device, dtype=dtype, download=False, on_progress=on_progress)
+    return runtime.load(path, device=device, dtype=dtype, quantize=quantize, download=False,
+                        on_progress=on_progress)
 
 
 def open_model(opts: Options, ui: UI):
@@ -205,7 +212,7 @@ def open_model(opts: Options, ui: UI):
                            TextColumn("{task.percentage:>3.0f}%"))
     with progress:
         task = progress.add_task(f"loading {resolved.name}", total=None)
-        vlm = load_weights(resolved.path, device=opts.device, dtype=opts.dtype,
+        vlm = load_weights(resolved.path, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
                            on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     vlm = dataclasses.replace(vlm, name=resolved.name, source=resolved.source)
     ui.status(f"{resolved.name} ({resolved.source}) · {_dtype_name(vlm.dtype)} on {vlm.device} · "
@@ -274,12 +281,14 @@ def chat(
         help="Answer a conversation given exactly: a JSON file in the official message format "
              "(- reads it from stdin); image paths are relative to the file.")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
+    quantize: QuantizeOpt = None,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Ask about images: once, with a prompt; else an interactive chat (/help inside)."""
-    opts = _opts(model=model, device=device, dtype=dtype, max_tokens=max_tokens, temperature=temperature,
+    opts = _opts(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+                 temperature=temperature,
                  top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_, quiet=quiet)
     ui = UI(quiet)
     if conversation is not None:
@@ -499,12 +508,14 @@ def ocr(
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --out: skip pages whose file exists (resume a run).")] = False,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
+    quantize: QuantizeOpt = None,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Read the text of images and PDF pages: to stdout with a header per page, or a file per page."""
-    opts = _opts(model=model, device=device, dtype=dtype, max_tokens=max_tokens, temperature=temperature,
+    opts = _opts(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+                 temperature=temperature,
                  top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_, quiet=quiet)
     ui = UI(quiet)
     ext = "json" if opts.json else ("md" if fmt == OcrFormat.markdown else "txt")
@@ -625,12 +636,14 @@ def ask(
                                             help="The question about them.")],
     pages: PagesOpt = None, dpi: DpiOpt = DEFAULT_DPI, password: PasswordOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
+    quantize: QuantizeOpt = None,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Ask a question about document pages (best with 1 or 2 pages: those are tiled)."""
-    opts = _opts(model=model, device=device, dtype=dtype, max_tokens=max_tokens, temperature=temperature,
+    opts = _opts(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+                 temperature=temperature,
                  top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_, quiet=quiet)
     ui = UI(quiet)
     if not question.strip():
@@ -667,11 +680,13 @@ def ground(
     save: Annotated[Optional[Path], typer.Option(
         "--save", dir_okay=False, show_default=False, help="Save the image with the boxes drawn (PNG, JPEG...).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
+    quantize: QuantizeOpt = None,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Find things in an image and draw their boxes (referring-expression grounding)."""
-    opts = _opts(model=model, device=device, dtype=dtype, max_tokens=max_tokens, temperature=temperature,
+    opts = _opts(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+                 temperature=temperature,
                  top_p=top_p, seed=seed, system=system, stream=False, json=json_, quiet=quiet)
     ui = UI(quiet)
     if not caption and not (what or "").strip():
@@ -714,7 +729,7 @@ def ground(
 @app.command()
 @_command
 def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-         json_: JsonOpt = False, quiet: QuietOpt = False):
+         quantize: QuantizeOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False):
     """Show the resolved model and its architecture (reads config.json; loads no weights)."""
     ui = UI(quiet)
     try:
@@ -726,6 +741,10 @@ def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = D
         raise ModelError(f"{name}: not downloaded yet; `dsvl2 pull {name}` fetches it (info reads local files "
                          "only)") from None
     facts = model_facts(resolved, _opts(dtype=dtype).dtype, device)
+    spec = quant.resolve(quantize, quant.read_spec(resolved.path), str(resolved.path))
+    cfg = ModelConfig.from_dir(resolved.path)
+    facts["quantization"] = quant.describe(spec)
+    facts["weight_memory"] = quant.planned_weight_memory(cfg, runtime.resolve_dtype(facts["dtype"]), spec)
     if json_:
         print_json(facts, ui)
         return
@@ -782,6 +801,30 @@ def model_facts(resolved, dtype: str, device: str) -> dict:
         * torch.empty((), dtype=torch_dtype).element_size(),
         "image_tokens_384": image_token_count(1, 1, side),
     }
+
+
+@app.command()
+@_command
+def quantize(
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Model folder or Hugging Face id to quantize.")],
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="New folder to write (must not exist or be empty).")],
+    method: Annotated[str, typer.Option("--method", metavar="int4|nf4|int8",
+                                        help="How to store the routed experts.")] = "int4",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", min=32, show_default=False,
+                                                      help="Values per scale (default: int4 128, nf4 64).")] = None,
+    quiet: QuietOpt = False,
+):
+    """Write a pre-quantized copy of a model: routed experts packed, the rest unchanged; it loads
+    directly (`-m DST`) and says in its config.json how it is quantized."""
+    ui = UI(quiet)
+    resolved = hub.resolve(src)
+    progress = ui.progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with progress:
+        task = progress.add_task(f"quantizing {resolved.name} ({method})", total=None)
+        out = quant.quantize_folder(resolved.path, dst, method, group_size,
+                                    on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    ui.status(f"wrote {out}")
+    ui.line(str(out))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -189,6 +190,7 @@ def expected_quantized(cfg: ModelConfig, spec: QuantSpec) -> tuple[dict[str, tup
 
 
 _EXPERT_NAME = re.compile(r"(.*\.mlp\.)experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_SAFETENSORS_SIZES = {"I8": 1, "U8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8}
 
 
 # ------------------------------------------------------------------------ quantize (portable)
@@ -765,6 +767,27 @@ def weight_memory(model: nn.Module) -> dict[str, int]:
     out = dict.fromkeys(COMPONENTS, 0)
     for name, t in _tensors(model):
         out[_component(name)] += t.numel() * t.element_size()
+    out["total"] = sum(out.values())
+    return out
+
+
+def planned_weight_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None) -> dict[str, int]:
+    """`weight_memory` of a model not loaded: from the tensor table of its config (`dsvl2 info`).
+    Routers stay float32; with a spec the routed experts take their packed size."""
+    out = dict.fromkeys(COMPONENTS, 0)
+    size = torch.empty((), dtype=dtype).element_size()
+    if spec is None:
+        shapes, dtypes = expected_tensors(cfg), {}
+    else:
+        shapes, dtypes = expected_quantized(cfg, spec)
+    for name, shape in shapes.items():
+        if name in dtypes:
+            bytes_each = _SAFETENSORS_SIZES[dtypes[name]]
+        elif name.endswith((".mlp.gate.weight", "e_score_correction_bias")):
+            bytes_each = 4
+        else:
+            bytes_each = size
+        out[_component(name)] += math.prod(shape) * bytes_each
     out["total"] = sum(out.values())
     return out
 

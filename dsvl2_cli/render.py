@@ -395,6 +395,11 @@ def info_lines(facts: dict) -> list[str]:
         ("dtype", facts["dtype"]),
         ("device", facts["device"]),
     ]
+    if "weight_memory" in facts:
+        mem = facts["weight_memory"]
+        parts = ", ".join(f"{k.replace('_', ' ')} {_bytes(v)}" for k, v in mem.items() if k != "total" and v)
+        rows.append(("quantized", facts["quantization"]))
+        rows.append(("weights", f"{_bytes(mem['total'])} in memory: {parts}"))
     return [f"{key:<11} {value}" for key, value in rows]
 
 
@@ -406,4 +411,7 @@ def _count(n: int) -> str:
 
 
 def _bytes(n: int) -> str:
-    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} bytes"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} bytes"
