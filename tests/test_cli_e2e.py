@@ -58,8 +58,11 @@ def test_closed_stdout_ends_quietly(ckpt_tiny, pdf):
 
 def test_sigint_at_the_chat_prompt_exits_130(ckpt_tiny, tmp_path):
     image = write_image(tmp_path / "a.png", 32, 32)
+    # A job started with `&` by a non-interactive shell (as CI may be) inherits SIGINT ignored, and
+    # Python then never installs its Ctrl-C handler: give the child the default, as a terminal would.
     proc = subprocess.Popen(dsvl2("chat", "-i", "-m", ckpt_tiny, "--dtype", "float32", "--max-tokens", "2", image),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     seen = b""
     while b"chatting with" not in seen and time.time() < deadline:  # loaded, waiting for a message
