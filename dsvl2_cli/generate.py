@@ -25,6 +25,9 @@ from .processor import Prepared
 from .sampling import SamplingParams, make_generator, sample
 
 DEFAULT_PREFILL_CHUNK = 512
+# Tiles through the vision tower per batch: 4 x 729 rows keep its matmuls efficient while a
+# 10-tile page does not hold all of its activations at once.
+TILE_BATCH = 4
 
 
 # ------------------------------------------------------------------------------------ events
@@ -187,7 +190,7 @@ def _prefill(vlm, prepared: Prepared, pcache: PromptCache, chunk: int) -> tuple[
     new_images = [i for i, (s, _) in enumerate(spans) if s >= start]
     pixels = torch.cat([prepared.images[i].pixel_values for i in new_images]) if new_images else None
     embeds = model.embed(ids[None], prepared.image_mask[start:][None], pixels,
-                         [prepared.images[i].grid for i in new_images])
+                         [prepared.images[i].grid for i in new_images], tile_batch=TILE_BATCH)
     pcache.cache.reserve(prepared.input_ids.numel() + 1)
     logits = None
     for s in range(0, embeds.shape[1], chunk):
@@ -326,7 +329,7 @@ def generate_batch(vlm, prompts: Sequence[Prepared], config: GenerationConfig | 
         mask[row, pad[row]:] = p.image_mask
     images = [img for p in prompts for img in p.images]  # row-major, as embed() fills them
     pixels = torch.cat([img.pixel_values for img in images]) if images else None
-    embeds = model.embed(ids, mask, pixels, [img.grid for img in images])
+    embeds = model.embed(ids, mask, pixels, [img.grid for img in images], tile_batch=TILE_BATCH)
     cache = model.language.new_cache(b, pad.to(vlm.device) if int(pad.max()) else None)
     cache.reserve(width + config.max_tokens)
     for s in range(0, width, config.prefill_chunk):

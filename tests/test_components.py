@@ -120,10 +120,8 @@ def test_mla_cache_holds_only_latent_and_rope_key():
     att = LatentAttention(cfg)
     randomise(att)
     cache = att.new_cache(1, torch.float32, torch.device("cpu"))
+    table = rope_table(cfg.qk_rope_head_dim, 256, cfg.rope_theta)[:7][None, None]
     with torch.inference_mode():
-        run_attention(att, cfg, torch.randn(1, 7, cfg.hidden_size), [7])
-        cache = att.new_cache(1, torch.float32, torch.device("cpu"))
-        table = rope_table(cfg.qk_rope_head_dim, 256, cfg.rope_theta)[:7][None, None]
         att(torch.randn(1, 7, cfg.hidden_size), table.cos(), table.sin(), None, cache)
     assert cache.length == 7
     assert cache.nbytes == 7 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
