@@ -342,7 +342,7 @@ def bench_family(work: Path, family: str, layers: int | None, quick: bool, peer:
         ours_step, _ = decode_rate(vlm, text_ids(vlm, 10), 8 if quick else 32)
         theirs = bench_peer(vlm, quick)
         result["peer"] = {
-            "name": "transformers DeepseekV2ForCausalLM (bf16, eager, same weights)",
+            "name": "transformers DeepseekV2ForCausalLM (bf16, its default grouped_mm experts and SDPA, same weights)",
             **theirs,
             "ours_lm_prefill_tok_s": ids.shape[1] / ours_prefill,
             "ours_decode_ctx_short_tok_s": 1 / ours_step,

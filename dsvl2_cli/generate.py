@@ -62,9 +62,6 @@ class Stats:
     decode_tokens_per_second: float
     cache_bytes: int
 
-    def as_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
 
 @dataclass(frozen=True)
 class Done:

@@ -27,8 +27,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // x.shape[-1] <= kernels.MAX_ROWS:  # decode: the fused kernel as one "expert"
             flat = x.reshape(-1, x.shape[-1])
-            one = torch.ones(flat.shape[0], 1)
-            out = kernels.moe_experts(flat, one.long() * 0, one, self.gate_up[None], self.down_proj.weight[None])
+            rows = flat.shape[0]
+            out = kernels.moe_experts(flat, torch.zeros(rows, 1, dtype=torch.long), torch.ones(rows, 1),
+                                      self.gate_up[None], self.down_proj.weight[None])
             if out is not None:
                 return out.view(x.shape)
         gate, up = F.linear(x, self.gate_up).split(self.inner, dim=-1)

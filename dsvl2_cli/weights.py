@@ -262,13 +262,11 @@ RELEASE_BYTES = 256 << 20  # let go of the mapped files after reading about this
 
 def load_into(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, dtype: torch.dtype,
               device: torch.device, on_progress: Callable[[int, int], None] | None = None,
-              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
               experts: Callable[[str, TensorReader], torch.nn.Module] | None = None) -> None:
     """Materialise every parameter of a meta-device `model` from the checkpoint.
 
     Router weights and the correction bias stay float32 (the reference computes routing in
-    float32 from weights rounded to the model dtype). `transform(name, tensor)` may replace a
-    finished tensor. `experts(module_name, reader)`, when given, is called once per MoE layer
+    float32 from weights rounded to the model dtype). `experts(module_name, reader)`, when given, is called once per MoE layer
     with the name of its routed-experts module ("language.model.layers.1.mlp.experts") and
     returns the module to put there (quantized experts), instead of loading `gate_up`/`down`.
     """
@@ -280,14 +278,14 @@ def load_into(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, dt
             if m.group(2) == "gate_up":  # the hook builds both parts
                 _set_module(model, m.group(1), experts(m.group(1), reader))
         else:
-            _set_param(model, name, _load_param(name, param, reader, recipes, dtype, device, transform))
+            _set_param(model, name, _load_param(name, param, reader, recipes, dtype, device))
         if reader.bytes_read > RELEASE_BYTES:
             reader.close()
         if on_progress is not None:
             on_progress(done, len(params))
 
 
-def _load_param(name, param, reader, recipes, dtype, device, transform) -> torch.Tensor:
+def _load_param(name, param, reader, recipes, dtype, device) -> torch.Tensor:
     raw, from_file = _build_tensor(name, reader, recipes)
     if tuple(raw.shape) != tuple(param.shape):  # our own invariant, after the strict check
         raise WeightsError(f"{name}: built shape {list(raw.shape)} but the model needs {list(param.shape)}")
@@ -299,7 +297,7 @@ def _load_param(name, param, reader, recipes, dtype, device, transform) -> torch
     if from_file and tensor.data_ptr() == raw.data_ptr():  # still the file's pages: take a copy of our own
         tensor = tensor.clone()
     del raw
-    return transform(name, tensor) if transform is not None else tensor
+    return tensor
 
 
 def _build_tensor(name: str, reader: TensorReader, recipes) -> tuple[torch.Tensor, bool]:
