@@ -56,13 +56,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 def attention_mask(q_len: int, start: int, pad: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean (B|1, 1, q_len, start+q_len) mask, True = may attend; None = plain causal, no cache.
+    """Boolean (B|1, 1, q_len, start+q_len) mask, True = may attend; None = plain causal (which
+    for a single query after a cache means every key).
 
     Padded key positions are hidden, except that a padded query still sees itself: a row with
     nothing to attend to would give NaN, and NaN values survive a zero attention weight later.
     """
-    if pad is None and start == 0:
-        return None
+    if pad is None and (start == 0 or q_len == 1):
+        return None  # no cache, or one query at the end: it sees every key
     total = start + q_len
     q_pos = torch.arange(start, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
@@ -166,7 +167,9 @@ class LatentAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_rope, entry, mask) -> torch.Tensor:
         b, h, t, _ = q_nope.shape
-        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, self.w_kb)  # (B, H, T, C)
+        q_latent = kernels.head_matmul(q_nope, self.w_kb, w_is_kn=True)  # (B, H, T, C)
+        if q_latent is None:
+            q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, self.w_kb)
         # All heads share one key/value sequence (the latent), so fold heads into the query
         # rows: one (H*T, C+R) x (C+R, L) product instead of H broadcast ones.
         q = torch.cat([q_latent, q_rope], dim=-1).reshape(b, 1, h * t, -1)  # (B, 1, H*T, C+R)
@@ -181,13 +184,18 @@ class LatentAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.view(b, h, t, self.rank)
-        return torch.einsum("bhtc,hdc->bhtd", out, self.w_vb)  # (B, H, T, v)
+        fast = kernels.head_matmul(out, self.w_vb, w_is_kn=False)
+        return fast if fast is not None else torch.einsum("bhtc,hdc->bhtd", out, self.w_vb)  # (B, H, T, v)
 
 
 def few_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
     """Attention for a few query rows over a long cache: q (B, H, Tq, d), k (B, Hk, L, d),
     v (B, Hk, L, dv), Hk dividing H. Two matmuls and a float32 softmax: on CPU, torch's SDPA takes
     ~6x longer for one query (2.4 vs 0.37 ms per layer at 2000 cached tokens, tiny's shapes)."""
+    if mask is None:
+        out = kernels.decode_attention(q, k, v, scale)
+        if out is not None:
+            return out
     if k.shape[1] != q.shape[1]:  # grouped-query heads share keys and values
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)

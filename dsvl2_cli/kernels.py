@@ -98,6 +98,11 @@ def _load() -> ctypes.CDLL | None:
         lib.dsvl2_gemv_bf16.restype = None
         lib.dsvl2_moe_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
         lib.dsvl2_moe_bf16.restype = None
+        lib.dsvl2_attn_decode_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr] + [i64] * 9 + [
+            ctypes.c_float, ptr, ptr, ctypes.c_int]
+        lib.dsvl2_attn_decode_bf16.restype = None
+        lib.dsvl2_head_gemv_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
+        lib.dsvl2_head_gemv_bf16.restype = None
         lib.dsvl2_kernel_isa.restype = ctypes.c_int
         _lib = lib
         return lib
@@ -163,3 +168,41 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     _lib.dsvl2_moe_bf16(x.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), k, gate_up.data_ptr(),
                         down.data_ptr(), m, out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
     return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """softmax(scale * q k^T) v over every cached key, for a few query rows; None when the
+    kernel does not apply (then use torch).
+
+    q (B, H, Tq, d); k (B, Hk, L, d) and v (B, Hk, L, dv), Hk dividing H, may be strided views of
+    a cache (unit stride along the last dim). No mask: every query row sees every key, which holds
+    for one new token per sequence without padding. Returns (B, H, Tq, dv) bf16.
+    """
+    b, h, tq, d = q.shape
+    hk, length, dv = k.shape[1], k.shape[2], v.shape[3]
+    if (b * h * tq > 64 * MAX_ROWS or length == 0 or h % hk or not _usable(q)
+            or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16
+            or k.stride(-1) != 1 or v.stride(-1) != 1 or k.device.type != "cpu" or v.device.type != "cpu"):
+        return None
+    q = q.contiguous()  # (B, H, Tq, d) = (B*Hk groups, H/Hk*Tq rows, d): a group's heads are adjacent
+    groups, rows = b * hk, (h // hk) * tq
+    scores = torch.empty(groups * rows * length, dtype=torch.float32)
+    out = torch.empty(b, h, tq, dv, dtype=torch.bfloat16)
+    _lib.dsvl2_attn_decode_bf16(q.data_ptr(), groups, rows, d, k.data_ptr(), v.data_ptr(), hk,
+                                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                dv, length, scale, scores.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def head_matmul(x: torch.Tensor, w: torch.Tensor, w_is_kn: bool) -> torch.Tensor | None:
+    """Per-head products for a few rows: x (B, H, T, K) with w (H, N, K) -> x @ w^T, or with
+    w (H, K, N) when `w_is_kn` -> x @ w; (B, H, T, N) bf16. None when the kernel does not apply."""
+    b, h, t, k = x.shape
+    n = w.shape[2] if w_is_kn else w.shape[1]
+    if b * t > MAX_ROWS or (w_is_kn and n > 4096) or not _usable(x, w):
+        return None
+    rows = x.permute(1, 0, 2, 3).reshape(h, b * t, k).contiguous()  # (H, B*T, K)
+    out = torch.empty(h, b * t, n, dtype=torch.bfloat16)
+    _lib.dsvl2_head_gemv_bf16(rows.data_ptr(), h, b * t, w.data_ptr(), n, k, int(w_is_kn), out.data_ptr(),
+                              torch.get_num_threads())
+    return out.view(h, b, t, n).transpose(0, 1)  # (B, H, T, N)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import dsvl2_cli
 from dsvl2_cli import kernels
+from dsvl2_cli.attention import few_query_attention
 from dsvl2_cli.generate import GenerationConfig, generate
 from dsvl2_cli.moe import Experts
 from dsvl2_cli.processor import user_message
@@ -73,6 +74,40 @@ def test_moe_kernel_matches_grouped_torch(tokens):
         with kernels.disabled():
             slow = experts(x, ids, weights)
     bf16_close(fast, slow)
+
+
+@needs_kernels
+@pytest.mark.parametrize("b, h, hk, d, dv, length", [
+    (1, 10, 10, 128, 128, 2000),  # tiny: MHA, one query per head
+    (2, 8, 2, 64, 64, 300),       # grouped-query heads, two sequences
+    (1, 16, 1, 576, 512, 37),     # MLA absorbed: heads folded into rows over one latent sequence
+    (1, 70, 1, 96, 80, 5),        # more rows than one accumulator block, odd sizes
+])
+def test_decode_attention_matches_float_reference(b, h, hk, d, dv, length):
+    g = torch.Generator().manual_seed(length)
+    cache = torch.randn(b, hk, length + 40, d, generator=g).bfloat16()  # spare capacity, as a cache has
+    k, v = cache[:, :, :length], cache[:, :, :length, :dv]  # strided views, v inside k as in MLA
+    q = torch.randn(b, h, 1, d, generator=g).bfloat16()
+    got = kernels.decode_attention(q, k, v, d**-0.5)
+    assert got is not None and got.shape == (b, h, 1, dv)
+    rep = h // hk
+    kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+    exact = torch.softmax(q.float() @ kf.transpose(-1, -2) * d**-0.5, -1) @ vf
+    bf16_close(got, exact)  # only the output's rounding to bf16 (and fp32 sums) apart
+    with kernels.disabled():  # torch's path rounds scores and weights to bf16: further away
+        torch_err = (few_query_attention(q, k, v, None, d**-0.5).float() - exact).abs().max()
+    assert (got.float() - exact).abs().max() <= torch_err + 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("b, h, t, k, n", [(1, 16, 1, 128, 512), (2, 4, 3, 64, 100), (1, 3, 8, 33, 17)])
+def test_head_matmul_matches_einsum(b, h, t, k, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(b, h, t, k, generator=g).bfloat16()
+    w_kn, w_nk = torch.randn(h, k, n, generator=g).bfloat16(), torch.randn(h, n, k, generator=g).bfloat16()
+    bf16_close(kernels.head_matmul(x, w_kn, w_is_kn=True), torch.einsum("bhtk,hkn->bhtn", x.float(), w_kn.float()))
+    bf16_close(kernels.head_matmul(x, w_nk, w_is_kn=False), torch.einsum("bhtk,hnk->bhtn", x.float(), w_nk.float()))
+    assert kernels.head_matmul(torch.randn(b, h, 9, k).bfloat16(), w_kn, w_is_kn=True) is None  # too many rows
 
 
 @needs_kernels

@@ -176,3 +176,103 @@ void dsvl2_moe_bf16(const bf16 *x, int64_t T, int64_t D, const int64_t *ids, con
             }
     }
 }
+
+/* Attention of a few query rows over a long bf16 cache, for decoding.
+ *
+ * torch's bf16 matmul goes through oneDNN, which builds (and caches, with its scratch memory) a
+ * new primitive for every key length: decoding grows the key length by one each step, so every
+ * step paid ~3 ms of primitive creation per matmul shape and the cache kept growing. Here:
+ *   for each group g (a batch row and kv head) and each of its R query rows r:
+ *     s_l = scale * q_r . k_l          (fp32, AVX512-BF16 dot products as in dot_row)
+ *     p   = softmax(s)                 (fp32)
+ *     out_r = sum_l p_l v_l            (fp32 accumulation, bf16 output)
+ * q (G, R, d) contiguous bf16. k and v are strided views of the cache (unit stride along the
+ * feature dim): element (g, l, c) of k is at k + (g / Hk) * k_bs + (g % Hk) * k_hs + l * k_ls + c.
+ * MLA passes v as the first dv features of the same latent rows (v = k, same strides).
+ * scores: G*R*L floats of scratch. out (G, R, dv) bf16.
+ */
+void dsvl2_attn_decode_bf16(const bf16 *q, int64_t G, int64_t R, int64_t d, const bf16 *k, const bf16 *v,
+                            int64_t Hk, int64_t k_bs, int64_t k_hs, int64_t k_ls, int64_t v_bs, int64_t v_hs,
+                            int64_t v_ls, int64_t dv, int64_t L, float scale, float *scores, bf16 *out,
+                            int threads) {
+    const int64_t lblock = 64, cblock = 64;
+    int64_t lblocks = (L + lblock - 1) / lblock, cblocks = (dv + cblock - 1) / cblock;
+#pragma omp parallel num_threads(threads)
+    {
+        /* pass 1: scores; each key row is read once and used by all R query rows of its group */
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t b = 0; b < lblocks; b++) {
+                const bf16 *kg = k + (g / Hk) * k_bs + (g % Hk) * k_hs;
+                int64_t l1 = (b + 1) * lblock < L ? (b + 1) * lblock : L;
+                for (int64_t l = b * lblock; l < l1; l++)
+                    for (int64_t r = 0; r < R; r++)
+                        scores[(g * R + r) * L + l] = scale * dot_row(q + (g * R + r) * d, kg + l * k_ls, d);
+            }
+        /* softmax per row, in place */
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < G * R; row++) {
+            float *s = scores + row * L, mx = -INFINITY, sum = 0.0f;
+            for (int64_t l = 0; l < L; l++) mx = s[l] > mx ? s[l] : mx;
+            for (int64_t l = 0; l < L; l++) { s[l] = expf(s[l] - mx); sum += s[l]; }
+            float inv = 1.0f / sum;
+            for (int64_t l = 0; l < L; l++) s[l] *= inv;
+        }
+        /* pass 2: weighted sum of value rows, a block of feature columns per work item; the
+         * accumulators (R x cblock floats) stay in L1 while the value rows stream past */
+        float acc[64 * 64];
+        float vrow[64];
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t cb = 0; cb < cblocks; cb++) {
+                const bf16 *vg = v + (g / Hk) * v_bs + (g % Hk) * v_hs;
+                int64_t c0 = cb * cblock, n = c0 + cblock < dv ? cblock : dv - c0;
+                for (int64_t r0 = 0; r0 < R; r0 += 64) { /* rows in groups of 64: acc fits */
+                    int64_t nr = R - r0 < 64 ? R - r0 : 64;
+                    memset(acc, 0, sizeof(float) * nr * cblock);
+                    for (int64_t l = 0; l < L; l++) {
+                        const bf16 *vl = vg + l * v_ls + c0;
+                        for (int64_t c = 0; c < n; c++) vrow[c] = bf16_to_f32(vl[c]);
+                        for (int64_t r = 0; r < nr; r++) {
+                            float p = scores[(g * R + r0 + r) * L + l];
+                            float *a = acc + r * cblock;
+                            for (int64_t c = 0; c < n; c++) a[c] += p * vrow[c];
+                        }
+                    }
+                    for (int64_t r = 0; r < nr; r++)
+                        for (int64_t c = 0; c < n; c++)
+                            out[(g * R + r0 + r) * dv + c0 + c] = f32_to_bf16(acc[r * cblock + c]);
+                }
+            }
+    }
+}
+
+/* Per-head matrix-vector products, for MLA's absorbed decode path: a few rows per head against
+ * one small matrix per head (torch's bf16 batched matmul reads these at ~6 GB/s).
+ *   kn == 0: y[h, t, n] = sum_k x[h, t, k] * W[h, n, k]    (W as (H, N, K): rows are dot products)
+ *   kn == 1: y[h, t, n] = sum_k x[h, t, k] * W[h, k, n]    (W as (H, K, N): rows are added up)
+ * x (H, T, K) and y (H, T, N) contiguous bf16, T <= 8, N <= 4096 when kn == 1.
+ */
+void dsvl2_head_gemv_bf16(const bf16 *x, int64_t H, int64_t T, const bf16 *w, int64_t N, int64_t K, int kn,
+                          bf16 *y, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t h = 0; h < H; h++) {
+        const bf16 *wh = w + h * N * K, *xh = x + h * T * K;
+        bf16 *yh = y + h * T * N;
+        if (!kn) {
+            gemv_rows(xh, K, T, wh, K, 0, N, NULL, yh, N);
+            continue;
+        }
+        float acc[8 * 4096];
+        memset(acc, 0, sizeof(float) * T * N);
+        for (int64_t k = 0; k < K; k++) { /* stream row k of W once, for every x row */
+            const bf16 *row = wh + k * N;
+            for (int64_t t = 0; t < T; t++) {
+                float s = bf16_to_f32(xh[t * K + k]);
+                float *a = acc + t * N;
+                for (int64_t n = 0; n < N; n++) a[n] += s * bf16_to_f32(row[n]);
+            }
+        }
+        for (int64_t i = 0; i < T * N; i++) yh[i] = f32_to_bf16(acc[i]);
+    }
+}
