@@ -7,10 +7,7 @@ layer at a time; a folder written by `quantize_folder` (`dsvl2 quantize`) loads 
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,28 +58,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise Dsvl2Error(f"device {device!r} is not supported; use auto, cpu, cuda or mps")
     return dev
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-@functools.cache
-def release_freed_memory() -> bool:
-    """Make glibc give freed activation buffers back to the OS (Linux/glibc; no-op elsewhere).
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so later
-    prefill activations come from the heap, where freed memory stays mapped: peak RSS grew by
-    ~0.5 GB per new prompt on tiny. A fixed 128 KiB threshold maps every large block on its own
-    and unmaps it on free; prefill speed is unchanged (measured, alternating in one process).
-    Process-wide, set once when a model is loaded for the CPU. Returns whether it applied.
-    """
-    if sys.platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024))
-    except (OSError, AttributeError):  # musl and others: nothing to tune
-        return False
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -189,7 +164,5 @@ def load(
         raise ModelError(f"{resolved.path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {cfg.language.vocab_size}; tokenizer and weights do not belong together")
     processor = Processor(tokenizer, ProcessorSettings.from_model_dir(resolved.path))
-    if dev.type == "cpu":
-        release_freed_memory()
     weights = load_model(resolved.path, cfg, dt, dev, on_progress, quantize)
     return VLModel(resolved.name, resolved.path, resolved.source, cfg, weights, tokenizer, processor)
