@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 from .errors import Dsvl2Error, ModelError
 from .moe import combine_experts, per_expert_loop
@@ -435,6 +436,13 @@ class Int4Experts(QuantizedExperts):
             q = torch.stack([_pack_nibbles(_from_layout(q[i], source, n, k)) for i in range(q.shape[0])])
         return q, s
 
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.layout == "cpu" and cpu_int4_packing_is_blocked():  # decode: one native call, no host loop
+            out = kernels.moe_experts_int4(x, ids, weights, (self.gate_up_q, self.gate_up_s), (self.down_q, self.down_s))
+            if out is not None:
+                return out.to(x.dtype)
+        return super().forward(x, ids, weights)
+
     def _linear(self, part, e, x):
         q, sz = self._weights(part, e)  # sz (K/G, N, 2)
         g = self.part_shape(part)[1] // sz.shape[0]
@@ -443,6 +451,22 @@ class Int4Experts(QuantizedExperts):
         if self.layout == "cuda":
             return torch.ops.aten._weight_int4pack_mm(_bf16(x), q, g, sz).to(x.dtype)
         return F.linear(x, dequantize_part("int4", q[None], sz[None])[0].to(x.dtype))
+
+
+@functools.cache
+def cpu_int4_packing_is_blocked() -> bool:
+    """Whether this torch packs CPU int4 weights as the native kernel reads them: per block of
+    64 output rows, 32 bytes per input, byte j = row j (low nibble) and row j + 32 (high). The
+    packing is torch's internal choice (it varies with the CPU), so it is probed, not assumed."""
+    n, k = 128, 64
+    try:
+        source = _inverse_layout(("int4", "cpu", n, k), n, k, _int4_converter("cpu", k))
+    except (RuntimeError, QuantizationError):
+        return False
+    block, kk, j, high = torch.meshgrid(torch.arange(n // 64), torch.arange(k), torch.arange(32), torch.arange(2),
+                                        indexing="ij")
+    expected = (block * 64 + j + 32 * high) * k + kk  # source index of each nibble, low first
+    return torch.equal(source, expected.flatten())
 
 
 def _convert_each(q: torch.Tensor, convert: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

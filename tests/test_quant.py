@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import dsvl2_cli
-from dsvl2_cli import quant
+from dsvl2_cli import kernels, quant
 from dsvl2_cli.errors import Dsvl2Error, WeightsError
 from dsvl2_cli.generate import GenerationConfig, generate
 from dsvl2_cli.moe import HAS_GROUPED_MM, Experts
@@ -174,8 +174,27 @@ def test_decode_path_equals_grouped_path():
     x = torch.randn(1, 64)
     ids, weights = torch.tensor([[5, 1, 6]]), torch.rand(1, 3)
     one = module(x, ids, weights)
-    two = module(x.expand(2, 64), ids.expand(2, 3), weights.expand(2, 3))  # grouped code path
-    torch.testing.assert_close(one[0], two[0], rtol=1e-6, atol=1e-7)
+    many = module(x.expand(9, 64), ids.expand(9, 3), weights.expand(9, 3))  # grouped code path (> MAX_ROWS)
+    torch.testing.assert_close(one[0], many[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not quant.cpu_int4_packing_is_blocked() or kernels.status().startswith("torch"),
+                    reason="no native int4 kernel here")
+@pytest.mark.parametrize("shape", [(16, 512, 384), (8, 64, 32)], ids=["groups128", "fixture"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_native_int4_experts_equal_torch_kernel(shape, tokens):
+    module = quant.quantize_experts(*random_experts(*shape, seed=3), "int4")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(tokens, shape[1], generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(shape[0], generator=g)[:6] for _ in range(tokens)])
+    weights = torch.rand(tokens, 6, generator=g)
+    parts = (module.gate_up_q, module.gate_up_s), (module.down_q, module.down_s)
+    assert kernels.moe_experts_int4(x, ids, weights, *parts) is not None  # the native path is taken
+    fast = module(x, ids, weights)
+    with kernels.disabled():
+        slow = module(x, ids, weights)  # torch's int4 kernel, expert by expert
+    # same bf16 roundings between steps; only float32 summation order differs
+    assert rel(fast, slow) < 4e-3
 
 
 # ---------------------------------------------------------------------------- whole models

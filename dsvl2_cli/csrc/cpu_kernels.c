@@ -276,3 +276,121 @@ void dsvl2_head_gemv_bf16(const bf16 *x, int64_t H, int64_t T, const bf16 *w, in
         for (int64_t i = 0; i < T * N; i++) yh[i] = f32_to_bf16(acc[i]);
     }
 }
+
+/* ------------------------------------------------------------------------------------------
+ * Routed experts with 4-bit weights (quant.py's int4: w = (q - 8) * scale + zero per group of
+ * G inputs), read directly in torch's CPU int4 packing so that prefill (torch's kernel) and
+ * decode (this one) share one copy of the weights. That packing, checked at run time by
+ * quant.py before this kernel is used: for each block of 64 output rows, (K, 32) bytes, byte j
+ * of input k holding row j in its low nibble and row j + 32 in its high nibble. Scales and
+ * zeros: (K/G, N, 2) bf16.
+ * Per group, sum_k w x = scale * sum_k q x + (zero - 8 scale) * sum_k x: the codes are
+ * multiplied as small integers converted to float, and the scales applied once per group.
+ */
+static void int4_block(const uint8_t *P, const bf16 *sz, int64_t N, int64_t K, int64_t G, int64_t b,
+                       const float *xf, const float *xs, float *out) {
+    float acc[64], res[64];
+    memset(res, 0, sizeof res);
+    const uint8_t *pb = P + b * K * 32;
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+#if defined(__AVX512F__)
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        const __m128i low = _mm_set1_epi8(0x0f);
+#define Q(v) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v))
+        for (int64_t k = g0; k < g0 + G; k++) {
+            __m128i b0 = _mm_loadu_si128((const __m128i *)(pb + k * 32));
+            __m128i b1 = _mm_loadu_si128((const __m128i *)(pb + k * 32 + 16));
+            __m512 xk = _mm512_set1_ps(xf[k]);
+            a0 = _mm512_fmadd_ps(Q(_mm_and_si128(b0, low)), xk, a0);                       /* rows 0-15 */
+            a1 = _mm512_fmadd_ps(Q(_mm_and_si128(b1, low)), xk, a1);                       /* rows 16-31 */
+            a2 = _mm512_fmadd_ps(Q(_mm_and_si128(_mm_srli_epi16(b0, 4), low)), xk, a2);    /* rows 32-47 */
+            a3 = _mm512_fmadd_ps(Q(_mm_and_si128(_mm_srli_epi16(b1, 4), low)), xk, a3);    /* rows 48-63 */
+        }
+#undef Q
+        _mm512_storeu_ps(acc, a0); _mm512_storeu_ps(acc + 16, a1);
+        _mm512_storeu_ps(acc + 32, a2); _mm512_storeu_ps(acc + 48, a3);
+#else
+        memset(acc, 0, sizeof acc);
+        for (int64_t k = g0; k < g0 + G; k++)
+            for (int j = 0; j < 32; j++) {
+                uint8_t byte = pb[k * 32 + j];
+                acc[j] += (float)(byte & 15) * xf[k];
+                acc[j + 32] += (float)(byte >> 4) * xf[k];
+            }
+#endif
+        const bf16 *s = sz + ((g0 / G) * N + b * 64) * 2;
+        float xsum = xs[g0 / G];
+        for (int j = 0; j < 64; j++) {
+            float scale = bf16_to_f32(s[2 * j]), zero = bf16_to_f32(s[2 * j + 1]);
+            res[j] += scale * acc[j] + (zero - 8.0f * scale) * xsum;
+        }
+    }
+    memcpy(out, res, sizeof res);
+}
+
+static void to_f32_with_group_sums(const bf16 *x, int64_t K, int64_t G, float *xf, float *xs) {
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+        float t = 0.0f;
+        for (int64_t k = g0; k < g0 + G; k++) { xf[k] = bf16_to_f32(x[k]); t += xf[k]; }
+        xs[g0 / G] = t;
+    }
+}
+
+/* The int4 counterpart of dsvl2_moe_bf16; out (T, D) float32. The bf16 roundings between steps
+ * are those of torch's int4 path: its kernel takes and returns bf16, and silu(gate) is rounded
+ * too when the model computes in bf16 (bf16_act), not when it computes in float32.
+ * gate_up: codes (E, 2M/64, D, 32) bytes and scales (E, D/G1, 2M, 2); down: codes
+ * (E, D/64, M, 32) and scales (E, M/G2, D, 2). 2M and D multiples of 64.
+ * scratch: T*(D + D/G1) + T*k*(2M + M + M/G2 + D) floats. */
+void dsvl2_moe_int4(const bf16 *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t k,
+                    const uint8_t *gu_q, const bf16 *gu_sz, int64_t G1, const uint8_t *dn_q, const bf16 *dn_sz,
+                    int64_t G2, int64_t M, int bf16_act, float *out, float *scratch, int threads) {
+    int64_t items = T * k;
+    float *xf = scratch, *xs = xf + T * D;
+    float *act = xs + T * (D / G1);        /* (items, 2M) */
+    float *hid = act + items * 2 * M;      /* (items, M) */
+    float *hs = hid + items * M;           /* (items, M/G2) */
+    float *eo = hs + items * (M / G2);     /* (items, D) */
+    int64_t gu_blocks = 2 * M / 64, d_blocks = D / 64;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) to_f32_with_group_sums(x + t * D, D, G1, xf + t * D, xs + t * (D / G1));
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t i = 0; i < items; i++)
+            for (int64_t b = 0; b < gu_blocks; b++) {
+                int64_t e = ids[i], t = i / k;
+                int4_block(gu_q + e * M * D, gu_sz + e * (D / G1) * 2 * M * 2, 2 * M, D, G1, b,
+                           xf + t * D, xs + t * (D / G1), act + i * 2 * M + b * 64);
+            }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < items; i++) {
+            for (int64_t c = 0; c < M; c++) {
+                float g = bf16_to_f32(f32_to_bf16(act[i * 2 * M + c]));
+                float u = bf16_to_f32(f32_to_bf16(act[i * 2 * M + M + c]));
+                float s = bf16_act ? bf16_to_f32(f32_to_bf16(silu(g))) : silu(g);
+                hid[i * M + c] = bf16_to_f32(f32_to_bf16(s * u));
+            }
+            for (int64_t g0 = 0; g0 < M; g0 += G2) {
+                float t = 0.0f;
+                for (int64_t c = g0; c < g0 + G2; c++) t += hid[i * M + c];
+                hs[i * (M / G2) + g0 / G2] = t;
+            }
+        }
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t i = 0; i < items; i++)
+            for (int64_t b = 0; b < d_blocks; b++) {
+                int64_t e = ids[i];
+                int4_block(dn_q + e * D * M / 2, dn_sz + e * (M / G2) * D * 2, D, M, G2, b,
+                           hid + i * M, hs + i * (M / G2), eo + i * D + b * 64);
+            }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t c = 0; c < D; c++) {
+                float acc = 0.0f;
+                for (int64_t j = 0; j < k; j++)
+                    acc += weights[t * k + j] * bf16_to_f32(f32_to_bf16(eo[(t * k + j) * D + c]));
+                out[t * D + c] = acc;
+            }
+    }
+}
