@@ -47,7 +47,6 @@ import enum
 import functools
 import json
 import os
-import shlex
 import sys
 import time
 import traceback
@@ -66,8 +65,9 @@ from .conversation import read_conversation
 from .errors import Dsvl2Error, InputError, ModelError
 from .generate import Done, GenerationConfig, Token, stream_generate
 from .grounding import caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
+from .interactive import interactive_chat, warn_untiled
 from .pdf import DEFAULT_DPI, Source, collect_sources, load_image_arg, read_stdin_bytes, write_atomic
-from .processor import MAX_TILED_IMAGES, image_token_count, user_message
+from .processor import MAX_TILED_IMAGES, user_message
 from .render import (UI, DrawBox, answer_record, colour, draw_boxes, encode_image, image_format, info_lines, isatty,
                      print_json, report, show_answer, show_boxes)
 from .sampling import SamplingParams
@@ -258,11 +258,6 @@ def _looks_like_file(arg: str) -> bool:
     return not any(c.isspace() for c in arg) and Path(arg).suffix.lower() in _FILE_SUFFIXES
 
 
-def _warn_untiled(ui: UI, n: int, what: str = "images", advice: str = "") -> None:
-    ui.warn(f"{n} {what}: with more than {MAX_TILED_IMAGES} images the model sees each at 384x384 without "
-            f"tiling, so small text and detail are lost; {advice or f'use at most {MAX_TILED_IMAGES} for detail'}")
-
-
 # --------------------------------------------------------------------------------------- chat
 
 @app.command()
@@ -313,7 +308,7 @@ def chat(
     vlm = open_model(opts, ui)
     session = ChatSession(vlm, system=opts.system, config=opts.generation("chat"), images=images)
     if not session.tiling:
-        _warn_untiled(ui, len(images))
+        warn_untiled(ui, len(images))
     if text is not None and not interactive:
         done = show_answer(session.ask(text), ui, stream=opts.stream and not opts.json, echo=not opts.json)
         if opts.json:
@@ -334,161 +329,13 @@ def answer_conversation(source: str, opts: Options, ui: UI, interactive: bool) -
     session = ChatSession(vlm, system=opts.system, config=opts.generation("chat"))
     session.load(messages)
     if not session.tiling:
-        _warn_untiled(ui, session.image_count)
+        warn_untiled(ui, session.image_count)
     done = show_answer(session.respond(), ui, stream=opts.stream and not opts.json, echo=not opts.json)
     if opts.json:
         print_json(answer_record(vlm, done, session.last_prepared, session.images), ui)
     report(done, ui)
     if interactive and interactive_chat(session, opts, ui, session.images):
         raise typer.Exit(1)
-
-
-CHAT_HELP = """commands:
-  /image PATH...   attach images to your next message
-  /reset           forget the conversation (images from the command line are attached again)
-  /help            this help
-  /quit            leave (also /exit and Ctrl-D)
-  \"\"\"              begin and end a message of several lines
-Ctrl-C stops an answer; at the prompt it leaves."""
-
-
-class LineReader:
-    """Messages from the terminal (readline line editing and history) or, scripted, stdin lines."""
-
-    def __init__(self, ui: UI):
-        self.ui = ui
-        self.terminal = isatty(sys.stdin)
-        self.readline = self.terminal and isatty(sys.stdout)
-        self.history: Path | None = None
-        if self.readline:
-            try:
-                import readline
-            except ImportError:
-                self.readline = False
-            else:
-                state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-                self.history = state / "dsvl2" / "chat_history"
-                with contextlib.suppress(OSError):
-                    readline.read_history_file(self.history)
-
-    def read(self, prompt: str) -> str | None:
-        """One line without its newline; None at the end of input."""
-        try:
-            if self.readline:
-                try:
-                    return input(prompt)
-                except EOFError:
-                    print()  # Ctrl-D: leave the shell's prompt on a fresh line
-                    raise
-            if self.terminal:  # stdout is piped: keep the prompt off it
-                self.ui.err.print(prompt, end="", markup=False, highlight=False)
-            line = sys.stdin.readline()
-        except EOFError:
-            return None
-        return None if line == "" else line.rstrip("\r\n")
-
-    def message(self) -> str | None:
-        line = self.read(">>> ")
-        if line is None or not line.lstrip().startswith('"""'):
-            return line
-        lines = [line.lstrip()[3:]]
-        while not lines[-1].rstrip().endswith('"""'):
-            more = self.read("... ")
-            if more is None:
-                break
-            lines.append(more)
-        text = "\n".join(lines).rstrip()
-        return text[:-3] if text.endswith('"""') else text
-
-    def save(self) -> None:
-        if self.readline and self.history is not None:
-            import readline
-
-            with contextlib.suppress(OSError):
-                self.history.parent.mkdir(parents=True, exist_ok=True)
-                readline.set_history_length(1000)
-                readline.write_history_file(self.history)
-
-
-def interactive_chat(session: ChatSession, opts: Options, ui: UI, images: list, first: str | None = None) -> bool:
-    """The chat loop. Returns True when a scripted run (stdin not a terminal) had a failure."""
-    reader = LineReader(ui)
-    n = len(images)
-    attached = f" · {n} image{'s' if n != 1 else ''} attached" if n else ""
-    ui.status(f"chatting with {session.vlm.name}{attached} · /help for commands · /quit or Ctrl-D to leave")
-    failed = False
-    try:
-        while True:
-            text = first if first is not None else reader.message()
-            first = None
-            if text is None:
-                break
-            if not text.strip():
-                continue
-            if not text.startswith("/"):
-                failed |= not _chat_turn(session, text, opts, ui)
-                continue
-            word, _, rest = text.strip().partition(" ")
-            word = word.lower()
-            if word in ("/quit", "/exit", "/bye"):
-                break
-            if word in ("/help", "/?"):
-                ui.err.print(CHAT_HELP, markup=False, highlight=False)
-            elif word in ("/reset", "/clear"):
-                session.reset(images)
-                ui.status("conversation reset" + (f"; {n} image(s) from the command line attached" if n else ""))
-            elif word in ("/image", "/img"):
-                failed |= not _attach(session, rest, ui)
-            else:
-                ui.error(f"unknown command {word}; /help lists the commands")
-                failed = True
-    finally:
-        reader.save()
-    return failed and not reader.terminal
-
-
-def _chat_turn(session: ChatSession, text: str, opts: Options, ui: UI) -> bool:
-    events = session.ask(text)
-    try:
-        done = show_answer(events, ui, stream=opts.stream and not opts.json, echo=not opts.json)
-    except KeyboardInterrupt:
-        events.close()  # the session keeps the partial answer
-        ui.end_line()
-        ui.warn("answer interrupted")
-        return True
-    except Dsvl2Error as err:
-        ui.end_line()
-        ui.error(str(err))
-        return False
-    if opts.json:
-        print_json(answer_record(session.vlm, done, session.last_prepared, session.images), ui)
-    report(done, ui)
-    return True
-
-
-def _attach(session: ChatSession, rest: str, ui: UI) -> bool:
-    try:
-        paths = shlex.split(rest)
-    except ValueError:
-        paths = [rest.strip()]
-    if not paths:
-        ui.error("/image needs a path: /image PATH...")
-        return False
-    ok = True
-    for path in paths:
-        try:
-            img = load_image_arg(os.path.expanduser(path), ui.warn)
-        except Dsvl2Error as err:
-            ui.error(str(err))
-            ok = False
-            continue
-        tiling = session.tiling
-        session.add_image(img)
-        ui.status(f"{path}: {img.width}x{img.height}, attached to your next message")
-        if tiling and not session.tiling:
-            _warn_untiled(ui, session.image_count, "images in this chat",
-                          "/reset to start again with fewer")
-    return ok
 
 
 # ---------------------------------------------------------------------------------------- ocr
@@ -652,7 +499,7 @@ def ask(
         _stdin_once(files)
         sources = collect_sources(files, pages, dpi, password, ui.warn, stack)
         if len(sources) > MAX_TILED_IMAGES:
-            _warn_untiled(ui, len(sources), "pages", "ask about 1 or 2 pages at a time (e.g. --pages 3 or "
+            warn_untiled(ui, len(sources), "pages", "ask about 1 or 2 pages at a time (e.g. --pages 3 or "
                                                      "--pages 3-4) for detail")
         images = [src.image() for src in sources]
     _check_sampling(opts, ui)
@@ -740,7 +587,7 @@ def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = D
             raise
         raise ModelError(f"{name}: not downloaded yet; `dsvl2 pull {name}` fetches it (info reads local files "
                          "only)") from None
-    facts = model_facts(resolved, _opts(dtype=dtype).dtype, device)
+    facts = runtime.describe(resolved, _opts(dtype=dtype).dtype, device)
     spec = quant.resolve(quantize, quant.read_spec(resolved.path), str(resolved.path))
     cfg = ModelConfig.from_dir(resolved.path)
     facts["quantization"] = quant.describe(spec)
@@ -750,57 +597,6 @@ def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = D
         return
     for line in info_lines(facts):
         ui.line(line)
-
-
-def model_facts(resolved, dtype: str, device: str) -> dict:
-    """Architecture summary from config.json and the model's tensors, built on the meta device
-    (sizes without reading any weights)."""
-    import torch
-
-    cfg = runtime.ModelConfig.from_dir(resolved.path)
-    torch_dtype, dev = runtime.resolve_dtype(dtype), runtime.resolve_device(device)
-    with torch.device("meta"):
-        model = runtime.DeepseekVL2(cfg)
-
-    def count(module) -> int:
-        return sum(t.numel() for t in module.parameters())
-
-    lm, vis = cfg.language, cfg.vision
-    vision, language = count(model.vision), count(model.language)
-    adaptor = count(model.projector) + model.image_newline.numel() + model.view_seperator.numel()
-    total = vision + adaptor + language
-    idle = 0  # routed experts a token does not use; the embedding table is a lookup, not compute
-    for layer in model.language.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        if experts is not None:
-            idle += count(experts) * (lm.n_routed_experts - lm.num_experts_per_tok) // lm.n_routed_experts
-    active = total - idle - model.language.model.embed_tokens.weight.numel()
-    side = cfg.tokens_per_tile_side
-    best = max(cfg.candidate_resolutions, key=lambda r: (r[0] // vis.image_size) * (r[1] // vis.image_size))
-    moe_layers = sum(lm.is_moe_layer(i) for i in range(lm.num_hidden_layers))
-    attention = ({"kind": "mla", "heads": lm.num_attention_heads, "kv_lora_rank": lm.kv_lora_rank,
-                  "qk_rope_head_dim": lm.qk_rope_head_dim, "qk_nope_head_dim": lm.qk_nope_head_dim,
-                  "v_head_dim": lm.v_head_dim} if lm.use_mla else
-                 {"kind": "mha", "heads": lm.num_attention_heads, "head_dim": lm.head_dim})
-    experts = {"routed": lm.n_routed_experts, "shared": lm.n_shared_experts or 0, "per_token": lm.num_experts_per_tok,
-               "scoring": lm.scoring_func, "topk_method": lm.topk_method, "renormalised": lm.norm_topk_prob,
-               "scaling": lm.routed_scaling_factor, "moe_layers": moe_layers} if moe_layers else None
-    return {
-        "model": resolved.name, "path": str(resolved.path), "source": resolved.source,
-        "dtype": _dtype_name(torch_dtype), "device": str(dev),
-        "architecture": {
-            "layers": lm.num_hidden_layers, "hidden_size": lm.hidden_size, "vocab_size": lm.vocab_size,
-            "context_tokens": lm.max_position_embeddings, "attention": attention, "experts": experts,
-            "vision": {"layers": vis.layers, "width": vis.width, "heads": vis.heads, "image_size": vis.image_size,
-                       "patch_size": vis.patch_size, "tokens_per_tile": side * side},
-            "max_image_tokens": image_token_count(best[0] // vis.image_size, best[1] // vis.image_size, side),
-        },
-        "parameters": {"total": total, "active": active, "vision": vision, "adaptor": adaptor,
-                       "language": language},
-        "cache_bytes_per_token": lm.cache_values_per_token() * lm.num_hidden_layers
-        * torch.empty((), dtype=torch_dtype).element_size(),
-        "image_tokens_384": image_token_count(1, 1, side),
-    }
 
 
 @app.command()
