@@ -124,6 +124,18 @@ void dsvl2_gemv_bf16(const bf16 *x, int64_t ldx, int64_t M, const bf16 *w, int64
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
+/* One token's output: sum_j weights[j] * bf16(expert_out[j]) in float32 (expert outputs come
+ * back from the projections in bf16, as on the torch path); into out_f32 or out_bf16. */
+static void combine_token(const float *expert_out, const float *weights, int64_t k, int64_t D, float *out_f32,
+                          bf16 *out_bf16) {
+    for (int64_t c = 0; c < D; c++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < k; j++) acc += weights[j] * bf16_to_f32(f32_to_bf16(expert_out[j * D + c]));
+        if (out_f32) out_f32[c] = acc;
+        else out_bf16[c] = f32_to_bf16(acc);
+    }
+}
+
 /* Routed experts for a few tokens, one call per MoE layer, expert ids read here (no host loop):
  *   for each token t and slot j: e = ids[t, j]
  *     h = bf16(silu(bf16(Wg[e] x_t)) * bf16(Wu[e] x_t))        (gate_up stacked as (E, 2M, D))
@@ -168,12 +180,7 @@ void dsvl2_moe_bf16(const bf16 *x, int64_t T, int64_t D, const int64_t *ids, con
             }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
-            for (int64_t c = 0; c < D; c++) {
-                float acc = 0.0f;
-                for (int64_t j = 0; j < k; j++)
-                    acc += weights[t * k + j] * bf16_to_f32(f32_to_bf16(expert_out[(t * k + j) * D + c]));
-                out[t * D + c] = f32_to_bf16(acc);
-            }
+            combine_token(expert_out + t * k * D, weights + t * k, k, D, NULL, out + t * D);
     }
 }
 
@@ -386,11 +393,6 @@ void dsvl2_moe_int4(const bf16 *x, int64_t T, int64_t D, const int64_t *ids, con
             }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
-            for (int64_t c = 0; c < D; c++) {
-                float acc = 0.0f;
-                for (int64_t j = 0; j < k; j++)
-                    acc += weights[t * k + j] * bf16_to_f32(f32_to_bf16(eo[(t * k + j) * D + c]));
-                out[t * D + c] = acc;
-            }
+            combine_token(eo + t * k * D, weights + t * k, k, D, out + t * D, NULL);
     }
 }
