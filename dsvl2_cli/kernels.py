@@ -103,9 +103,9 @@ def _load() -> ctypes.CDLL | None:
         lib.dsvl2_attn_decode_bf16.restype = None
         lib.dsvl2_head_gemv_bf16.argtypes = [ptr, i64, i64, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
         lib.dsvl2_head_gemv_bf16.restype = None
-        lib.dsvl2_moe_int4.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int,
-                                       ptr, ptr, ctypes.c_int]
-        lib.dsvl2_moe_int4.restype = None
+        lib.dsvl2_moe_quant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr,
+                                        i64, i64, i64, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
+        lib.dsvl2_moe_quant.restype = None
         lib.dsvl2_kernel_isa.restype = ctypes.c_int
         _lib = lib
         return lib
@@ -211,30 +211,32 @@ def head_matmul(x: torch.Tensor, w: torch.Tensor, w_is_kn: bool) -> torch.Tensor
     return out.view(h, b, t, n).transpose(0, 1)  # (B, H, T, N)
 
 
-def moe_experts_int4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: tuple[torch.Tensor, torch.Tensor],
-                     down: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-    """4-bit routed experts for a few tokens in one native call; None when it does not apply.
+def moe_experts_quant(bits: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                      gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]
+                      ) -> torch.Tensor | None:
+    """Quantized routed experts for a few tokens in one native call; None when it does not apply.
 
-    x (T, D) float (used as bf16, as torch's int4 kernel does), ids (T, k), weights (T, k);
-    gate_up and down: (codes, scales_zeros) in torch's CPU int4 packing, which the caller has
-    checked (`quant.cpu_int4_packing_is_blocked`): codes (E, N, K/2) uint8, scales (E, K/G, N, 2)
-    bf16, N a multiple of 64. Returns (T, D) float32, the weighted sum over the k experts.
+    x (T, D) float (used as bf16, as torch's int4/int8 kernels do), ids (T, k), weights (T, k).
+    gate_up and down: (codes, scales) of quant.py's kernel layouts on CPU. bits 4: torch's CPU
+    int4 packing, which the caller has checked (`quant.cpu_int4_packing_is_blocked`): codes
+    (E, N, K/2) uint8, scales and zeros (E, K/G, N, 2) bf16, N a multiple of 64. bits 8: codes
+    (E, N, K) int8, scales (E, N) bf16. Returns (T, D) float32, the weighted sum over the k experts.
     """
     t, d = x.shape
     (gq, gs), (dq, ds) = gate_up, down
     m = gq.shape[1] // 2
-    if (t > MAX_ROWS or getattr(_off, "value", False) or x.device.type != "cpu" or gq.shape[1] % 64
-            or dq.shape[1] % 64 or _load() is None):
+    if (t > MAX_ROWS or getattr(_off, "value", False) or x.device.type != "cpu"
+            or (bits == 4 and (gq.shape[1] % 64 or dq.shape[1] % 64)) or _load() is None):
         return None
-    g1, g2 = d // gs.shape[1], m // ds.shape[1]
+    g1, g2 = (d // gs.shape[1], m // ds.shape[1]) if bits == 4 else (d, m)
     xb = x.to(torch.bfloat16).contiguous()
     ids = ids.contiguous()
     weights = weights.to(torch.float32).contiguous()
     items = t * ids.shape[1]
     scratch = torch.empty(t * (d + d // g1) + items * (3 * m + m // g2 + d), dtype=torch.float32)
     out = torch.empty(t, d, dtype=torch.float32)
-    _lib.dsvl2_moe_int4(xb.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), ids.shape[1], gq.data_ptr(),
-                        gs.data_ptr(), g1, dq.data_ptr(), ds.data_ptr(), g2, m, int(x.dtype != torch.float32),
-                        out.data_ptr(), scratch.data_ptr(),
-                        torch.get_num_threads())
+    _lib.dsvl2_moe_quant(bits, xb.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), ids.shape[1],
+                         gq.data_ptr(), gs.data_ptr(), gq[0].numel() * gq.element_size(), gs[0].numel(), g1,
+                         dq.data_ptr(), ds.data_ptr(), dq[0].numel() * dq.element_size(), ds[0].numel(), g2, m,
+                         int(x.dtype != torch.float32), out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
     return out

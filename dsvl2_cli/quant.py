@@ -344,8 +344,18 @@ class QuantizedExperts(nn.Module):
         gate, up = self._linear("gate_up", e, x).split(self.inner, dim=-1)
         return self._linear("down", e, F.silu(gate) * up)
 
+    def _native_bits(self) -> int:
+        """4 or 8 when the native CPU kernel reads this module's layout (decode), else 0."""
+        return 0
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), ids/weights (N, k) -> sum_k weight * expert(x) as (N, D)."""
+        bits = self._native_bits()
+        if bits:  # a few tokens on CPU: one native call, no per-expert loop, no host round trip
+            out = kernels.moe_experts_quant(bits, x, ids, weights, (self.gate_up_q, self.gate_up_s),
+                                            (self.down_q, self.down_s))
+            if out is not None:
+                return out.to(x.dtype)
         n, k = ids.shape
         if n == 1:  # decoding: the k chosen experts in turn, nothing to sort
             out = torch.cat([self.expert(e, x) for e in ids[0].tolist()])  # (k, D)
@@ -399,9 +409,12 @@ class Int8Experts(QuantizedExperts):
     def _to_portable(self, part, q, s):
         return q, s
 
+    def _native_bits(self) -> int:
+        return 8 if self.layout == "cpu" else 0
+
     def _linear(self, part, e, x):
         q, s = self._weights(part, e)
-        if self.layout == "cpu":
+        if self.layout == "cpu" and q.shape[1] % 16 == 0:  # torch 2.13's kernel gives inf/garbage otherwise
             return torch.ops.aten._weight_int8pack_mm(_bf16(x), q, s).to(x.dtype)
         return F.linear(x, (q.to(x.dtype) * s[:, None].to(x.dtype)))
 
@@ -436,12 +449,8 @@ class Int4Experts(QuantizedExperts):
             q = torch.stack([_pack_nibbles(_from_layout(q[i], source, n, k)) for i in range(q.shape[0])])
         return q, s
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.layout == "cpu" and cpu_int4_packing_is_blocked():  # decode: one native call, no host loop
-            out = kernels.moe_experts_int4(x, ids, weights, (self.gate_up_q, self.gate_up_s), (self.down_q, self.down_s))
-            if out is not None:
-                return out.to(x.dtype)
-        return super().forward(x, ids, weights)
+    def _native_bits(self) -> int:
+        return 4 if self.layout == "cpu" and cpu_int4_packing_is_blocked() else 0
 
     def _linear(self, part, e, x):
         q, sz = self._weights(part, e)  # sz (K/G, N, 2)

@@ -178,23 +178,35 @@ def test_decode_path_equals_grouped_path():
     torch.testing.assert_close(one[0], many[0], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.skipif(not quant.cpu_int4_packing_is_blocked() or kernels.status().startswith("torch"),
-                    reason="no native int4 kernel here")
-@pytest.mark.parametrize("shape", [(16, 512, 384), (8, 64, 32)], ids=["groups128", "fixture"])
+NATIVE = {"int4": 4 if quant.cpu_int4_packing_is_blocked() else 0, "int8": 8}
+
+
+@pytest.mark.skipif(kernels.status().startswith("torch"), reason="no native kernels here")
+@pytest.mark.parametrize("method, shape", [
+    ("int4", (16, 512, 384)), ("int4", (8, 64, 32)), ("int4", (8, 96, 64)),  # 96 rows: no whole blocks of 64
+    ("int8", (16, 512, 384)), ("int8", (8, 64, 32)), ("int8", (8, 80, 40)),  # 40 inputs: torch's kernel can't
+], ids=["int4-groups128", "int4-fixture", "int4-rows96", "int8-wide", "int8-fixture", "int8-inputs40"])
 @pytest.mark.parametrize("tokens", [1, 4])
-def test_native_int4_experts_equal_torch_kernel(shape, tokens):
-    module = quant.quantize_experts(*random_experts(*shape, seed=3), "int4")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_native_quantized_experts_equal_torch_kernels(method, shape, tokens, dtype):
+    if not NATIVE[method]:
+        pytest.skip("torch packs int4 differently here: its own kernel runs")
+    module = quant.quantize_experts(*random_experts(*shape, seed=3), method)
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(tokens, shape[1], generator=g).bfloat16()
+    x = torch.randn(tokens, shape[1], generator=g).to(dtype)
     ids = torch.stack([torch.randperm(shape[0], generator=g)[:6] for _ in range(tokens)])
     weights = torch.rand(tokens, 6, generator=g)
     parts = (module.gate_up_q, module.gate_up_s), (module.down_q, module.down_s)
-    assert kernels.moe_experts_int4(x, ids, weights, *parts) is not None  # the native path is taken
+    native = kernels.moe_experts_quant(NATIVE[method], x, ids, weights, *parts)
+    if method == "int4" and shape[1] % 64:  # D = 96 output rows in the down projection
+        assert native is None  # int4 needs whole blocks of 64 rows: torch's kernel runs instead
+    else:
+        assert native is not None  # the native path is taken
     fast = module(x, ids, weights)
     with kernels.disabled():
-        slow = module(x, ids, weights)  # torch's int4 kernel, expert by expert
+        slow = module(x, ids, weights)  # torch's kernels (dequantized weights where they fail), expert by expert
     # same bf16 roundings between steps; only float32 summation order differs
-    assert rel(fast, slow) < 4e-3
+    assert fast.dtype == dtype and rel(fast, slow) < 4e-3
 
 
 # ---------------------------------------------------------------------------- whole models

@@ -343,22 +343,58 @@ static void to_f32_with_group_sums(const bf16 *x, int64_t K, int64_t G, float *x
     }
 }
 
-/* The int4 counterpart of dsvl2_moe_bf16; out (T, D) float32. The bf16 roundings between steps
- * are those of torch's int4 path: its kernel takes and returns bf16, and silu(gate) is rounded
- * too when the model computes in bf16 (bf16_act), not when it computes in float32.
- * gate_up: codes (E, 2M/64, D, 32) bytes and scales (E, D/G1, 2M, 2); down: codes
- * (E, D/64, M, 32) and scales (E, M/G2, D, 2). 2M and D multiples of 64.
+/* Rows [64b, 64b + 64) (cut at N) of y = W x for one int8 matrix: codes (N, K) int8, one bf16
+ * scale per row (quant.py's int8: w = q * scale). */
+static void int8_block(const int8_t *Q, const bf16 *scale, int64_t N, int64_t K, int64_t b, const float *xf,
+                       float *out) {
+    int64_t r1 = (b + 1) * 64 < N ? (b + 1) * 64 : N;
+    for (int64_t r = b * 64; r < r1; r++) {
+        const int8_t *q = Q + r * K;
+        float t = 0.0f;
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (; k + 32 <= K; k += 32) {
+            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k)))),
+                                 _mm512_loadu_ps(xf + k), a0);
+            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k + 16)))),
+                                 _mm512_loadu_ps(xf + k + 16), a1);
+        }
+        t = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+        for (; k < K; k++) t += (float)q[k] * xf[k];
+        out[r - b * 64] = t * bf16_to_f32(scale[r]);
+    }
+}
+
+/* One quantized matrix of one expert: rows block b of W x into out (up to 64 floats). */
+static inline void quant_block(int bits, const uint8_t *q, const bf16 *s, int64_t N, int64_t K, int64_t G,
+                               int64_t b, const float *xf, const float *xs, float *out) {
+    if (bits == 4) int4_block(q, s, N, K, G, b, xf, xs, out);
+    else int8_block((const int8_t *)q, s, N, K, b, xf, out);
+}
+
+/* The quantized counterpart of dsvl2_moe_bf16, for int4 (bits 4) and int8 (bits 8); out (T, D)
+ * float32. The bf16 roundings between steps are those of torch's int4/int8 paths: their kernels
+ * take and return bf16, and silu(gate) is rounded too when the model computes in bf16
+ * (bf16_act), not when it computes in float32.
+ * int4: gate_up codes (E, 2M/64, D, 32) bytes and scales (E, D/G1, 2M, 2); down codes
+ * (E, D/64, M, 32) and scales (E, M/G2, D, 2); 2M and D multiples of 64.
+ * int8: gate_up codes (E, 2M, D) and scales (E, 2M); down codes (E, D, M) and scales (E, D);
+ * G1 = D and G2 = M.
+ * *_qstride, *_sstride: bytes of codes and scale entries per expert.
  * scratch: T*(D + D/G1) + T*k*(2M + M + M/G2 + D) floats. */
-void dsvl2_moe_int4(const bf16 *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t k,
-                    const uint8_t *gu_q, const bf16 *gu_sz, int64_t G1, const uint8_t *dn_q, const bf16 *dn_sz,
-                    int64_t G2, int64_t M, int bf16_act, float *out, float *scratch, int threads) {
+void dsvl2_moe_quant(int bits, const bf16 *x, int64_t T, int64_t D, const int64_t *ids, const float *weights,
+                     int64_t k, const uint8_t *gu_q, const bf16 *gu_s, int64_t gu_qstride, int64_t gu_sstride,
+                     int64_t G1, const uint8_t *dn_q, const bf16 *dn_s, int64_t dn_qstride, int64_t dn_sstride,
+                     int64_t G2, int64_t M, int bf16_act, float *out, float *scratch, int threads) {
     int64_t items = T * k;
     float *xf = scratch, *xs = xf + T * D;
     float *act = xs + T * (D / G1);        /* (items, 2M) */
     float *hid = act + items * 2 * M;      /* (items, M) */
     float *hs = hid + items * M;           /* (items, M/G2) */
     float *eo = hs + items * (M / G2);     /* (items, D) */
-    int64_t gu_blocks = 2 * M / 64, d_blocks = D / 64;
+    int64_t gu_blocks = (2 * M + 63) / 64, d_blocks = (D + 63) / 64;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
@@ -367,8 +403,8 @@ void dsvl2_moe_int4(const bf16 *x, int64_t T, int64_t D, const int64_t *ids, con
         for (int64_t i = 0; i < items; i++)
             for (int64_t b = 0; b < gu_blocks; b++) {
                 int64_t e = ids[i], t = i / k;
-                int4_block(gu_q + e * M * D, gu_sz + e * (D / G1) * 2 * M * 2, 2 * M, D, G1, b,
-                           xf + t * D, xs + t * (D / G1), act + i * 2 * M + b * 64);
+                quant_block(bits, gu_q + e * gu_qstride, gu_s + e * gu_sstride, 2 * M, D, G1, b,
+                            xf + t * D, xs + t * (D / G1), act + i * 2 * M + b * 64);
             }
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < items; i++) {
@@ -388,8 +424,8 @@ void dsvl2_moe_int4(const bf16 *x, int64_t T, int64_t D, const int64_t *ids, con
         for (int64_t i = 0; i < items; i++)
             for (int64_t b = 0; b < d_blocks; b++) {
                 int64_t e = ids[i];
-                int4_block(dn_q + e * D * M / 2, dn_sz + e * (M / G2) * D * 2, D, M, G2, b,
-                           hid + i * M, hs + i * (M / G2), eo + i * D + b * 64);
+                quant_block(bits, dn_q + e * dn_qstride, dn_s + e * dn_sstride, D, M, G2, b,
+                            hid + i * M, hs + i * (M / G2), eo + i * D + b * 64);
             }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
