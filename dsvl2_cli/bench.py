@@ -375,6 +375,7 @@ def table(report: dict) -> str:
     lines = [f"machine: {report['machine']['cpu']}, {report['machine']['threads']} threads, "
              f"torch {report['machine']['torch']}, {report['machine']['kernels']}",
              f"ceilings: memory read {c['bandwidth_gb_s']:.1f} GB/s, bf16 matmul {c['matmul_bf16_gflop_s']:.0f} GFLOP/s",
+             *([f"benchmark time: {report['seconds']} s"] if "seconds" in report else []),
              ""]
     for r in report["results"]:
         o = r["ours"]
@@ -413,12 +414,14 @@ def run(families: list[tuple[str, int | None]], work: Path, quick: bool, peer_fa
         threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
+    start = time.perf_counter()
     report = {"machine": machine_description(), "ceilings": machine_ceilings(), "results": []}
     for family, layers in families:
         result = bench_family(work, family, layers, quick, family in peer_families)
         add_floors(result, report["ceilings"])
         report["results"].append(result)
         print(f"done: {family}", file=sys.stderr, flush=True)
+    report["seconds"] = round(time.perf_counter() - start)  # checkpoints already written are reused
     return report
 
 
