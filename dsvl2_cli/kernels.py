@@ -131,12 +131,15 @@ def disabled():
         _off.value = previous
 
 
+def _enabled() -> bool:
+    """Kernels built and not switched off for this thread (`disabled()`)."""
+    return not getattr(_off, "value", False) and _load() is not None
+
+
 def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    if getattr(_off, "value", False):
-        return False
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not x.requires_grad
             and all(w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() for w in weights)
-            and _load() is not None)
+            and _enabled())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -225,8 +228,8 @@ def moe_experts_quant(bits: int, x: torch.Tensor, ids: torch.Tensor, weights: to
     t, d = x.shape
     (gq, gs), (dq, ds) = gate_up, down
     m = gq.shape[1] // 2
-    if (t > MAX_ROWS or getattr(_off, "value", False) or x.device.type != "cpu"
-            or (bits == 4 and (gq.shape[1] % 64 or dq.shape[1] % 64)) or _load() is None):
+    if (t > MAX_ROWS or x.device.type != "cpu" or (bits == 4 and (gq.shape[1] % 64 or dq.shape[1] % 64))
+            or not _enabled()):
         return None
     g1, g2 = (d // gs.shape[1], m // ds.shape[1]) if bits == 4 else (d, m)
     xb = x.to(torch.bfloat16).contiguous()

@@ -42,7 +42,7 @@ from .config import ModelConfig
 from .moe import combine_experts, per_expert_loop
 from .quant_format import (  # noqa: F401 (the format's public names are re-exported here)
     CONFIG_KEY, DEFAULT_GROUP_SIZE, FORMAT_VERSION, METHODS, NF4_VALUES, PARTS, QuantizationError, QuantSpec,
-    _EXPERT_NAME, _SAFETENSORS_SIZES, _fields, _nf4_table, _pack_nibbles, _quantize_nf4, _unpack_nibbles,
+    _EXPERT_NAME, _SAFETENSORS_SIZES, _fields, _nf4_table, _pack_nibbles, _unpack_nibbles,
     dequantize_packed, dequantize_part, expected_quantized, group_for, pack_experts, pack_part, packed_shapes,
     parse_method, read_spec, resolve)
 from .weights import (IGNORED_PREFIXES, INDEX_NAME, TensorReader, check_tensors, expected_tensors, read_headers,

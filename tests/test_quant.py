@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import dsvl2_cli
-from dsvl2_cli import kernels, quant
+from dsvl2_cli import kernels, quant, quant_format
 from dsvl2_cli.errors import Dsvl2Error, WeightsError
 from dsvl2_cli.generate import GenerationConfig, generate
 from dsvl2_cli.moe import HAS_GROUPED_MM, Experts
@@ -109,7 +109,7 @@ def test_int4_codes_within_half_a_step():
 def test_nf4_packing_matches_bitsandbytes():
     functional = quant._bitsandbytes().functional
     w = random_experts(1, 256, 128)[0][0]  # (256, 256)
-    ours = quant._quantize_nf4(w, 64)
+    ours = quant_format._quantize_nf4(w, 64)
     theirs, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
     assert torch.equal(ours["qweight"].flatten(), theirs.flatten())
     assert torch.equal(ours["absmax"], state.absmax)

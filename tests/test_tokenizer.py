@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dsvl2_cli.errors import TokenizerError
@@ -258,6 +258,9 @@ def test_stream_window_stays_short(tok: Tokenizer) -> None:
 @given(st.text(max_size=40))
 def test_stream_matches_decode_property(tok: Tokenizer, s: str) -> None:
     ids = tok.encode(s)
+    # ordinary text only: the stream drops or keeps special tokens by its own rules (tested
+    # above), where decode() always writes them out (hypothesis once drew "<|User|>")
+    assume(not set(ids) & tok.special_ids)
     deltas = _stream(tok, ids)
     assert "".join(deltas) == tok.decode(ids)
     if "\ufffd" not in s:
