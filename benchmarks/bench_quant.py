@@ -81,9 +81,9 @@ def worker(method: str, ckpt: Path, tokens: int, ref_path: Path, threads: int) -
     import torch
 
     torch.set_num_threads(threads)
-    from dsvl2_cli import quant
-    from dsvl2_cli.processor import user_message
-    from dsvl2_cli.runtime import load
+    from dsvl2_cli.engine import memory
+    from dsvl2_cli.engine.processor import user_message
+    from dsvl2_cli.engine.runtime import load
 
     _reset_peak()
     base = _status()["VmRSS"]
@@ -91,8 +91,8 @@ def worker(method: str, ckpt: Path, tokens: int, ref_path: Path, threads: int) -
     vlm = load(ckpt, device="cpu", dtype="bfloat16", quantize=None if "@" in method else method)
     load_s = time.perf_counter() - t0
     after_load = _status()
-    memory = quant.weight_memory(vlm.model)
-    summary = quant.quantization_summary(vlm.model)
+    memory = memory.weight_memory(vlm.model)
+    summary = memory.quantization_summary(vlm.model)
     model = vlm.model
 
     prepared = vlm.prepare([user_message(PROMPT)])
@@ -159,8 +159,8 @@ def paired(methods: list[str], ckpt: Path, tokens: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from dsvl2_cli.processor import user_message
-    from dsvl2_cli.runtime import load
+    from dsvl2_cli.engine.processor import user_message
+    from dsvl2_cli.engine.runtime import load
 
     runs = {}
     for method in methods:
@@ -215,7 +215,7 @@ def machine() -> dict:
     except ImportError:
         info["bitsandbytes"] = None
     try:
-        from dsvl2_cli import kernels
+        from dsvl2_cli.engine import kernels
         info["bf16_kernels"] = kernels.status()
     except ImportError:
         pass
@@ -277,7 +277,8 @@ def main() -> None:
 
     if not (args.ckpt / "config.json").is_file():
         import torch
-        from dsvl2_cli.synthetic import write_checkpoint
+
+        from dsvl2_cli.dev.synthetic import write_checkpoint
         print(f"writing the real-shape tiny checkpoint to {args.ckpt} ...", file=sys.stderr)
         write_checkpoint(args.ckpt, "tiny", dtype=torch.bfloat16, shards=1)
     methods = args.methods.split(",")
@@ -289,7 +290,7 @@ def main() -> None:
     folder_s = None
     if args.prequantized:
         # the same method from a folder written by `dsvl2 quantize`: no float experts ever loaded
-        from dsvl2_cli.quant import quantize_folder
+        from dsvl2_cli.engine.quant import quantize_folder
         folder = args.ckpt.parent / f"{args.ckpt.name}-{args.prequantized}"
         shutil.rmtree(folder, ignore_errors=True)
         t = time.perf_counter()

@@ -6,13 +6,13 @@
     print(dsvl2_cli.generate(vlm, prepared).text)
 """
 
+from .app.images import load_image
+from .engine.generate import (Done, GenerationConfig, Prefilled, PromptCache, Result, Token, generate, generate_batch,
+                              stream_generate)
+from .engine.processor import Message, user_message
+from .engine.runtime import VLModel, load
+from .engine.sampling import SamplingParams
 from .errors import ContextTooLongError, Dsvl2Error, ImageError, InputError, ModelError, PromptError
-from .generate import (Done, GenerationConfig, Prefilled, PromptCache, Result, Token, generate, generate_batch,
-                       stream_generate)
-from .images import load_image
-from .processor import Message, user_message
-from .runtime import VLModel, load
-from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 

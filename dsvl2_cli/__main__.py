@@ -1,6 +1,6 @@
 """`python -m dsvl2_cli`: the same as the `dsvl2` command."""
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -4,9 +4,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dsvl2_cli
-from dsvl2_cli import bench
-from dsvl2_cli.config import ModelConfig
-from dsvl2_cli.synthetic import write_config
+from dsvl2_cli.dev import bench
+from dsvl2_cli.dev.synthetic import write_config
+from dsvl2_cli.model.config import ModelConfig
 
 
 def test_decode_bytes_equal_the_active_parameters(ckpt):

@@ -14,10 +14,10 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from dsvl2_cli import cli
-from dsvl2_cli.generate import Done, Prefilled, Stats, Token
-from dsvl2_cli.render import colour
-from dsvl2_cli.synthetic import write_image
+from dsvl2_cli.app import cli
+from dsvl2_cli.app.render import colour
+from dsvl2_cli.dev.synthetic import write_image
+from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
 
 _MODELS: dict = {}
 _real_load_weights = cli.load_weights
@@ -234,7 +234,7 @@ def test_ctrl_c_flushes_what_was_generated(monkeypatch, ckpt_tiny, images):
         yield Token(5, "partial answer")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dsvl2_cli.chat.stream_generate", interrupted)
+    monkeypatch.setattr("dsvl2_cli.engine.chat.stream_generate", interrupted)
     r = run(monkeypatch, "chat", *model_args(ckpt_tiny), images["a"], "hi")
     assert r.code == 130
     assert r.stdout == "partial answer\n"

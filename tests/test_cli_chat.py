@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 import dsvl2_cli
-from dsvl2_cli.chat import ChatSession
+from dsvl2_cli.app.images import load_image
+from dsvl2_cli.dev.synthetic import write_image
+from dsvl2_cli.engine.chat import ChatSession
+from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Token
 from dsvl2_cli.errors import ContextTooLongError
-from dsvl2_cli.generate import Done, GenerationConfig, Prefilled, Token
-from dsvl2_cli.images import load_image
-from dsvl2_cli.synthetic import write_image
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_abandoned_answer_keeps_what_was_said(vlm, pictures, monkeypatch):
         yield Token(8, " answer")
         raise AssertionError("never reached")
 
-    monkeypatch.setattr("dsvl2_cli.chat.stream_generate", fake)
+    monkeypatch.setattr("dsvl2_cli.engine.chat.stream_generate", fake)
     session = ChatSession(vlm, images=[pictures[0]])
     stream = session.ask("Tell me")
     next(stream), next(stream)
@@ -85,7 +85,7 @@ def test_interrupted_before_any_text_drops_the_question(vlm, pictures, monkeypat
         yield Prefilled(10, 0, 0, 0.0)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dsvl2_cli.chat.stream_generate", fake)
+    monkeypatch.setattr("dsvl2_cli.engine.chat.stream_generate", fake)
     session = ChatSession(vlm, images=[pictures[0]])
     with pytest.raises(KeyboardInterrupt):
         events(session, "Tell me")
@@ -97,7 +97,7 @@ def test_failed_question_is_dropped(vlm, pictures, monkeypatch):
         raise ContextTooLongError("too long")
         yield  # pragma: no cover
 
-    monkeypatch.setattr("dsvl2_cli.chat.stream_generate", fake)
+    monkeypatch.setattr("dsvl2_cli.engine.chat.stream_generate", fake)
     session = ChatSession(vlm, images=[pictures[0]])
     with pytest.raises(ContextTooLongError):
         events(session, "Tell me")

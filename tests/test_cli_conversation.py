@@ -4,9 +4,9 @@ prompts, the token-level JSON result, and deterministic greedy runs."""
 import json
 
 import pytest
-
-from dsvl2_cli.synthetic import write_image
 from test_cli import ANSWER_KEYS, _isolated, assert_clean, model_args, run  # noqa: F401 - fixture reused
+
+from dsvl2_cli.dev.synthetic import write_image
 
 pytestmark = pytest.mark.usefixtures("_isolated")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from dsvl2_cli.synthetic import write_image
+from dsvl2_cli.dev.synthetic import write_image
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-
-from dsvl2_cli.synthetic import write_image
 from test_cli import _isolated, model_args, run  # noqa: F401 - fixture reused
+
+from dsvl2_cli.dev.synthetic import write_image
 
 pytestmark = pytest.mark.usefixtures("_isolated")
 

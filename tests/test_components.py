@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsvl2_cli.attention import LatentAttention, MultiHeadAttention, RMSNorm, rope_table
-from dsvl2_cli.config import LANGUAGE_DEFAULTS, LanguageConfig
-from dsvl2_cli.moe import MoE
-from dsvl2_cli.vision import space_to_channel
+from dsvl2_cli.model.attention import LatentAttention, MultiHeadAttention, RMSNorm, rope_table
+from dsvl2_cli.model.config import LANGUAGE_DEFAULTS, LanguageConfig
+from dsvl2_cli.model.moe import MoE
+from dsvl2_cli.model.vision import space_to_channel
 
 
 def lm_config(**over) -> LanguageConfig:
@@ -86,7 +86,7 @@ def run_attention(att, cfg, x, chunks):
     """Run x through `att` in the given chunk sizes with a cache (or at once without one)."""
     rope_dim = cfg.qk_rope_head_dim if cfg.use_mla else cfg.head_dim
     table = rope_table(rope_dim, 256, cfg.rope_theta)
-    from dsvl2_cli.attention import attention_mask
+    from dsvl2_cli.model.attention import attention_mask
     if chunks is None:
         ang = table[: x.shape[1]][None, None]
         return att(x, ang.cos(), ang.sin(), None, None)
@@ -246,7 +246,7 @@ def test_noaux_bias_changes_choice_but_not_weights():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_mm_path_equals_per_expert_loop(dtype):
-    from dsvl2_cli.moe import HAS_GROUPED_MM
+    from dsvl2_cli.model.moe import HAS_GROUPED_MM
     if not HAS_GROUPED_MM:
         pytest.skip("this torch has no _grouped_mm")
     cfg = lm_config(**ROUTERS["softmax-greedy"])

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from dsvl2_cli.config import ModelConfig
 from dsvl2_cli.errors import ConfigError
+from dsvl2_cli.model.config import ModelConfig
 
 
 def test_real_27b_config_takes_reference_defaults(shared_dir):
@@ -32,7 +32,7 @@ def test_fixture_families_parse(ckpt_tiny, ckpt_small, ckpt_vl2):
 
 
 def _write(tmp_path, mutate):
-    from dsvl2_cli.synthetic import write_checkpoint
+    from dsvl2_cli.dev.synthetic import write_checkpoint
 
     folder = write_checkpoint(tmp_path / "m", "vl2-like")
     raw = json.loads((folder / "config.json").read_text())

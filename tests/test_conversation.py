@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from dsvl2_cli.conversation import read_conversation
+from dsvl2_cli.app.conversation import read_conversation
+from dsvl2_cli.dev.synthetic import write_image
+from dsvl2_cli.engine.processor import Processor
 from dsvl2_cli.errors import ImageError, InputError, PromptError
-from dsvl2_cli.processor import Processor
-from dsvl2_cli.synthetic import write_image
 
 
 @pytest.fixture(scope="module")

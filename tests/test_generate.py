@@ -5,12 +5,12 @@ import torch
 from PIL import Image
 
 import dsvl2_cli
-from dsvl2_cli.config import ModelConfig
+from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, PromptCache, StopMatcher, Token, generate,
+                                       generate_batch, stream_generate)
+from dsvl2_cli.engine.processor import Message, user_message
+from dsvl2_cli.engine.sampling import SamplingParams
 from dsvl2_cli.errors import ContextTooLongError
-from dsvl2_cli.generate import GenerationConfig, PromptCache, StopMatcher, generate, generate_batch, stream_generate
-from dsvl2_cli.generate import Done, Prefilled, Token
-from dsvl2_cli.processor import Message, user_message
-from dsvl2_cli.sampling import SamplingParams
+from dsvl2_cli.model.config import ModelConfig
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -72,7 +72,7 @@ def test_chunked_prefill_equals_one_shot(vlm, chunk):
     assert chunked.token_ids == whole.token_ids
     with torch.inference_mode():
         a, b = PromptCache(), PromptCache()
-        from dsvl2_cli.generate import _prefill
+        from dsvl2_cli.engine.generate import _prefill
         la, _ = _prefill(vlm, prepared, a, 100_000)
         lb, _ = _prefill(vlm, prepared, b, chunk)
     torch.testing.assert_close(la, lb, **TOL)
@@ -98,7 +98,7 @@ def test_multi_turn_follow_up_reuses_cache_and_skips_vision(vlm, monkeypatch):
 
     # same logits as processing the whole conversation from scratch
     with torch.inference_mode():
-        from dsvl2_cli.generate import _prefill
+        from dsvl2_cli.engine.generate import _prefill
         fresh, _ = _prefill(vlm, follow, PromptCache(), 512)
         cache2 = PromptCache()
         generate(vlm, vlm.prepare(first), GenerationConfig(max_tokens=5), cache2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsvl2_cli.grounding import (Box, caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh)
+from dsvl2_cli.app.grounding import Box, caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
 
 
 def boxes(text: str) -> list[tuple[str, tuple[int, int, int, int]]]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dsvl2_cli import images
+from dsvl2_cli.app import images
+from dsvl2_cli.app.images import load_image, load_image_with_notes
 from dsvl2_cli.errors import ImageError
-from dsvl2_cli.images import load_image, load_image_with_notes
 
 
 def _png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

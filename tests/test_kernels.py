@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import dsvl2_cli
-from dsvl2_cli import kernels
-from dsvl2_cli.attention import few_query_attention
-from dsvl2_cli.generate import GenerationConfig, generate
-from dsvl2_cli.moe import Experts
-from dsvl2_cli.processor import user_message
+from dsvl2_cli.engine import kernels
+from dsvl2_cli.engine.generate import GenerationConfig, generate
+from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.model.attention import few_query_attention
+from dsvl2_cli.model.moe import Experts
 
 EXPECTED_HERE = (sys.platform == "linux" and platform.machine() == "x86_64" and shutil.which("cc")
                  and os.environ.get("DSVL2_KERNELS", "1") != "0")

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dsvl2_cli.app.pdf import MAX_SIDE, PdfDocument, Source, check_dpi, is_pdf, parse_pages, write_atomic
 from dsvl2_cli.errors import Dsvl2Error, InputError
-from dsvl2_cli.pdf import MAX_SIDE, PdfDocument, Source, check_dpi, is_pdf, parse_pages, write_atomic
 
 
 def make_pdf(path: Path, pages: int = 3, size=(300, 400), **save_kw) -> Path:

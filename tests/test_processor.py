@@ -10,18 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from dsvl2_cli.app.images import load_image
+from dsvl2_cli.engine.processor import (Message, Processor, ProcessorSettings, image_token_count, preprocess_image,
+                                        select_tiling, user_message)
+from dsvl2_cli.engine.tokenizer import Tokenizer
 from dsvl2_cli.errors import ConfigError, PromptError
-from dsvl2_cli.images import load_image
-from dsvl2_cli.processor import (
-    Message,
-    Processor,
-    ProcessorSettings,
-    image_token_count,
-    preprocess_image,
-    select_tiling,
-    user_message,
-)
-from dsvl2_cli.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PARITY = SHARED / "parity-sample"

@@ -30,17 +30,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-import dsvl2_cli
-from dsvl2_cli import kernels, quant, quant_format
-from dsvl2_cli.errors import Dsvl2Error, WeightsError
-from dsvl2_cli.generate import GenerationConfig, generate
-from dsvl2_cli.moe import HAS_GROUPED_MM, Experts
-from dsvl2_cli.processor import user_message
 from safetensors.torch import load_file, save_file
 
+import dsvl2_cli
+from dsvl2_cli.engine import kernels, memory, quant
+from dsvl2_cli.engine.generate import GenerationConfig, generate
+from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.quant import experts as quant_experts
+from dsvl2_cli.engine.quant import folder as quant_folder
+from dsvl2_cli.engine.quant import format as quant_format
+from dsvl2_cli.errors import Dsvl2Error, WeightsError
+from dsvl2_cli.model.moe import HAS_GROUPED_MM, Experts
+
 try:
-    quant._bitsandbytes()
+    quant_experts._bitsandbytes()
     HAVE_BNB = True
 except quant.QuantizationError:
     HAVE_BNB = False
@@ -66,10 +69,10 @@ def rel(a, b):
 
 def test_nibbles_round_trip():
     codes = torch.randint(0, 16, (3, 5, 64), dtype=torch.uint8)
-    packed = quant._pack_nibbles(codes)
+    packed = quant_format._pack_nibbles(codes)
     assert packed.shape == (3, 5, 32) and packed.dtype == torch.uint8
     assert int(packed[0, 0, 0]) == int(codes[0, 0, 0]) * 16 + int(codes[0, 0, 1])  # even index high
-    assert torch.equal(quant._unpack_nibbles(packed), codes)
+    assert torch.equal(quant_format._unpack_nibbles(packed), codes)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -107,13 +110,13 @@ def test_int4_codes_within_half_a_step():
 
 @needs_bnb
 def test_nf4_packing_matches_bitsandbytes():
-    functional = quant._bitsandbytes().functional
+    functional = quant_experts._bitsandbytes().functional
     w = random_experts(1, 256, 128)[0][0]  # (256, 256)
     ours = quant_format._quantize_nf4(w, 64)
     theirs, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
     assert torch.equal(ours["qweight"].flatten(), theirs.flatten())
     assert torch.equal(ours["absmax"], state.absmax)
-    assert torch.equal(torch.tensor(quant.NF4_VALUES), functional.get_4bit_type("nf4", device="cpu").float())
+    assert torch.equal(torch.tensor(quant_format.NF4_VALUES), functional.get_4bit_type("nf4", device="cpu").float())
 
 
 def test_group_size_follows_the_input_size():
@@ -337,15 +340,15 @@ def test_bf16_model_generates(ckpt_small, method):
 
 
 def test_weight_memory_by_component(ckpt_tiny, float_models):
-    full = quant.weight_memory(float_models[ckpt_tiny].model)
-    q = quant.weight_memory(dsvl2_cli.load(ckpt_tiny, dtype="float32", device="cpu", quantize="int4").model)
-    assert set(full) == set(quant.COMPONENTS) | {"total"}
+    full = memory.weight_memory(float_models[ckpt_tiny].model)
+    q = memory.weight_memory(dsvl2_cli.load(ckpt_tiny, dtype="float32", device="cpu", quantize="int4").model)
+    assert set(full) == set(memory.COMPONENTS) | {"total"}
     assert full["total"] == sum(v for k, v in full.items() if k != "total")
     params = sum(p.numel() * p.element_size() for p in float_models[ckpt_tiny].model.parameters())
     assert full["total"] == params
     assert q["routed_experts"] < full["routed_experts"] / 4
-    assert all(q[k] == full[k] for k in quant.COMPONENTS if k != "routed_experts")
-    assert quant.quantization_summary(float_models[ckpt_tiny].model)["method"] == "none"
+    assert all(q[k] == full[k] for k in memory.COMPONENTS if k != "routed_experts")
+    assert memory.quantization_summary(float_models[ckpt_tiny].model)["method"] == "none"
 
 
 def test_unknown_method_fails_before_loading(ckpt_tiny):
@@ -414,7 +417,7 @@ def test_existing_destination_is_refused(ckpt_tiny, tmp_path):
 def test_failure_leaves_nothing(ckpt_tiny, tmp_path, monkeypatch):
     def boom(*args):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(quant, "pack_part", boom)
+    monkeypatch.setattr(quant_folder, "pack_part", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         quant.quantize_folder(ckpt_tiny, tmp_path / "q", "int4")
     assert list(tmp_path.iterdir()) == []

@@ -40,12 +40,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-
-from dsvl2_cli import cli, hub, images as images_module, processor
-from dsvl2_cli.generate import Done, Prefilled, Stats, Token
-from dsvl2_cli.pdf import MAX_SIDE
-from dsvl2_cli.synthetic import write_image
 from test_cli import _isolated, assert_clean, assert_one_line_error, model_args, run  # noqa: F401 - fixture
+
+from dsvl2_cli.app import cli
+from dsvl2_cli.app import images as images_module
+from dsvl2_cli.app.pdf import MAX_SIDE
+from dsvl2_cli.dev.synthetic import write_image
+from dsvl2_cli.engine import hub, processor
+from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
 
 pytestmark = pytest.mark.usefixtures("_isolated")
 
@@ -238,7 +240,7 @@ def test_image_bomb_huge_header_allocates_nothing(ckpt_tiny, tmp_path):
     script = f"""
 import resource, sys
 from PIL import Image
-from dsvl2_cli import cli
+from dsvl2_cli.app import cli
 vm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + 512 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
 try:
@@ -1045,7 +1047,9 @@ def test_security_remote_code_is_never_imported(monkeypatch, ckpt_tiny, tmp_path
 
 def test_security_downloads_fetch_no_code_or_pickles():
     """`dsvl2 pull` / hub downloads take JSON, safetensors and tokenizer files only."""
-    from huggingface_hub.utils import filter_repo_objects  # what snapshot_download filters with
+    from huggingface_hub.utils import (
+        filter_repo_objects,  # what snapshot_download filters with
+    )
 
     def fetched(name):
         return list(filter_repo_objects([name], allow_patterns=hub.ALLOW_PATTERNS,

@@ -9,7 +9,7 @@ import sys
 from PIL import Image
 from rich.console import Console
 
-from dsvl2_cli.render import HALF_BLOCK, PALETTE, UI, DrawBox, HalfBlockImage, colour, draw_boxes, fit_cells
+from dsvl2_cli.app.render import HALF_BLOCK, PALETTE, UI, DrawBox, HalfBlockImage, colour, draw_boxes, fit_cells
 
 
 def grey(w=200, h=100):

@@ -1,4 +1,4 @@
-"""Tests of the synthetic checkpoint writer (dsvl2_cli.synthetic) and its layout fidelity."""
+"""Tests of the synthetic checkpoint writer (dsvl2_cli.dev.synthetic) and its layout fidelity."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsvl2_cli import synthetic as S
+from dsvl2_cli.dev import synthetic as S
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "processor_config.json")

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from dsvl2_cli.engine.tokenizer import StreamDecoder, Tokenizer
 from dsvl2_cli.errors import TokenizerError
-from dsvl2_cli.tokenizer import StreamDecoder, Tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = SHARED / "parity-sample" / "fixtures" / "tiny-like"

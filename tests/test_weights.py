@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsvl2_cli.config import ModelConfig
+from dsvl2_cli.engine.runtime import load_model
+from dsvl2_cli.engine.weights import expected_tensors, read_headers, weight_files
 from dsvl2_cli.errors import WeightsError
-from dsvl2_cli.runtime import load_model
-from dsvl2_cli.weights import expected_tensors, read_headers, weight_files
+from dsvl2_cli.model.config import ModelConfig
 
 
 def _copy(src, tmp_path):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import kernels
+from ..engine import kernels
 
 DOC_IMAGE = (1152, 1152)  # a page that tiles 3x3: 210 + 1 + 42*43 = 2017 image tokens
 PHOTO = (640, 480)  # tiles 2x2: 1023 image tokens
@@ -200,9 +200,9 @@ def text_ids(vlm, n: int) -> list[int]:
 
 def bench_ours(path: Path, quick: bool) -> dict:
     import dsvl2_cli
-    from .generate import GenerationConfig, stream_generate
-    from .generate import Done, Prefilled
-    from .processor import user_message
+
+    from ..engine.generate import Done, GenerationConfig, Prefilled, stream_generate
+    from ..engine.processor import user_message
 
     gc.collect()
     reset_peak_rss()

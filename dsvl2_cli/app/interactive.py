@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .chat import ChatSession
-from .errors import Dsvl2Error
+from ..engine.chat import ChatSession
+from ..engine.processor import MAX_TILED_IMAGES
+from ..errors import Dsvl2Error
 from .pdf import load_image_arg
-from .processor import MAX_TILED_IMAGES
 from .render import UI, answer_record, isatty, print_json, report, show_answer
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from .errors import InputError, PromptError
+from ..engine.processor import Message
+from ..errors import InputError, PromptError
 from .images import load_image_with_notes
-from .processor import Message
 
 _ROLES = ("<|User|>", "user", "<|Assistant|>", "assistant", "system")
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels
+from ..engine import kernels
+from ..engine.cache import ModelCache
 from .attention import LatentAttention, MultiHeadAttention, RMSNorm, attention_mask, rope_table
-from .cache import ModelCache
 from .config import LanguageConfig
 from .moe import MLP, MoE
 

@@ -30,7 +30,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .synthetic_bpe import DECODER as _DECODER, PRE_TOKENIZER as _PRE_TOKENIZER, trained_bpe as _trained_bpe
+from .synthetic_bpe import DECODER as _DECODER
+from .synthetic_bpe import PRE_TOKENIZER as _PRE_TOKENIZER
+from .synthetic_bpe import trained_bpe as _trained_bpe
 
 __all__ = [
     "FAMILIES",

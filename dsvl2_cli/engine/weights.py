@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelConfig
-from .errors import WeightsError
+from ..errors import WeightsError
+from ..model.config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -31,8 +31,8 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 
-from .errors import InputError
-from .generate import Done, Token
+from ..engine.generate import Done, Token
+from ..errors import InputError
 from .pdf import image_origin
 
 HALF_BLOCK = "▀"

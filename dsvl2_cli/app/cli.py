@@ -58,19 +58,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from . import hub, quant, runtime
-from .config import ModelConfig
-from .chat import ChatSession
+from ..engine import facts as model_facts
+from ..engine import hub, memory, quant, runtime
+from ..engine.chat import ChatSession
+from ..engine.generate import Done, GenerationConfig, Token, stream_generate
+from ..engine.processor import MAX_TILED_IMAGES, user_message
+from ..engine.sampling import SamplingParams
+from ..errors import Dsvl2Error, InputError, ModelError
+from ..model.config import ModelConfig
 from .conversation import read_conversation
-from .errors import Dsvl2Error, InputError, ModelError
-from .generate import Done, GenerationConfig, Token, stream_generate
 from .grounding import caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
 from .interactive import interactive_chat, warn_untiled
 from .pdf import DEFAULT_DPI, Source, collect_sources, load_image_arg, read_stdin_bytes, write_atomic
-from .processor import MAX_TILED_IMAGES, user_message
 from .render import (UI, DrawBox, answer_record, colour, draw_boxes, encode_image, image_format, info_lines, isatty,
                      print_json, report, show_answer, show_boxes)
-from .sampling import SamplingParams
 
 TEMPERATURE_ADVICE = 0.7  # the model card: higher temperatures degrade quality
 OCR_PROMPTS = {
@@ -587,11 +588,11 @@ def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = D
             raise
         raise ModelError(f"{name}: not downloaded yet; `dsvl2 pull {name}` fetches it (info reads local files "
                          "only)") from None
-    facts = runtime.describe(resolved, _opts(dtype=dtype).dtype, device)
-    spec = quant.resolve(quantize, quant.read_spec(resolved.path), str(resolved.path))
+    facts = model_facts.describe_model(resolved, _opts(dtype=dtype).dtype, device)
+    spec = quant.choose_spec(quantize, quant.read_spec(resolved.path), str(resolved.path))
     cfg = ModelConfig.from_dir(resolved.path)
-    facts["quantization"] = quant.describe(spec)
-    facts["weight_memory"] = quant.planned_weight_memory(cfg, runtime.resolve_dtype(facts["dtype"]), spec)
+    facts["quantization"] = quant.spec_label(spec)
+    facts["weight_memory"] = memory.planned_weight_memory(cfg, runtime.resolve_dtype(facts["dtype"]), spec)
     if json_:
         print_json(facts, ui)
         return
@@ -628,7 +629,7 @@ def quantize(
 def bench(ctx: typer.Context):
     """Measure speed and memory at the real model shapes, with synthetic weights (no download);
     `dsvl2 bench --help` lists its options."""
-    from . import bench as bench_module
+    from ..dev import bench as bench_module
 
     raise typer.Exit(bench_module.main(ctx.args))
 

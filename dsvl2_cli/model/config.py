@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Reference defaults for keys absent from config.json (ARCHITECTURE-NOTES section 5).
 LANGUAGE_DEFAULTS: dict[str, Any] = {

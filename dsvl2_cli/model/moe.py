@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from ..engine import kernels
 from .config import LanguageConfig
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ContextTooLongError, Dsvl2Error
 from .cache import ModelCache
-from .errors import ContextTooLongError, Dsvl2Error
 from .processor import Prepared
 from .sampling import SamplingParams, make_generator, sample
 

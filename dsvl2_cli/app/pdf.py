@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import ImageError, InputError
+from ..errors import ImageError, InputError
 from .images import load_image_with_notes, read_capped
 
 DEFAULT_DPI = 144

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from PIL import Image
 
-from .errors import Dsvl2Error, PromptError
+from ..errors import Dsvl2Error, PromptError
 from .generate import Done, Event, GenerationConfig, PromptCache, Token, stream_generate
 from .processor import MAX_TILED_IMAGES, Message, Prepared, user_message
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]

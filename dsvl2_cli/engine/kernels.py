@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 8  # beyond this a GEMM (torch) is faster than repeated GEMVs
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
+_SOURCE = Path(__file__).parents[1] / "csrc" / "cpu_kernels.c"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False

@@ -20,34 +20,23 @@ Decoding on CPU, int4 and int8 run all chosen experts of a layer in one native c
 (`kernels.moe_experts_quant`) over the same buffers torch's kernels use for prefill.
 """
 
+
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
-import os
-import re
-import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .config import ModelConfig
-from .moe import combine_experts, per_expert_loop
-from .quant_format import (  # noqa: F401 (the format's public names are re-exported here)
-    CONFIG_KEY, DEFAULT_GROUP_SIZE, FORMAT_VERSION, METHODS, NF4_VALUES, PARTS, QuantizationError, QuantSpec,
-    _EXPERT_NAME, _SAFETENSORS_SIZES, _fields, _nf4_table, _pack_nibbles, _unpack_nibbles,
-    dequantize_packed, dequantize_part, expected_quantized, group_for, pack_experts, pack_part, packed_shapes,
-    parse_method, read_spec, resolve)
-from .weights import (IGNORED_PREFIXES, INDEX_NAME, TensorReader, check_tensors, expected_tensors, read_headers,
-                      stack_experts, weight_files)
-
+from ...model.config import ModelConfig
+from ...model.moe import combine_experts, per_expert_loop
+from .. import kernels
+from ..weights import TensorReader, stack_experts
+from .format import (PARTS, QuantizationError, QuantSpec, _fields, _nf4_table, _pack_nibbles, _unpack_nibbles,
+                     dequantize_packed, dequantize_part, pack_experts, pack_part)
 
 # ------------------------------------------------------------------------- kernel modules
 
@@ -394,201 +383,3 @@ def packed_layer_hook(spec: QuantSpec, device: torch.device):
                   for part in PARTS for field in _fields(spec.method)}
         return experts_from_packed(packed, spec, device)
     return build
-
-
-# ------------------------------------------------------------------------- pre-quantized folder
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, method: str, group_size: int | None = None,
-                    on_progress: Callable[[int, int], None] | None = None,
-                    max_shard_bytes: int = 2_000_000_000) -> Path:
-    """Write a pre-quantized copy of the checkpoint folder `src` to `dst` (which must not exist,
-    or be empty): config.json with "dsvl2_quantization" added, the other small files copied,
-    the non-expert tensors unchanged and the routed experts packed. Built in a temporary folder
-    next to `dst` and renamed at the end, so a failure leaves nothing behind. Returns `dst`."""
-    from safetensors.torch import save_file
-
-    src, dst = Path(src), Path(dst)
-    spec = QuantSpec.make(method, group_size)
-    if read_spec(src) is not None:
-        raise QuantizationError(f"{src} is already quantized; quantize the original checkpoint")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise QuantizationError(f"{dst} already exists and is not empty; choose a new folder")
-    cfg = ModelConfig.from_dir(src)
-    infos = read_headers(weight_files(src))
-    check_tensors(infos, expected_tensors(cfg), str(src))
-    shapes, _ = expected_quantized(cfg, spec)  # fails early on sizes the method cannot take
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
-    reader = TensorReader(infos)
-    try:
-        raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
-        raw[CONFIG_KEY] = spec.as_config()
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
-        for f in sorted(src.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and f.name not in ("config.json", INDEX_NAME) \
-                    and not f.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copy2(f, tmp / f.name)
-
-        # output items in checkpoint order: non-expert tensors, and each MoE layer's packed experts
-        # at the place of its float ones; the unused pooling head is kept as it is
-        items, seen = [], set()
-        for name in list(expected_tensors(cfg)) + [n for n in infos if n.startswith(IGNORED_PREFIXES)]:
-            m = _EXPERT_NAME.match(name)
-            if m is None:
-                items.append(name)
-            elif m.group(1) not in seen:
-                seen.add(m.group(1))
-                items.append(m.group(1))
-        shards = _ShardWriter(tmp, max_shard_bytes, save_file)
-        for done, item in enumerate(items, 1):
-            if item.endswith(".mlp."):
-                for part in PARTS:  # one part in float at a time
-                    w = stack_experts(reader, item, cfg.language.n_routed_experts, part)
-                    reader.close()  # let go of the float experts' file pages
-                    for key, t in pack_part(w, spec, part).items():
-                        name = f"{item}experts.{spec.method}.{key}"
-                        assert tuple(t.shape) == shapes[name], name  # our own invariant
-                        shards.add(name, t)
-                    del w
-            else:
-                shards.add(item, reader.get(item))
-            if on_progress is not None:
-                on_progress(done, len(items))
-        shards.finish(spec)
-        reader.close()
-        tmp.chmod(0o755)
-        if dst.exists():
-            dst.rmdir()
-        tmp.rename(dst)
-    except BaseException:
-        reader.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
-
-
-class _ShardWriter:
-    """Collects tensors into safetensors shards of at most `limit` bytes, then names them
-    model-0000K-of-0000N.safetensors and writes the index."""
-
-    def __init__(self, folder: Path, limit: int, save_file):
-        self.folder, self.limit, self.save_file = folder, limit, save_file
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[Path, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.limit:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total += size
-
-    def _flush(self) -> None:
-        path = self.folder / f"shard-{len(self.files):05d}.partial"
-        self.save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self, spec: QuantSpec) -> None:
-        if self.pending:
-            self._flush()
-        weight_map = {}
-        for i, (path, names) in enumerate(self.files, 1):
-            final = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total, CONFIG_KEY: spec.as_config()}, "weight_map": weight_map}
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-# -------------------------------------------------------------------------------- accounting
-
-COMPONENTS = ("vision", "projector", "embeddings", "attention", "dense_mlp", "shared_experts", "routed_experts",
-              "router", "lm_head", "norms_other")
-
-
-_COMPONENT_RULES = tuple((re.compile(pattern), name) for pattern, name in (
-    (r"vision\.", "vision"), (r"projector\.", "projector"), (r"language\.model\.embed_tokens\.", "embeddings"),
-    (r"language\.lm_head\.", "lm_head"), (r".*\.self_attn\.", "attention"),
-    (r".*\.mlp\.shared_experts\.", "shared_experts"), (r".*\.mlp\.experts\.", "routed_experts"),
-    (r".*\.mlp\.gate\.", "router"), (r".*\.mlp\.", "dense_mlp")))  # first match wins
-
-
-def _component(name: str) -> str:
-    return next((c for pattern, c in _COMPONENT_RULES if pattern.match(name)), "norms_other")
-
-
-def _tensors(model: nn.Module):
-    """Every parameter and persistent buffer, each storage counted once."""
-    seen = set()
-    for mod_name, module in model.named_modules():
-        skip = getattr(module, "_non_persistent_buffers_set", set())
-        items = list(module._parameters.items()) + [(n, b) for n, b in module._buffers.items() if n not in skip]
-        for n, t in items:
-            if t is None or t.is_meta or (t.data_ptr(), t.numel()) in seen:
-                continue
-            seen.add((t.data_ptr(), t.numel()))
-            yield f"{mod_name}.{n}" if mod_name else n, t
-
-
-def weight_memory(model: nn.Module) -> dict[str, int]:
-    """Bytes of weights by component (keys COMPONENTS, plus "total"); scales count as weights."""
-    out = dict.fromkeys(COMPONENTS, 0)
-    for name, t in _tensors(model):
-        out[_component(name)] += t.numel() * t.element_size()
-    out["total"] = sum(out.values())
-    return out
-
-
-def planned_weight_memory(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None) -> dict[str, int]:
-    """`weight_memory` of a model not loaded: from the tensor table of its config (`dsvl2 info`).
-    Routers stay float32; with a spec the routed experts take their packed size."""
-    out = dict.fromkeys(COMPONENTS, 0)
-    size = torch.empty((), dtype=dtype).element_size()
-    if spec is None:
-        shapes, dtypes = expected_tensors(cfg), {}
-    else:
-        shapes, dtypes = expected_quantized(cfg, spec)
-    for name, shape in shapes.items():
-        if name in dtypes:
-            bytes_each = _SAFETENSORS_SIZES[dtypes[name]]
-        elif name.endswith((".mlp.gate.weight", "e_score_correction_bias")):
-            bytes_each = 4
-        else:
-            bytes_each = size
-        out[_component(name)] += math.prod(shape) * bytes_each
-    out["total"] = sum(out.values())
-    return out
-
-
-def quantization_summary(model: nn.Module) -> dict:
-    """How the routed experts are stored: method, group size, parameters, bytes, bytes/param."""
-    params = nbytes = 0
-    method, group = "none", None
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedExperts):
-            method, group = module.method, module.spec.group_size
-            params += module.n_experts * 3 * module.hidden * module.inner
-            nbytes += sum(t.numel() * t.element_size() for t in module.buffers())
-        elif name.endswith(".mlp.experts"):
-            tensors = list(module.parameters())
-            params += sum(t.numel() for t in tensors)
-            nbytes += sum(t.numel() * t.element_size() for t in tensors)
-    return {"method": method, "group_size": group, "routed_params": params, "routed_bytes": nbytes,
-            "bytes_per_param": round(nbytes / params, 4) if params else 0.0}
-
-
-def describe(spec: QuantSpec | None) -> str:
-    """One line for `dsvl2 info`."""
-    if spec is None:
-        return "none (all weights in the compute dtype)"
-    group = f", group size {spec.group_size}" if spec.group_size else ", per-channel scales"
-    return f"{spec.method} routed experts{group}; everything else in the compute dtype"
-

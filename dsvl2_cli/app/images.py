@@ -18,7 +18,7 @@ from typing import BinaryIO, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from ..errors import ImageError
 
 # Refuse images above this many pixels before decoding them (Pillow's own default bomb limit,
 # ~89.5M pixels, about 9500 x 9500). Tests lower it with monkeypatch.

@@ -16,7 +16,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 # Names used when neither tokenizer_config.json nor special_tokens_map.json gives one.
 DEFAULT_BOS = "<｜begin▁of▁sentence｜>"

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .cache import KVCache, LatentCache
+from ..engine import kernels
+from ..engine.cache import KVCache, LatentCache
 from .config import LanguageConfig
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from . import hub, quant
-from .config import ModelConfig
-from .errors import Dsvl2Error, ModelError
-from .language import rope_table
-from .model import DeepseekVL2
-from .processor import Message, Prepared, Processor, ProcessorSettings, image_token_count
+from ..errors import Dsvl2Error, ModelError
+from ..model.config import ModelConfig
+from ..model.language import rope_table
+from ..model.vlm import DeepseekVL2
+from . import hub, memory, quant
+from .processor import Message, Prepared, Processor, ProcessorSettings
 from .quant import QuantSpec
 from .tokenizer import Tokenizer
 from .weights import TensorReader, check_tensors, expected_tensors, load_into, read_headers, weight_files
@@ -70,7 +70,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     with its own method).
     """
     folder_spec = quant.read_spec(model_dir)
-    spec = quant.resolve(quantize, folder_spec, str(model_dir))
+    spec = quant.choose_spec(quantize, folder_spec, str(model_dir))
     infos = read_headers(weight_files(model_dir))
     if folder_spec is not None:
         expected, dtypes = quant.expected_quantized(cfg, folder_spec)
@@ -111,8 +111,8 @@ class VLModel:
         return getattr(self.model, "quantization", None)
 
     def weight_memory(self) -> dict[str, int]:
-        """Bytes of weights by component (see quant.weight_memory)."""
-        return quant.weight_memory(self.model)
+        """Bytes of weights by component (see memory.weight_memory)."""
+        return memory.weight_memory(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,53 +166,3 @@ def load(
     processor = Processor(tokenizer, ProcessorSettings.from_model_dir(resolved.path))
     weights = load_model(resolved.path, cfg, dt, dev, on_progress, quantize)
     return VLModel(resolved.name, resolved.path, resolved.source, cfg, weights, tokenizer, processor)
-
-
-def describe(resolved: hub.ResolvedModel, dtype: str | torch.dtype | None = None,
-             device: str | torch.device | None = None) -> dict:
-    """What `dsvl2 info` shows: the architecture from config.json and parameter counts from the
-    model built on the meta device (sizes without reading any weights). JSON-ready."""
-    cfg = ModelConfig.from_dir(resolved.path)
-    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-    with torch.device("meta"):
-        model = DeepseekVL2(cfg)
-
-    def count(module) -> int:
-        return sum(t.numel() for t in module.parameters())
-
-    lm, vis = cfg.language, cfg.vision
-    vision, language = count(model.vision), count(model.language)
-    adaptor = count(model.projector) + model.image_newline.numel() + model.view_seperator.numel()
-    total = vision + adaptor + language
-    idle = 0  # routed experts a token does not use; the embedding table is a lookup, not compute
-    for layer in model.language.model.layers:
-        experts = getattr(layer.mlp, "experts", None)
-        if experts is not None:
-            idle += count(experts) * (lm.n_routed_experts - lm.num_experts_per_tok) // lm.n_routed_experts
-    active = total - idle - model.language.model.embed_tokens.weight.numel()
-    side = cfg.tokens_per_tile_side
-    best = max(cfg.candidate_resolutions, key=lambda r: (r[0] // vis.image_size) * (r[1] // vis.image_size))
-    moe_layers = sum(lm.is_moe_layer(i) for i in range(lm.num_hidden_layers))
-    attention = ({"kind": "mla", "heads": lm.num_attention_heads, "kv_lora_rank": lm.kv_lora_rank,
-                  "qk_rope_head_dim": lm.qk_rope_head_dim, "qk_nope_head_dim": lm.qk_nope_head_dim,
-                  "v_head_dim": lm.v_head_dim} if lm.use_mla else
-                 {"kind": "mha", "heads": lm.num_attention_heads, "head_dim": lm.head_dim})
-    experts = {"routed": lm.n_routed_experts, "shared": lm.n_shared_experts or 0, "per_token": lm.num_experts_per_tok,
-               "scoring": lm.scoring_func, "topk_method": lm.topk_method, "renormalised": lm.norm_topk_prob,
-               "scaling": lm.routed_scaling_factor, "moe_layers": moe_layers} if moe_layers else None
-    return {
-        "model": resolved.name, "path": str(resolved.path), "source": resolved.source,
-        "dtype": str(torch_dtype).removeprefix("torch."), "device": str(dev),
-        "architecture": {
-            "layers": lm.num_hidden_layers, "hidden_size": lm.hidden_size, "vocab_size": lm.vocab_size,
-            "context_tokens": lm.max_position_embeddings, "attention": attention, "experts": experts,
-            "vision": {"layers": vis.layers, "width": vis.width, "heads": vis.heads, "image_size": vis.image_size,
-                       "patch_size": vis.patch_size, "tokens_per_tile": side * side},
-            "max_image_tokens": image_token_count(best[0] // vis.image_size, best[1] // vis.image_size, side),
-        },
-        "parameters": {"total": total, "active": active, "vision": vision, "adaptor": adaptor,
-                       "language": language},
-        "cache_bytes_per_token": lm.cache_values_per_token() * lm.num_hidden_layers
-        * torch.empty((), dtype=torch_dtype).element_size(),
-        "image_tokens_384": image_token_count(1, 1, side),
-    }

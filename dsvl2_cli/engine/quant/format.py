@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .errors import Dsvl2Error, ModelError
-from .weights import expected_tensors
+from ...errors import Dsvl2Error, ModelError
+from ...model.config import ModelConfig
+from ..weights import expected_tensors
 
 METHODS = ("none", "int8", "int4", "nf4")
 DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128, "nf4": 64}
@@ -109,7 +109,7 @@ def parse_method(quantize: str | None) -> str | None:
     return method
 
 
-def resolve(quantize: str | None, folder: QuantSpec | None, where: str) -> QuantSpec | None:
+def choose_spec(quantize: str | None, folder: QuantSpec | None, where: str) -> QuantSpec | None:
     """The quantization to load with: the folder's when `quantize` is None; an error when a
     pre-quantized folder is asked for another method (its float experts no longer exist)."""
     quantize = parse_method(quantize)
@@ -279,3 +279,11 @@ def dequantize_packed(method: str, packed: dict[str, torch.Tensor]) -> tuple[tor
 
 def _fields(method: str) -> tuple[str, str]:
     return {"int8": ("qweight", "scales"), "int4": ("qweight", "scales_zeros"), "nf4": ("qweight", "absmax")}[method]
+
+
+def spec_label(spec: QuantSpec | None) -> str:
+    """One line for `dsvl2 info`."""
+    if spec is None:
+        return "none (all weights in the compute dtype)"
+    group = f", group size {spec.group_size}" if spec.group_size else ", per-channel scales"
+    return f"{spec.method} routed experts{group}; everything else in the compute dtype"

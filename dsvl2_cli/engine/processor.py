@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from .errors import ConfigError, PromptError
+from ..errors import ConfigError, PromptError
 from .tokenizer import ASSISTANT_TOKEN, IMAGE_TOKEN, USER_TOKEN, Tokenizer
 
 # Images in one conversation above which every image gets a single 384x384 tile.

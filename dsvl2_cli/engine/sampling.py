@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import Dsvl2Error
+from ..errors import Dsvl2Error
 
 
 @dataclass(frozen=True)
