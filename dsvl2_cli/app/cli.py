@@ -64,6 +64,7 @@ from ..engine.chat import ChatSession
 from ..engine.generate import Done, GenerationConfig, Token, stream_generate
 from ..engine.processor import MAX_TILED_IMAGES, user_message
 from ..engine.sampling import SamplingParams
+from .. import settings
 from ..errors import Dsvl2Error, InputError, ModelError
 from ..model.config import ModelConfig
 from .conversation import read_conversation
@@ -583,7 +584,7 @@ def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = D
     try:
         resolved = hub.resolve(model, download=False)  # info never downloads gigabytes
     except ModelError:
-        name = model or os.environ.get("DSVL2_MODEL") or hub.DEFAULT_MODEL
+        name = model or settings.default_model()
         if hub.is_offline() or Path(name).expanduser().exists() or "/" not in name:
             raise
         raise ModelError(f"{name}: not downloaded yet; `dsvl2 pull {name}` fetches it (info reads local files "
@@ -642,7 +643,7 @@ def pull(model: Annotated[Optional[str], typer.Argument(
          quiet: QuietOpt = False):
     """Download a model into the Hugging Face cache (safetensors, JSON and tokenizer files only)."""
     ui = UI(quiet)
-    name = model or os.environ.get("DSVL2_MODEL") or hub.DEFAULT_MODEL
+    name = model or settings.default_model()
     if Path(name).expanduser().is_dir():
         ui.status(f"{name} is a local folder; nothing to download")
         ui.line(str(Path(name).expanduser().resolve()))
@@ -664,7 +665,7 @@ def pull(model: Annotated[Optional[str], typer.Argument(
 # ---------------------------------------------------------------------------------- entry point
 
 def _debug() -> bool:
-    return os.environ.get("DSVL2_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return settings.debug()
 
 
 def _fail(message: str) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..engine.chat import ChatSession
 from ..engine.processor import MAX_TILED_IMAGES
+from .. import settings
 from ..errors import Dsvl2Error
 from .pdf import load_image_arg
 from .render import UI, answer_record, isatty, print_json, report, show_answer
@@ -49,8 +50,7 @@ class LineReader:
             except ImportError:
                 self.readline = False
             else:
-                state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-                self.history = state / "dsvl2" / "chat_history"
+                self.history = settings.state_dir() / "chat_history"
                 with contextlib.suppress(OSError):
                     readline.read_history_file(self.history)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from rich.style import Style
 from rich.text import Text
 
 from ..engine.generate import Done, Token
+from .. import settings
 from ..errors import InputError
 from .pdf import image_origin
 
@@ -199,7 +199,7 @@ class UI:
         self.quiet = quiet
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
         # Pictures and colour on stdout only for a terminal, and never with NO_COLOR.
-        self.out_tty = isatty(sys.stdout) and not os.environ.get("NO_COLOR")
+        self.out_tty = isatty(sys.stdout) and not settings.no_color()
         self.mid_line = False
         self._answer_started = False
         UI.current = self

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .. import settings
 from ..engine import kernels
 
 DOC_IMAGE = (1152, 1152)  # a page that tiles 3x3: 210 + 1 + 42*43 = 2017 image tokens
@@ -438,7 +439,7 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default="tiny,small:4",
                     help="family[:layers] list; real shapes: tiny, small, vl2 (default: tiny,small:4)")
     ap.add_argument("--peer", default="small", help="families also run with the transformers peer (MLA only)")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("DSVL2_BENCH_DIR", Path.home() / ".cache/dsvl2/bench")))
+    ap.add_argument("--work", type=Path, default=settings.bench_dir())
     ap.add_argument("--out", type=Path, help="write the JSON report here")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")

@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import settings
 from ..errors import ModelError
+from ..settings import DEFAULT_MODEL
 
-DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
 # "tokenizer*" would also match e.g. tokenizer_x.py: code and pickles are never fetched.
 IGNORE_PATTERNS = ["*.py", "*.pyc", "*.so", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.npy",
@@ -30,12 +31,12 @@ class ResolvedModel:
 
 
 def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return settings.hf_offline()
 
 
 def resolve(name: str | os.PathLike | None = None, *, download: bool = True) -> ResolvedModel:
     """Folder if `name` is one, else a Hugging Face id looked up in the cache, else downloaded."""
-    name = str(name or os.environ.get("DSVL2_MODEL") or DEFAULT_MODEL)
+    name = str(name or settings.default_model())
     path = Path(name).expanduser()
     if path.is_dir():
         return ResolvedModel(path.resolve(), "local folder", name)

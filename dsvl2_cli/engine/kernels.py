@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import settings
+
 MAX_ROWS = 8  # beyond this a GEMM (torch) is faster than repeated GEMVs
 _SOURCE = Path(__file__).parents[1] / "csrc" / "cpu_kernels.c"
 _lock = threading.Lock()
@@ -38,8 +40,7 @@ _off = threading.local()  # per-thread switch for `disabled()`
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("DSVL2_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dsvl2" / "kernels"
+    return settings.cache_dir() / "kernels"
 
 
 def _cpu_signature() -> str:
@@ -67,13 +68,13 @@ def _load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("DSVL2_KERNELS", "1") == "0":
+        if not settings.kernels_enabled():
             _failure = "disabled by DSVL2_KERNELS=0"
             return None
         if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
             _failure = f"no kernels for {sys.platform}/{platform.machine()} yet"
             return None
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        cc = settings.c_compiler() or shutil.which("cc") or shutil.which("gcc")
         if cc is None:
             _failure = "no C compiler found (install gcc to enable the fast CPU kernels)"
             return None

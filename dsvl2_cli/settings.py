@@ -1,0 +1,81 @@
+"""Every environment variable dsvl2 reads, in one place, with its default and meaning.
+
+The values are read when asked for (not at import), so a test or a long-lived server sees the
+environment as it is now. README's "Environment" table is this list.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    meaning: str
+
+
+VARIABLES = (
+    Variable("DSVL2_MODEL", DEFAULT_MODEL, "the model when -m/--model is not given (a folder or a Hugging Face id)"),
+    Variable("DSVL2_DEBUG", "", "1: errors show the Python traceback as well as the one-line message"),
+    Variable("DSVL2_KERNELS", "1", "0: never build or use the native CPU kernels (torch everywhere)"),
+    Variable("DSVL2_CACHE", "", "folder for dsvl2's caches (compiled kernels); default $XDG_CACHE_HOME/dsvl2"),
+    Variable("DSVL2_BENCH_DIR", "~/.cache/dsvl2/bench", "where `dsvl2 bench` writes its synthetic checkpoints"),
+    Variable("CC", "cc, else gcc", "the C compiler for the native CPU kernels (may include arguments)"),
+    Variable("NO_COLOR", "", "set: no colour and no pictures on stdout, even on a terminal"),
+    Variable("XDG_CACHE_HOME", "~/.cache", "base folder of caches (used when DSVL2_CACHE is not set)"),
+    Variable("XDG_STATE_HOME", "~/.local/state", "base folder of the interactive chat's history"),
+    Variable("HF_HUB_OFFLINE", "", "1: never download; models must already be in the Hugging Face cache"),
+)
+
+
+def _get(name: str) -> str:
+    return os.environ.get(name, "")
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def default_model() -> str:
+    return _get("DSVL2_MODEL").strip() or DEFAULT_MODEL
+
+
+def debug() -> bool:
+    return _truthy(_get("DSVL2_DEBUG"))
+
+
+def kernels_enabled() -> bool:
+    return _get("DSVL2_KERNELS").strip() != "0"
+
+
+def cache_dir() -> Path:
+    """dsvl2's cache folder: $DSVL2_CACHE/dsvl2, else $XDG_CACHE_HOME/dsvl2, else ~/.cache/dsvl2."""
+    base = _get("DSVL2_CACHE") or _get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dsvl2"
+
+
+def state_dir() -> Path:
+    return Path(_get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dsvl2"
+
+
+def bench_dir() -> Path:
+    return Path(_get("DSVL2_BENCH_DIR") or Path.home() / ".cache" / "dsvl2" / "bench").expanduser()
+
+
+def c_compiler() -> str:
+    """$CC as given (it may carry arguments, e.g. "ccache gcc"); "" when unset."""
+    return _get("CC").strip()
+
+
+def no_color() -> bool:
+    return bool(_get("NO_COLOR"))
+
+
+def hf_offline() -> bool:
+    return _get("HF_HUB_OFFLINE").strip().lower() in ("1", "true", "yes", "on")
