@@ -102,6 +102,8 @@ def main() -> int:
     ap.add_argument("--methods", default="none,int4")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory-plan-cpu.json")
+    ap.add_argument("--replan", action="store_true",
+                    help="recompute the plan for the measurements already in --out (no new run)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -117,17 +119,8 @@ def main() -> int:
     from dsvl2_cli.engine.quant.format import QuantSpec
     from dsvl2_cli.model.config import ModelConfig
 
-    ckpt = args.ckpt or ensure_checkpoint(settings.bench_dir(), "tiny", None)
-    results = []
-    t0 = time.time()
-    for method in args.methods.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--ckpt", str(ckpt), "--child", method,
-                               "--tokens", str(args.tokens)], capture_output=True, text=True, cwd=ROOT)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stdout, proc.stderr, file=sys.stderr)
-            return 1
-        measured = json.loads(lines[-1][len("RESULT "):])
+    def add_plan(measured: dict, ckpt: Path) -> dict:
+        method = measured["method"]
         p = fit.plan_for_folder(ckpt, torch.bfloat16, method)
         at_run = fit.plan(ModelConfig.from_dir(ckpt), torch.bfloat16, None if method == "none" else
                           QuantSpec.make(method), context=measured["context"])
@@ -136,9 +129,40 @@ def main() -> int:
         measured["planned_weights_equal_loaded"] = p.weights["total"] == measured["weight_bytes"]["total"]
         measured["plan_over_measured"] = round(p.total / measured["peak_rss"], 4)
         measured["plan_at_run_over_measured"] = round(at_run.total / measured["peak_rss"], 4)
+        return measured
+
+    if args.replan:
+        report = json.loads(args.out.read_text())
+        ckpt = Path(report["checkpoint"])
+        results = [add_plan(r, ckpt) for r in report["results"]]
+        report["runtime_overhead_constant"] = fit.RUNTIME_OVERHEAD
+        return finish(report, results, args.out)
+
+    ckpt = args.ckpt or ensure_checkpoint(settings.bench_dir(), "tiny", None)
+    results = []
+    t0 = time.time()
+    for method in args.methods.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--ckpt", str(ckpt), "--child", method,
+                               "--tokens", str(args.tokens)], check=False, capture_output=True, text=True, cwd=ROOT)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stdout, proc.stderr, file=sys.stderr)
+            return 1
+        measured = add_plan(json.loads(lines[-1][len("RESULT "):]), ckpt)
         results.append(measured)
         print(f"{method}: done in {measured['load_s'] + measured['generate_s']:.0f} s", file=sys.stderr, flush=True)
 
+    report = {"benchmark": "memory plan vs peak RSS, real tiny shapes, synthetic bf16 weights, CPU",
+              "checkpoint": str(ckpt), "workload": f"load + one {PHOTO[0]}x{PHOTO[1]} image prompt + "
+              f"{args.tokens} decoded tokens, bfloat16", "gb": "1e9 bytes",
+              "runtime_overhead_constant": fit.RUNTIME_OVERHEAD,
+              "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                          "platform": platform.platform(), "threads": torch.get_num_threads()},
+              "seconds": round(time.time() - t0), "results": results}
+    return finish(report, results, args.out)
+
+
+def finish(report: dict, results: list[dict], out: Path) -> int:
     gb = 1e9
     print(f"{'method':6} {'weights':>8} {'load peak':>10} {'vision':>8} {'prefill':>8} {'peak RSS':>9} "
           f"{'plan':>7} {'plan/RSS':>8} {'plan@run':>9} {'ratio':>6}")
@@ -147,15 +171,8 @@ def main() -> int:
               f"{r['peak_rss_vision'] / gb:8.2f} {r['peak_rss_prefill'] / gb:8.2f} {r['peak_rss'] / gb:9.2f} "
               f"{r['plan']['total'] / gb:7.2f} {r['plan_over_measured']:8.3f} "
               f"{r['plan_at_run_context']['total'] / gb:9.2f} {r['plan_at_run_over_measured']:6.3f}")
-    report = {"benchmark": "memory plan vs peak RSS, real tiny shapes, synthetic bf16 weights, CPU",
-              "checkpoint": str(ckpt), "workload": f"load + one {PHOTO[0]}x{PHOTO[1]} image prompt + "
-              f"{args.tokens} decoded tokens, bfloat16", "gb": "1e9 bytes",
-              "runtime_overhead_constant": fit.RUNTIME_OVERHEAD,
-              "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "platform": platform.platform(), "threads": torch.get_num_threads()},
-              "seconds": round(time.time() - t0), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({r["method"]: {"peak_rss": r["peak_rss"], "plan": r["plan"]["total"],
                                     "ratio": r["plan_over_measured"]} for r in results}))
     return 0

@@ -325,3 +325,21 @@ def test_describe_oom_follows_cause():
                                  OSError("No space left on device"), KeyboardInterrupt()])
 def test_describe_oom_other(err):
     assert fit.describe_oom(err) is None
+
+
+# ------------------------------------------------------------------------------ against measured RSS
+
+def test_plan_within_10_percent_of_measured_tiny(real_dirs):
+    """The current plan against the peak RSS that benchmarks/bench_memory_plan.py measured (real
+    tiny shapes, load + a 640x480 image prompt + 16 tokens, CPU): within 10%, and not below."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory-plan-cpu.json"
+    if not results.is_file():
+        pytest.skip("no measurement; run benchmarks/bench_memory_plan.py")
+    cfg = ModelConfig.from_dir(real_dirs["tiny"])
+    for r in json.loads(results.read_text())["results"]:
+        spec = None if r["method"] == "none" else QuantSpec.make(r["method"])
+        p = fit.plan(cfg, torch.bfloat16, spec)
+        assert p.weight_bytes == r["weight_bytes"]["total"]
+        assert 1.0 <= p.total / r["peak_rss"] <= 1.10, (r["method"], p.total, r["peak_rss"])

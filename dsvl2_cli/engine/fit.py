@@ -34,12 +34,12 @@ from .memory import planned_weight_memory
 from .quant.format import QuantSpec, choose_spec, parse_method, read_spec
 from .weights import RELEASE_BYTES
 
-# RSS of the runtime before any weight: `python -c "import torch, dsvl2_cli.engine.runtime"` is
-# 0.29 GB on Linux x86-64 with torch 2.13 (CPU build); the tokenizer of a 129k vocabulary, PIL,
-# the processor and the worker threads' stacks and allocator arenas bring a process that has
-# loaded a model and run one image prompt to about 0.45 GB above its weights + activations
-# (benchmarks/bench_memory_plan.py measures both). The one measured number in the plan.
-RUNTIME_OVERHEAD = 450 * 2**20
+# What a process holds besides weights, cache and activations: torch and Python (`python -c
+# "import torch, dsvl2_cli.engine.runtime"`: 0.30 GB RSS on Linux x86-64, torch 2.13 CPU build),
+# the tokenizer of a 129k vocabulary, PIL, the processor, the worker threads and the allocator's
+# slack. Measured as RSS after loading minus the weight bytes, real tiny shapes: 0.40 GB (bf16),
+# 0.43 GB (int4) (benchmarks/bench_memory_plan.py). The one measured number in the plan.
+RUNTIME_OVERHEAD = 400 * 2**20
 # A CUDA context (kernels, cuBLAS workspace) on the device itself: an estimate, not measured here.
 CUDA_CONTEXT_OVERHEAD = 600 * 2**20
 FILE_DTYPE_BYTES = 2  # every DeepSeek-VL2 checkpoint stores bfloat16
@@ -47,7 +47,7 @@ AUTO_ORDER = ("none", "int8", "int4")  # `--quantize auto` takes the first that 
 GB = 1e9
 
 
-def _gb(n: int | float) -> str:
+def _gb(n: float) -> str:
     return f"{n / GB:.1f} GB"
 
 
@@ -154,13 +154,17 @@ def prefill_peak(cfg: ModelConfig, dtype_bytes: int, context: int, chunk: int = 
 
 
 def loading_peak(cfg: ModelConfig, spec: QuantSpec | None) -> int:
-    """The transient while loading: up to RELEASE_BYTES of mapped file pages not yet let go, plus the
-    largest tensor built (one MoE layer's stacked gate_up) and the file pages it was read from."""
+    """The transient while loading: the mapped file pages not yet let go. `weights.load_into` drops
+    them once more than RELEASE_BYTES were read, so at most RELEASE_BYTES plus the pages of the
+    largest tensor built (the embedding table, or one MoE layer's stacked gate_up). The tensor
+    built is a weight (counted there); quantizing while loading packs one part, then drops both
+    the float stack and its pages, which stays within the same bound. `spec` is kept for callers
+    (a pre-quantized folder reads smaller parts; the bound holds)."""
     lm = cfg.language
     d = lm.hidden_size
     largest = max(lm.vocab_size * d, 2 * lm.intermediate_size * d,
                   (lm.n_routed_experts or 0) * 2 * lm.moe_intermediate_size * d) * FILE_DTYPE_BYTES
-    return RELEASE_BYTES + 2 * largest
+    return RELEASE_BYTES + largest
 
 
 def plan(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None, device: str | torch.device = "cpu",
@@ -423,7 +427,7 @@ def describe_oom(err: BaseException) -> str | None:
     return None
 
 
-def _fmt_table(plans: Mapping[str, MemoryPlan], budgets_gb: tuple[int, ...] = (8, 16, 24, 32)) -> list[str]:
+def table_rows(plans: Mapping[str, MemoryPlan], budgets_gb: tuple[int, ...] = (8, 16, 24, 32)) -> list[str]:
     """Rows for README's "Memory" table: method, weights, peak, fits in each budget (GB = 1e9)."""
     rows = []
     for m, p in plans.items():
@@ -431,7 +435,3 @@ def _fmt_table(plans: Mapping[str, MemoryPlan], budgets_gb: tuple[int, ...] = (8
         rows.append(f"{m:5} weights {_gb(p.weight_bytes):>8} peak {_gb(p.total):>8}  {fits}")
     return rows
 
-
-__all__ = ["AUTO_ORDER", "Available", "MemoryPlan", "RUNTIME_OVERHEAD", "available_memory", "cgroup_headroom",
-           "check_fits", "choose_quantization", "describe_oom", "loading_peak", "mem_available", "memory_limit",
-           "parse_memory_size", "plan", "plan_for_folder", "plans_for_folder", "prefill_peak", "vision_peak"]
