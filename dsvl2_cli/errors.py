@@ -42,3 +42,7 @@ class PromptError(InputError):
 
 class ContextTooLongError(PromptError):
     """The prompt (images + text) does not fit in the model's context window."""
+
+
+class MemoryFitError(Dsvl2Error):
+    """The model, as asked for (dtype, quantization), needs more memory than this process may use."""

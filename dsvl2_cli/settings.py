@@ -26,6 +26,8 @@ VARIABLES = (
     Variable("DSVL2_KERNELS", "1", "0: never build or use the native CPU kernels (torch everywhere)"),
     Variable("DSVL2_CACHE", "", "folder for dsvl2's caches (compiled kernels); default $XDG_CACHE_HOME/dsvl2"),
     Variable("DSVL2_BENCH_DIR", "~/.cache/dsvl2/bench", "where `dsvl2 bench` writes its synthetic checkpoints"),
+    Variable("DSVL2_MEMORY_LIMIT", "", "cap on the memory dsvl2 plans to use, in bytes or with a K/M/G/T suffix "
+             "(powers of 1024: 12G, 800M, 1.5G); the lower of this and what the machine has is used"),
     Variable("CC", "cc, else gcc", "the C compiler for the native CPU kernels (may include arguments)"),
     Variable("NO_COLOR", "", "set: no colour and no pictures on stdout, even on a terminal"),
     Variable("XDG_CACHE_HOME", "~/.cache", "base folder of caches (used when DSVL2_CACHE is not set)"),
@@ -66,6 +68,11 @@ def state_dir() -> Path:
 
 def bench_dir() -> Path:
     return Path(_get("DSVL2_BENCH_DIR") or Path.home() / ".cache" / "dsvl2" / "bench").expanduser()
+
+
+def memory_limit() -> str:
+    """$DSVL2_MEMORY_LIMIT as given, stripped ("" when unset); engine/fit.py parses it."""
+    return _get("DSVL2_MEMORY_LIMIT").strip()
 
 
 def c_compiler() -> str:
