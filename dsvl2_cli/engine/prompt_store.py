@@ -154,7 +154,7 @@ class PromptStore:
         except OSError as err:
             warnings.warn(f"prompt cache not saved in {self.folder} ({err.strerror or err})", stacklevel=2)
             return None
-        self.evict()
+        self.evict(keep=path)
         return path
 
     # ------------------------------------------------------------------ upkeep
@@ -169,13 +169,16 @@ class PromptStore:
                     out.append((p, st.st_size, st.st_mtime))
         return sorted(out, key=lambda e: e[2])
 
-    def evict(self) -> int:
-        """Remove least recently used entries until the store fits its cap; returns bytes freed."""
+    def evict(self, keep: Path | None = None) -> int:
+        """Remove least recently used entries (never `keep`, the one just written: file times
+        can tie) until the store fits its cap; returns bytes freed."""
         entries = self.entries()
         total, freed = sum(size for _, size, _ in entries), 0
         for path, size, _ in entries:
             if total - freed <= self.cap_bytes:
                 break
+            if path == keep:
+                continue
             with contextlib.suppress(OSError):
                 path.unlink()
                 freed += size
