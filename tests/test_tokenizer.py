@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dsvl2_cli.engine.tokenizer import StreamDecoder, Tokenizer
+from dsvl2_cli.engine.tokenizer import StreamDecoder, Tokenizer, clean_text
 from dsvl2_cli.errors import TokenizerError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -205,7 +205,7 @@ def test_stream_multibyte_split_across_byte_tokens(tok: Tokenizer) -> None:
     ids = tok.encode(text)
     assert len(ids) > len(text)  # multibyte characters really are split over byte tokens
     deltas = _stream(tok, ids)
-    assert "".join(deltas) == tok.decode(ids) == text
+    assert "".join(deltas) == clean_text(tok.decode(ids)) == text
     assert not any("\ufffd" in d for d in deltas)
     assert "" in deltas  # something was held back while a character was incomplete
 
@@ -262,6 +262,34 @@ def test_stream_matches_decode_property(tok: Tokenizer, s: str) -> None:
     # above), where decode() always writes them out (hypothesis once drew "<|User|>")
     assume(not set(ids) & tok.special_ids)
     deltas = _stream(tok, ids)
-    assert "".join(deltas) == tok.decode(ids)
+    assert "".join(deltas) == clean_text(tok.decode(ids))
     if "\ufffd" not in s:
         assert not any("\ufffd" in d for d in deltas)
+
+
+# --- answers are text ------------------------------------------------------------------------
+
+CONTROL_SOUP = "a\x00b\x1ac\x1dd\x1b[31me\rf\x7fg\x85h\ti\nj"
+
+
+def test_stream_drops_control_characters_but_keeps_tab_and_newline(tok: Tokenizer) -> None:
+    ids = tok.encode(CONTROL_SOUP)
+    text = "".join(_stream(tok, ids))
+    assert text == "abcd[31mefgh\ti\nj"
+    assert all(c in "\t\n" or (ord(c) >= 0x20 and not 0x7F <= ord(c) < 0xA0) for c in text)
+    assert tok.decode_answer(ids) == text
+    assert tok.decode(ids) == CONTROL_SOUP  # the ids themselves keep every byte
+
+
+def test_added_tokens_never_stream_even_when_not_flagged_special(tmp_path: Path) -> None:
+    specials = {**_specials(100), "<｜place▁holder▁no▁3｜>": 111}
+    folder = _write_dir(tmp_path / "m", specials)
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    for entry in data["added_tokens"]:  # as some real files do: placeholders and pad not flagged
+        if entry["content"] in ("<｜place▁holder▁no▁3｜>", PAD):
+            entry["special"] = False
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    t = Tokenizer.from_dir(folder)
+    ids = [*t.encode("hi"), 111, t.pad_id, t.image_id, *t.encode("yo")]
+    assert "".join(_stream(t, ids)) == "hiyo"
+    assert t.decode_answer([*ids, t.specials["<|ref|>"]]) == "hiyo<|ref|>"

@@ -66,6 +66,10 @@ class LatentCache:
     def update_and_fetch(self, latent_and_rope: torch.Tensor) -> torch.Tensor:
         return self._buf.append(latent_and_rope)  # (B, T_total, C + R)
 
+    def contents(self) -> tuple[torch.Tensor, ...]:
+        """What `update_and_fetch` was given so far, as its arguments (a saved prompt prefix)."""
+        return (self._buf.data.narrow(1, 0, self.length),) if self.length else ()
+
     def reserve(self, total: int) -> None:
         self._buf.reserve(total)
 
@@ -91,6 +95,12 @@ class KVCache:
 
     def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._k.append(k), self._v.append(v)
+
+    def contents(self) -> tuple[torch.Tensor, ...]:
+        """What `update_and_fetch` was given so far, as its arguments (a saved prompt prefix)."""
+        if not self.length:
+            return ()
+        return self._k.data.narrow(2, 0, self.length), self._v.data.narrow(2, 0, self.length)
 
     def reserve(self, total: int) -> None:
         self._k.reserve(total)

@@ -28,6 +28,17 @@ USER_TOKEN = "<|User|>"
 ASSISTANT_TOKEN = "<|Assistant|>"
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 
+# Characters an answer never carries: C0 controls other than tab and newline, DEL and the C1
+# controls. A model can emit them (byte-level tokens reach every byte), and on a terminal they
+# are commands (ESC sequences, NUL, SUB, GS), not text.
+_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)])
+
+
+def clean_text(text: str) -> str:
+    """`text` without control characters (tab and newline kept)."""
+    return text.translate(_CONTROLS)
+
+
 # Looked up in tokenizer.json; a model folder without these cannot be prompted correctly.
 _REQUIRED_NAMED = (IMAGE_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
 
@@ -85,8 +96,10 @@ class Tokenizer:
         self.image_id = self.specials[IMAGE_TOKEN]
         self.user_id = self.specials[USER_TOKEN]
         self.assistant_id = self.specials[ASSISTANT_TOKEN]
-        flagged = {tid for tid, tok in hf.get_added_tokens_decoder().items() if tok.special}
-        self.special_ids: frozenset[int] = frozenset(flagged | set(self.specials.values()))
+        # Every added token counts as special, whether or not its file flags it: the DeepSeek
+        # files add placeholders, pad and role tokens, none of them answer text.
+        added = set(hf.get_added_tokens_decoder())
+        self.special_ids: frozenset[int] = frozenset(added | set(self.specials.values()))
         # Never shown in streamed text: they delimit sequences, they are not content.
         self.control_ids: frozenset[int] = frozenset({self.bos_id, self.eos_id, self.pad_id})
         self.grounding_ids: frozenset[int] = frozenset(
@@ -150,6 +163,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_answer(self, ids: Iterable[int]) -> str:
+        """An answer as text a user sees: ordinary tokens and the grounding tags (`<|ref|>`,
+        `<|det|>`, ...), without other special tokens or control characters; what the
+        streamed text joins up to."""
+        decoder = self.stream(skip_special=True)
+        return "".join(decoder.push(i) for i in ids) + decoder.flush()
+
     def stream(self, skip_special: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special=skip_special)
 
@@ -163,7 +183,8 @@ class StreamDecoder:
       the difference, so decoders that drop a leading space of the first token lose nothing.
     - Special tokens: bos/eos/pad are never emitted; grounding tokens (`<|ref|>`, `<|det|>`, ...)
       are always emitted as their text so boxes can be parsed; other special tokens (`<image>`,
-      `<|User|>`, ...) are emitted as text only when `skip_special` is False.
+      `<|User|>`, placeholders, ...) are emitted as text only when `skip_special` is False.
+    - Control characters (`clean_text`) never reach the text; the token ids keep everything.
     Each step costs O(window), not O(sequence).
     """
 
@@ -201,7 +222,7 @@ class StreamDecoder:
         delta = text[len(self._prefix_text):]
         self._prefix, self._read = self._read, len(self._ids)
         self._prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
-        return delta
+        return clean_text(delta)
 
     def _special(self, token_id: int) -> str:
         # A special token ends the ordinary text run: bytes before it can no longer combine.
