@@ -41,20 +41,19 @@ GREEDY = GenerationConfig(max_tokens=8)
 
 def test_cached_decode_equals_uncached_forward(vlm):
     prepared = prompt(vlm)
-    model = vlm.model
     with torch.inference_mode():
         embeds = vlm.embed(prepared)
-        cache = model.language.new_cache()
-        logits = model.language(embeds, cache, last_only=True)[0, -1]
+        cache = vlm.new_cache()
+        logits = vlm.forward(embeds, cache, last_only=True)[0, -1]
         ids, cached_logits = [], []
         for _ in range(8):
             cached_logits.append(logits)
             ids.append(int(logits.argmax()))
-            step = model.embed(torch.tensor([[ids[-1]]]))
-            logits = model.language(step, cache)[0, -1]
+            step = vlm.embed_tokens(torch.tensor([[ids[-1]]]))
+            logits = vlm.forward(step, cache)[0, -1]
             embeds = torch.cat([embeds, step], 1)
         # uncached: a full forward over the prompt plus the tokens so far, at every step
-        full = model.language(embeds)[0]
+        full = vlm.forward(embeds)[0]
     t = prepared.input_ids.numel()
     for i in range(8):
         torch.testing.assert_close(cached_logits[i], full[t - 1 + i], **TOL)
