@@ -7,6 +7,7 @@ import dsvl2_cli
 from dsvl2_cli.dev import bench
 from dsvl2_cli.dev.synthetic import write_config
 from dsvl2_cli.model.config import ModelConfig
+from dsvl2_cli.model.moe import looped_experts
 
 
 def test_decode_bytes_equal_the_active_parameters(ckpt):
@@ -39,13 +40,11 @@ def test_flop_counts_match_torch_flop_counter(ckpt_small):
     assert counter.get_total_flops() / 2 == bench.vision_flops_per_tile(vlm.config, attention=False)
 
     ids = torch.randint(3, 900, (1, 64))
-    for layer in vlm.model.language.model.layers:  # FlopCounterMode does not count torch._grouped_mm
-        if hasattr(layer.mlp, "experts"):
-            layer.mlp.experts.use_grouped_mm = False
-    with torch.inference_mode():
-        embeds = vlm.model.embed(ids)
+    # FlopCounterMode does not count torch._grouped_mm
+    with torch.inference_mode(), looped_experts():
+        embeds = vlm.embed_tokens(ids)
         with FlopCounterMode(display=False) as counter:
-            vlm.model.language(embeds, None, last_only=True)
+            vlm.forward(embeds, None, last_only=True)
     # here the counter sees the attention as full 64 x 64 products (both triangles), where our
     # count is causal: add that term explicitly
     lm = vlm.config.language

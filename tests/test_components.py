@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dsvl2_cli.engine.cache import new_model_cache
+from dsvl2_cli.engine.cache import new_model_cache
 from dsvl2_cli.model.attention import LatentAttention, MultiHeadAttention, RMSNorm, rope_table
 from dsvl2_cli.model.config import LANGUAGE_DEFAULTS, LanguageConfig
-from dsvl2_cli.model.moe import MoE
+from dsvl2_cli.model.moe import MoE, looped_experts
 from dsvl2_cli.model.vision import space_to_channel
 
 
@@ -82,6 +84,11 @@ def naive_mla(att: LatentAttention, cfg: LanguageConfig, x: torch.Tensor) -> tor
     return out @ att.o_proj.weight.double().T
 
 
+def layer_cache(cfg, dtype):
+    """One layer's empty cache (batch 1) of the kind `cfg`'s attention uses."""
+    return new_model_cache(cfg, 1, None, dtype, torch.device("cpu")).layers[0]
+
+
 def run_attention(att, cfg, x, chunks):
     """Run x through `att` in the given chunk sizes with a cache (or at once without one)."""
     rope_dim = cfg.qk_rope_head_dim if cfg.use_mla else cfg.head_dim
@@ -90,7 +97,7 @@ def run_attention(att, cfg, x, chunks):
     if chunks is None:
         ang = table[: x.shape[1]][None, None]
         return att(x, ang.cos(), ang.sin(), None, None)
-    cache, outs, start = att.new_cache(1, x.dtype, x.device), [], 0
+    cache, outs, start = layer_cache(cfg, x.dtype), [], 0
     for size in chunks:
         part = x[:, start:start + size]
         ang = table[start:start + size][None, None]
@@ -103,11 +110,10 @@ def run_attention(att, cfg, x, chunks):
 @pytest.mark.parametrize("chunks", [None, [11], [5, 1, 1, 4], [1] * 11])
 def test_mla_production_paths_match_naive(path, chunks):
     cfg = lm_config()
-    att = LatentAttention(cfg)
+    att = LatentAttention(cfg, path=path)
     randomise(att)
     with torch.no_grad():
         att.kv_a_layernorm.weight.add_(1.0)
-    att.force_path = path
     x = torch.randn(1, 11, cfg.hidden_size)
     with torch.inference_mode():
         ours = run_attention(att, cfg, x, chunks)
@@ -119,7 +125,7 @@ def test_mla_cache_holds_only_latent_and_rope_key():
     cfg = lm_config()
     att = LatentAttention(cfg)
     randomise(att)
-    cache = att.new_cache(1, torch.float32, torch.device("cpu"))
+    cache = layer_cache(cfg, torch.float32)
     table = rope_table(cfg.qk_rope_head_dim, 256, cfg.rope_theta)[:7][None, None]
     with torch.inference_mode():
         att(torch.randn(1, 7, cfg.hidden_size), table.cos(), table.sin(), None, cache)
@@ -257,8 +263,8 @@ def test_grouped_mm_path_equals_per_expert_loop(dtype):
     x = torch.randn(50, cfg.hidden_size, dtype=dtype)  # more rows than the decode kernel takes
     with torch.inference_mode():
         grouped = moe(x)
-        moe.experts.use_grouped_mm = False
-        looped = moe(x)
+        with looped_experts():
+            looped = moe(x)
     torch.testing.assert_close(grouped, looped, rtol=0, atol=0)
 
 

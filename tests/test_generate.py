@@ -41,20 +41,19 @@ GREEDY = GenerationConfig(max_tokens=8)
 
 def test_cached_decode_equals_uncached_forward(vlm):
     prepared = prompt(vlm)
-    model = vlm.model
     with torch.inference_mode():
         embeds = vlm.embed(prepared)
-        cache = model.language.new_cache()
-        logits = model.language(embeds, cache, last_only=True)[0, -1]
+        cache = vlm.new_cache()
+        logits = vlm.forward(embeds, cache, last_only=True)[0, -1]
         ids, cached_logits = [], []
         for _ in range(8):
             cached_logits.append(logits)
             ids.append(int(logits.argmax()))
-            step = model.embed(torch.tensor([[ids[-1]]]))
-            logits = model.language(step, cache)[0, -1]
+            step = vlm.embed_tokens(torch.tensor([[ids[-1]]]))
+            logits = vlm.forward(step, cache)[0, -1]
             embeds = torch.cat([embeds, step], 1)
         # uncached: a full forward over the prompt plus the tokens so far, at every step
-        full = model.language(embeds)[0]
+        full = vlm.forward(embeds)[0]
     t = prepared.input_ids.numel()
     for i in range(8):
         torch.testing.assert_close(cached_logits[i], full[t - 1 + i], **TOL)
@@ -212,3 +211,87 @@ def test_stop_matcher_across_token_boundaries():
     assert m.feed("ART") == ("START", False)
     assert m.feed("", final=True) == ("", False)
     assert StopMatcher([]).feed("anything") == ("anything", False)
+
+
+# ------------------------------------------------------------------ context limit and padding
+
+SHORT_CONTEXT = 48
+
+
+def short_context_copy(src, dst, limit=SHORT_CONTEXT):
+    """`src` checkpoint with max_position_embeddings = limit (weights linked, not copied)."""
+    import json
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["language_config"]["max_position_embeddings"] = limit
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module", params=["tiny-like", "small-like"])
+def short_vlm(request, tmp_path_factory, ckpt_tiny, ckpt_small):
+    src = {"tiny-like": ckpt_tiny, "small-like": ckpt_small}[request.param]
+    path = short_context_copy(src, tmp_path_factory.mktemp("short") / request.param)
+    return dsvl2_cli.load(path, dtype="float32", device="cpu")
+
+
+def text_prompt(vlm, words: int):
+    return vlm.prepare([user_message(" ".join(["word"] * words), [])])
+
+
+def test_generation_ends_at_the_context_limit(short_vlm):
+    p = text_prompt(short_vlm, 3)
+    n = p.input_ids.numel()
+    result = generate(short_vlm, p, GenerationConfig(max_tokens=1000))
+    assert result.finish_reason == "context"
+    # every position is used: the prompt, then all answer tokens but the last one (never fed)
+    assert len(result.token_ids) == SHORT_CONTEXT - n + 1
+
+
+def test_batch_rows_reaching_the_context_limit_equal_one_by_one(short_vlm):
+    """Issue 16: rows of different lengths end at their own limit while others still decode."""
+    prompts = [text_prompt(short_vlm, w) for w in (1, 12, 5)]
+    config = GenerationConfig(max_tokens=1000)
+    batch = generate_batch(short_vlm, prompts, config)
+    single = [generate(short_vlm, p, config) for p in prompts]
+    assert [r.finish_reason for r in single] == ["context"] * 3
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+    assert [r.finish_reason for r in batch] == [r.finish_reason for r in single]
+
+
+def test_batch_rows_ignore_their_padding(vlm):
+    """Left-padded rows give each prompt's own logits: at the prompt's end and for decode steps."""
+    prompts = [vlm.prepare([user_message(t, [])]) for t in ("Hi.", "A much longer question than the first one?")]
+    lengths = [p.input_ids.numel() for p in prompts]
+    width = max(lengths)
+    pad = torch.tensor([width - n for n in lengths])
+    ids = torch.full((2, width), vlm.tokenizer.pad_id)
+    for row, p in enumerate(prompts):
+        ids[row, pad[row]:] = p.input_ids
+    step = torch.tensor([[7], [7]])
+    with torch.inference_mode():
+        cache = vlm.new_cache(2, pad)
+        batch = [vlm.forward(vlm.embed_tokens(ids), cache, last_only=True)[:, -1]]
+        for _ in range(2):
+            batch.append(vlm.forward(vlm.embed_tokens(step), cache)[:, -1])
+        for row, p in enumerate(prompts):
+            alone = vlm.new_cache(1)
+            single = [vlm.forward(vlm.embed_tokens(p.input_ids[None]), alone, last_only=True)[0, -1]]
+            for _ in range(2):
+                single.append(vlm.forward(vlm.embed_tokens(step[:1]), alone)[0, -1])
+            for b, s in zip(batch, single):
+                torch.testing.assert_close(b[row], s, **TOL)
+
+
+def test_same_prompt_again_with_its_prompt_cache(vlm):
+    """The cache covers the whole prompt: its last position is recomputed for the first token."""
+    p = prompt(vlm)
+    cache = PromptCache()
+    first = generate(vlm, p, GREEDY, cache)
+    events = list(stream_generate(vlm, p, GREEDY, cache))
+    assert next(e for e in events if isinstance(e, Prefilled)).reused_tokens == p.input_ids.numel() - 1
+    assert events[-1].token_ids == first.token_ids
+    assert isinstance(first, dsvl2_cli.Result)  # Result is Done's old name

@@ -40,7 +40,7 @@ from dsvl2_cli.engine.quant import experts as quant_experts
 from dsvl2_cli.engine.quant import folder as quant_folder
 from dsvl2_cli.engine.quant import format as quant_format
 from dsvl2_cli.errors import Dsvl2Error, WeightsError
-from dsvl2_cli.model.moe import HAS_GROUPED_MM, Experts
+from dsvl2_cli.model.moe import Experts, looped_experts
 
 try:
     quant_experts._bitsandbytes()
@@ -272,17 +272,16 @@ def trained_fixture(path):
         p.requires_grad_(False)
     params = []
     for e in experts:
-        e.use_grouped_mm = False  # the per-expert loop has autograd everywhere
         params += [e.gate_up.requires_grad_(True), e.down.requires_grad_(True)]
     opt = torch.optim.Adam(params, lr=3e-3)
-    for _ in range(300):
-        logits = lm(embeds)[0, len(ids) - 1:]  # (20, V): the prediction of each target token
-        loss = F.cross_entropy(logits, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with looped_experts():  # the per-expert loop has autograd everywhere
+        for _ in range(300):
+            logits = lm(embeds)[0, len(ids) - 1:]  # (20, V): the prediction of each target token
+            loss = F.cross_entropy(logits, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     for e in experts:
-        e.use_grouped_mm = HAS_GROUPED_MM
         e.gate_up.requires_grad_(False)
         e.down.requires_grad_(False)
     with torch.no_grad():

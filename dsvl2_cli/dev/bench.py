@@ -29,6 +29,7 @@ import torch
 
 from .. import settings
 from ..engine import kernels
+from ..engine.runtime import VLModel
 
 DOC_IMAGE = (1152, 1152)  # a page that tiles 3x3: 210 + 1 + 42*43 = 2017 image tokens
 PHOTO = (640, 480)  # tiles 2x2: 1023 image tokens
@@ -173,25 +174,24 @@ def synthetic_image(size):
     return Image.fromarray(data, "RGB")
 
 
-def decode_rate(vlm, context_ids: list[int], steps: int) -> tuple[float, int]:
+def decode_rate(vlm: VLModel, context_ids: list[int], steps: int) -> tuple[float, int]:
     """Median seconds per decode step after prefilling `context_ids`; and the cache bytes."""
-    lm = vlm.model.language
-    cache = lm.new_cache()
+    cache = vlm.new_cache()
     with torch.inference_mode():
-        embeds = vlm.model.embed(torch.tensor([context_ids]))
+        embeds = vlm.embed_tokens(torch.tensor([context_ids]))
         for s in range(0, embeds.shape[1], 512):
-            logits = lm(embeds[:, s:s + 512], cache, last_only=True)
-        token = logits[:, -1:].argmax(-1)
+            logits = vlm.forward(embeds[:, s:s + 512], cache, last_only=True)
+        token = logits[:, -1:].argmax(-1)  # (1, 1)
         times = []
         for _ in range(steps + 3):
             t = time.perf_counter()
-            logits = lm(vlm.model.embed(token), cache)
+            logits = vlm.forward(vlm.embed_tokens(token), cache)
             token = logits[:, -1:].argmax(-1)
             times.append(time.perf_counter() - t)
     return median(times[3:]), cache.nbytes // cache.length
 
 
-def text_ids(vlm, n: int) -> list[int]:
+def text_ids(vlm: VLModel, n: int) -> list[int]:
     """A plain-text prompt of exactly n tokens (bos + repeated prose)."""
     tok = vlm.tokenizer
     base = tok.encode("The quick brown fox jumps over the lazy dog while the model reads on. ")
@@ -241,8 +241,8 @@ def bench_ours(path: Path, quick: bool) -> dict:
     n_prefill = 128 if quick else 1024
     ids = torch.tensor([text_ids(vlm, n_prefill)])
     with torch.inference_mode():
-        embeds = vlm.model.embed(ids)
-        prefill_s = timed(lambda: vlm.model.language(embeds, None, last_only=True), 1 if quick else 2)
+        embeds = vlm.embed_tokens(ids)
+        prefill_s = timed(lambda: vlm.forward(embeds, None, last_only=True), 1 if quick else 2)
     out["lm_prefill"] = {"tokens": n_prefill, "tok_s": n_prefill / prefill_s,
                          "gflop_s": lm_prefill_flops(cfg, n_prefill) / prefill_s / 1e9}
     # from here on, generation as a user runs it: its peak RSS is the one reported
@@ -263,7 +263,7 @@ def bench_ours(path: Path, quick: bool) -> dict:
 
 # ------------------------------------------------------------------ the transformers peer
 
-def build_peer(vlm):
+def build_peer(vlm: VLModel):
     """transformers' DeepseekV2ForCausalLM holding our language model's weights (shared storage)."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
@@ -305,7 +305,7 @@ def build_peer(vlm):
     return peer.eval()
 
 
-def bench_peer(vlm, quick: bool) -> dict:
+def bench_peer(vlm: VLModel, quick: bool) -> dict:
     from transformers import DynamicCache
 
     peer = build_peer(vlm)
@@ -339,8 +339,8 @@ def bench_family(work: Path, family: str, layers: int | None, quick: bool, peer:
         with torch.inference_mode():
             # ours again in the same process state as the peer, back to back
             ids = torch.tensor([text_ids(vlm, 128 if quick else 1024)])
-            embeds = vlm.model.embed(ids)
-            ours_prefill = timed(lambda: vlm.model.language(embeds, None, last_only=True), 1 if quick else 2)
+            embeds = vlm.embed_tokens(ids)
+            ours_prefill = timed(lambda: vlm.forward(embeds, None, last_only=True), 1 if quick else 2)
         ours_step, _ = decode_rate(vlm, text_ids(vlm, 10), 8 if quick else 32)
         theirs = bench_peer(vlm, quick)
         result["peer"] = {

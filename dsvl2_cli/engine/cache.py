@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.config import LanguageConfig
+
 
 class _GrowingBuffer:
     """A (B, ..., capacity, ...) tensor with a fill level along `dim`."""
@@ -48,6 +50,11 @@ class _GrowingBuffer:
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (1-D indices, in that order)."""
+        if self.data is not None:
+            self.data = self.data.index_select(0, rows.to(self._device))
+
     def used_bytes(self) -> int:
         if self.data is None:
             return 0
@@ -75,6 +82,9 @@ class LatentCache:
 
     def truncate(self, length: int) -> None:
         self._buf.truncate(length)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self._buf.keep_rows(rows)
 
     @property
     def length(self) -> int:
@@ -109,6 +119,10 @@ class KVCache:
     def truncate(self, length: int) -> None:
         self._k.truncate(length)
         self._v.truncate(length)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self._k.keep_rows(rows)
+        self._v.keep_rows(rows)
 
     @property
     def length(self) -> int:
@@ -147,3 +161,25 @@ class ModelCache:
         """Forget everything after the first `length` positions (history was edited)."""
         for layer in self.layers:
             layer.truncate(length)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop the batch rows not in `rows` (finished sequences of a batch), keeping their order.
+        A padding that no kept row has any more is dropped, so the mask-free decode path applies."""
+        index = torch.tensor(rows)
+        for layer in self.layers:
+            layer.keep_rows(index)
+        if self.pad is not None:
+            pad = self.pad.index_select(0, index.to(self.pad.device))
+            self.pad = pad if bool(pad.any()) else None
+
+
+def new_model_cache(cfg: LanguageConfig, batch: int, pad: torch.Tensor | None, dtype: torch.dtype,
+                    device: torch.device) -> ModelCache:
+    """An empty cache for every decoder layer of `cfg` (MLA: latent + rope key; else K and V)."""
+    if cfg.use_mla:
+        layers = [LatentCache(batch, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+                  for _ in range(cfg.num_hidden_layers)]
+    else:
+        layers = [KVCache(batch, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+                  for _ in range(cfg.num_hidden_layers)]
+    return ModelCache(layers, pad)

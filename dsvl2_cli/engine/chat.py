@@ -22,10 +22,11 @@ from PIL import Image
 from ..errors import Dsvl2Error, PromptError
 from .generate import Done, Event, GenerationConfig, PromptCache, Token, stream_generate
 from .processor import MAX_TILED_IMAGES, Message, Prepared, user_message
+from .runtime import VLModel
 
 
 class ChatSession:
-    def __init__(self, vlm, *, system: str | None = None, config: GenerationConfig | None = None,
+    def __init__(self, vlm: VLModel, *, system: str | None = None, config: GenerationConfig | None = None,
                  images: Sequence[Image.Image] = ()):
         self.vlm = vlm
         self.system = system

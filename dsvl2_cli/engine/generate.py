@@ -1,5 +1,6 @@
 """Generation in three layers (as mlx-lm): a step loop over the model, a stream of typed events
-(`Prefilled`, `Token`, `Done`), and `generate()` which joins the stream into a `Result`.
+(`Prefilled`, `Token`, `Done`), and `generate()` which joins the stream into its final `Done`.
+One decode step loop (`_decode`) serves a single sequence (batch 1) and `generate_batch`.
 
 - The prompt is prefilled in chunks of `prefill_chunk` positions (the reference's "incremental
   prefilling"): the same logits as one pass, with activations bounded by the chunk size.
@@ -22,12 +23,10 @@ import torch
 from ..errors import ContextTooLongError, Dsvl2Error
 from .cache import ModelCache
 from .processor import Prepared
+from .runtime import VLModel
 from .sampling import SamplingParams, make_generator, sample
 
 DEFAULT_PREFILL_CHUNK = 512
-# Tiles through the vision tower per batch: 4 x 729 rows keep its matmuls efficient while a
-# 10-tile page does not hold all of its activations at once.
-TILE_BATCH = 4
 
 
 # ------------------------------------------------------------------------------------ events
@@ -77,12 +76,8 @@ class Done:
 Event = Prefilled | Token | Done
 
 
-@dataclass(frozen=True)
-class Result:
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str
-    stats: Stats
+# What generate() returns: the final event itself (the name predates the merge).
+Result = Done
 
 
 @dataclass(frozen=True)
@@ -155,7 +150,7 @@ class PromptCache:
 
 # --------------------------------------------------------------------------------- the engine
 
-def check_context(vlm, prepared: Prepared) -> None:
+def check_context(vlm: VLModel, prepared: Prepared) -> None:
     limit = vlm.config.language.max_position_embeddings
     total = int(prepared.input_ids.numel())
     if total < limit:
@@ -170,28 +165,24 @@ def check_context(vlm, prepared: Prepared) -> None:
     )
 
 
-def _prefill(vlm, prepared: Prepared, pcache: PromptCache, chunk: int) -> tuple[torch.Tensor, int]:
+def _prefill(vlm: VLModel, prepared: Prepared, pcache: PromptCache, chunk: int) -> tuple[torch.Tensor, int]:
     """Bring the cache up to the whole prompt; return the last position's logits (1, V) and the
     number of positions reused."""
     keys = position_keys(prepared)
-    model = vlm.model
     if pcache.cache is None:
-        pcache.cache = model.language.new_cache(1)
+        pcache.cache = vlm.new_cache(1)
     start = pcache.reusable(keys)
     pcache.cache.truncate(start)
     pcache.keys = pcache.keys[:start]
 
-    ids = prepared.input_ids[start:]
     # encode only the images whose tokens lie in the new part (earlier ones are cached)
     spans = image_spans(prepared)
-    new_images = [i for i, (s, _) in enumerate(spans) if s >= start]
-    pixels = torch.cat([prepared.images[i].pixel_values for i in new_images]) if new_images else None
-    embeds = model.embed(ids[None], prepared.image_mask[start:][None], pixels,
-                         [prepared.images[i].grid for i in new_images], tile_batch=TILE_BATCH)
+    new_images = [img for img, (s, _) in zip(prepared.images, spans) if s >= start]
+    embeds = vlm.embed_prompt(prepared.input_ids[start:][None], prepared.image_mask[start:][None], new_images)
     pcache.cache.reserve(prepared.input_ids.numel() + 1)
     logits = None
     for s in range(0, embeds.shape[1], chunk):
-        logits = model.language(embeds[:, s:s + chunk], pcache.cache, last_only=True)
+        logits = vlm.forward(embeds[:, s:s + chunk], pcache.cache, last_only=True)
     pcache.keys = keys
     return logits[:, -1], start
 
@@ -199,15 +190,18 @@ def _prefill(vlm, prepared: Prepared, pcache: PromptCache, chunk: int) -> tuple[
 class _Sequence:
     """One generated sequence's bookkeeping: ids, detokenizer, stop strings, why it ended."""
 
-    def __init__(self, vlm, config: GenerationConfig, history: torch.Tensor):
+    def __init__(self, vlm: VLModel, config: GenerationConfig, history: torch.Tensor, offset: int = 0):
         self.tok = vlm.tokenizer
         self.config = config
         self.generator = make_generator(config.sampling.seed)
         self.history = history  # (T,) prompt ids, for the repetition penalty
+        self.offset = offset  # left-padding positions before this row's prompt in a batch cache
         self.decoder = self.tok.stream(skip_special=True)
         self.stops = StopMatcher(config.stop)
         self.ids: list[int] = []
         self.parts: list[str] = []
+        self.fed = 0  # generated tokens fed through the model (all but a final one)
+        self.first_at: float | None = None  # perf_counter() when the first token was chosen
         self.reason: str | None = None
 
     def choose(self, logits: torch.Tensor) -> int:
@@ -215,11 +209,14 @@ class _Sequence:
         penalty = self.config.sampling.repetition_penalty != 1.0
         if penalty:
             self.history = torch.cat([self.history, self.history.new_tensor(self.ids[-1:])])
-        return int(sample(logits[None], self.config.sampling, self.history[None] if penalty else None,
-                          self.generator)[0])
+        token = int(sample(logits[None], self.config.sampling, self.history[None] if penalty else None,
+                           self.generator)[0])
+        self.first_at = self.first_at or time.perf_counter()
+        return token
 
     def accept(self, token_id: int, cache_len: int, limit: int) -> Token | None:
-        """Record a sampled token; returns its event (None for eos) and sets `reason` when done."""
+        """Record a sampled token; returns its event (None for eos) and sets `reason` when done.
+        cache_len: this row's positions in the cache; at `limit` no position is left to feed."""
         if token_id == self.tok.eos_id:
             self.reason = "eos"
             return None
@@ -249,6 +246,37 @@ class _Sequence:
         return "".join(self.parts)
 
 
+def _decode(vlm: VLModel, seqs: list[_Sequence], logits: torch.Tensor, cache: ModelCache) -> Iterator[tuple[int, Token]]:
+    """The decode step loop, shared by one sequence and a batch: from each row's last prompt
+    logits (B, V), choose, accept and feed one token per unfinished row until all are done.
+    Yields (row, Token) as tokens are accepted.
+
+    Finished rows leave the batch (and the cache) at once: a row is never fed past its own
+    context limit, and the rows still running see exactly what they would alone.
+    """
+    limit = vlm.config.language.max_position_embeddings
+    rows = list(range(len(seqs)))  # batch position -> sequence index
+    while True:
+        step = []
+        for i, r in enumerate(rows):
+            seq = seqs[r]
+            token = seq.choose(logits[i])
+            event = seq.accept(token, cache.length - seq.offset, limit)
+            if event is not None:
+                yield r, event
+            step.append(token)
+        live = [i for i, r in enumerate(rows) if seqs[r].reason is None]
+        if not live:
+            return
+        if len(live) < len(rows):
+            cache.keep_rows(live)
+            rows, step = [rows[i] for i in live], [step[i] for i in live]
+        tokens = torch.tensor(step, device=vlm.device)[:, None]  # (B, 1)
+        logits = vlm.forward(vlm.embed_tokens(tokens), cache)[:, -1]  # (B, V)
+        for r in rows:
+            seqs[r].fed += 1
+
+
 def _stats(prompt_len, reused, image_tokens, n, t0, t_prefill_end, t_first, t_end, cache_bytes) -> Stats:
     prefill_time = t_prefill_end - t0
     decode_time = (t_end - t_first) if t_first else 0.0
@@ -265,7 +293,7 @@ def _stats(prompt_len, reused, image_tokens, n, t0, t_prefill_end, t_first, t_en
 
 
 @torch.inference_mode()
-def stream_generate(vlm, prepared: Prepared, config: GenerationConfig | None = None,
+def stream_generate(vlm: VLModel, prepared: Prepared, config: GenerationConfig | None = None,
                     prompt_cache: PromptCache | None = None) -> Iterator[Event]:
     """Prefill `prepared` (reusing `prompt_cache` when given) and yield events until done.
 
@@ -275,7 +303,6 @@ def stream_generate(vlm, prepared: Prepared, config: GenerationConfig | None = N
     config = config or GenerationConfig()
     check_context(vlm, prepared)
     pcache = prompt_cache if prompt_cache is not None else PromptCache()
-    limit = vlm.config.language.max_position_embeddings
     t0 = time.perf_counter()
 
     logits, reused = _prefill(vlm, prepared, pcache, config.prefill_chunk)
@@ -285,36 +312,32 @@ def stream_generate(vlm, prepared: Prepared, config: GenerationConfig | None = N
     yield Prefilled(prompt_len, reused, image_tokens, t_prefill - t0)
 
     seq = _Sequence(vlm, config, prepared.input_ids.to(vlm.device))
-    t_first = None
-    while seq.reason is None:
-        next_id = seq.choose(logits[0])
-        t_first = t_first or time.perf_counter()
-        event = seq.accept(next_id, pcache.cache.length, limit)
-        if event is not None:
+    prompt_keys = pcache.keys
+    try:
+        for _, event in _decode(vlm, [seq], logits, pcache.cache):
             yield event
-        if seq.reason is None:
-            step = torch.tensor([[next_id]], device=vlm.device)
-            logits = vlm.model.language(vlm.model.embed(step), pcache.cache)[:, -1]
-            pcache.keys.append(next_id)
+    finally:
+        # the cache holds the prompt and the generated tokens that were fed (all but the last
+        # one, or fewer when the stream was abandoned); the next turn reuses it up to its first
+        # difference
+        pcache.keys = prompt_keys + seq.ids[:seq.fed]
     tail = seq.finish()
     if tail is not None:
         yield tail
-    # pcache.keys lists the prompt and every generated token except the last one, which was
-    # never fed through the model; the next turn reuses the cache up to its first difference.
-    stats = _stats(prompt_len, reused, image_tokens, len(seq.ids), t0, t_prefill, t_first,
+    stats = _stats(prompt_len, reused, image_tokens, len(seq.ids), t0, t_prefill, seq.first_at,
                    time.perf_counter(), pcache.nbytes)
     yield Done(seq.reason, seq.text, tuple(seq.ids), stats)
 
 
 @torch.inference_mode()
-def generate_batch(vlm, prompts: Sequence[Prepared], config: GenerationConfig | None = None) -> list[Result]:
-    """Independent prompts decoded together (left-padded); each result equals its one-by-one run."""
+def generate_batch(vlm: VLModel, prompts: Sequence[Prepared], config: GenerationConfig | None = None) -> list[Done]:
+    """Independent prompts decoded together (left-padded); each result equals its one-by-one run
+    (tokens and finish_reason)."""
     config = config or GenerationConfig()
     if not prompts:
         return []
     for p in prompts:
         check_context(vlm, p)
-    model, limit = vlm.model, vlm.config.language.max_position_embeddings
     t0 = time.perf_counter()
     lengths = [int(p.input_ids.numel()) for p in prompts]
     width, b = max(lengths), len(prompts)
@@ -324,47 +347,34 @@ def generate_batch(vlm, prompts: Sequence[Prepared], config: GenerationConfig | 
     for row, p in enumerate(prompts):
         ids[row, pad[row]:] = p.input_ids
         mask[row, pad[row]:] = p.image_mask
-    images = [img for p in prompts for img in p.images]  # row-major, as embed() fills them
-    pixels = torch.cat([img.pixel_values for img in images]) if images else None
-    embeds = model.embed(ids, mask, pixels, [img.grid for img in images], tile_batch=TILE_BATCH)
-    cache = model.language.new_cache(b, pad.to(vlm.device) if int(pad.max()) else None)
+    embeds = vlm.embed_prompt(ids, mask, [img for p in prompts for img in p.images])  # images row-major
+    cache = vlm.new_cache(b, pad.to(vlm.device) if int(pad.max()) else None)
     cache.reserve(width + config.max_tokens)
     for s in range(0, width, config.prefill_chunk):
-        logits = model.language(embeds[:, s:s + config.prefill_chunk], cache, last_only=True)[:, -1]
+        logits = vlm.forward(embeds[:, s:s + config.prefill_chunk], cache, last_only=True)[:, -1]  # (B, V)
     t_prefill = time.perf_counter()
+    per_position = cache.nbytes // (b * width)  # one row's cache bytes per position
 
-    seqs = [_Sequence(vlm, config, p.input_ids.to(vlm.device)) for p in prompts]
-    t_first = None
-    while any(s.reason is None for s in seqs):
-        step = []
-        for row, seq in enumerate(seqs):
-            if seq.reason is None:
-                next_id = seq.choose(logits[row])
-                seq.accept(next_id, cache.length - int(pad[row]), limit)
-                step.append(next_id)
-            else:
-                step.append(vlm.tokenizer.eos_id)  # finished rows idle along; their output is ignored
-        t_first = t_first or time.perf_counter()
-        if all(s.reason is not None for s in seqs):
-            break
-        tokens = torch.tensor(step, device=vlm.device)[:, None]
-        logits = model.language(model.embed(tokens), cache)[:, -1]
+    seqs = [_Sequence(vlm, config, p.input_ids.to(vlm.device), width - n) for p, n in zip(prompts, lengths)]
+    for _ in _decode(vlm, seqs, logits, cache):
+        pass
     t_end = time.perf_counter()
+    t_first = min((s.first_at for s in seqs if s.first_at is not None), default=None)
     results = []
     for row, seq in enumerate(seqs):
         seq.finish()
         stats = _stats(lengths[row], 0, sum(i.num_tokens for i in prompts[row].images), len(seq.ids),
-                       t0, t_prefill, t_first, t_end, cache.nbytes // b)
-        results.append(Result(seq.text, tuple(seq.ids), seq.reason, stats))
+                       t0, t_prefill, t_first, t_end, per_position * (width + seq.fed))
+        results.append(Done(seq.reason, seq.text, tuple(seq.ids), stats))
     return results
 
 
-def generate(vlm, prepared: Prepared, config: GenerationConfig | None = None,
-             prompt_cache: PromptCache | None = None) -> Result:
-    """The joined stream: the whole answer at once."""
+def generate(vlm: VLModel, prepared: Prepared, config: GenerationConfig | None = None,
+             prompt_cache: PromptCache | None = None) -> Done:
+    """The joined stream: the whole answer at once, as its final `Done` event."""
     for event in stream_generate(vlm, prepared, config, prompt_cache):
         if isinstance(event, Done):
-            return Result(event.text, event.token_ids, event.finish_reason, event.stats)
+            return event
     raise AssertionError("stream ended without Done")  # pragma: no cover
 
 

@@ -132,6 +132,11 @@ def disabled():
         _off.value = previous
 
 
+def available() -> bool:
+    """Whether the native kernels built here (whatever `disabled()` says for this thread)."""
+    return _load() is not None
+
+
 def _enabled() -> bool:
     """Kernels built and not switched off for this thread (`disabled()`)."""
     return not getattr(_off, "value", False) and _load() is not None

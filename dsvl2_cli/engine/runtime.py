@@ -18,11 +18,16 @@ from ..errors import Dsvl2Error, ModelError
 from ..model.config import ModelConfig
 from ..model.language import rope_table
 from ..model.vlm import DeepseekVL2
-from . import hub, memory, quant
-from .processor import Message, Prepared, Processor, ProcessorSettings
+from . import fast, hub, memory, quant
+from .cache import ModelCache, new_model_cache
+from .processor import Message, Prepared, PreparedImage, Processor, ProcessorSettings
 from .quant import QuantSpec
 from .tokenizer import Tokenizer
 from .weights import TensorReader, check_tensors, expected_tensors, load_into, read_headers, weight_files
+
+# Tiles through the vision tower per batch: 4 x 729 rows keep its matmuls efficient while a
+# 10-tile page does not hold all of its activations at once.
+TILE_BATCH = 4
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
@@ -90,6 +95,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     rope_dim = lm.qk_rope_head_dim if lm.use_mla else lm.head_dim
     model.language.rope_angles = rope_table(rope_dim, lm.max_position_embeddings, lm.rope_theta).to(device)
     model.quantization = spec
+    fast.install(model)  # CPU: native decode kernels and few-query attention (see fast.py)
     return model.eval()
 
 
@@ -125,6 +131,26 @@ class VLModel:
     def prepare(self, messages: Sequence[Message], *, system: str | None = None) -> Prepared:
         return self.processor.prepare(messages, system=system)
 
+    def new_cache(self, batch: int = 1, pad: torch.Tensor | None = None) -> ModelCache:
+        """An empty cache for `batch` rows; pad (B,) int64: left-padding positions per row."""
+        return new_model_cache(self.config.language, batch, pad, self.dtype, self.device)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> embeddings (B, T, D), no images (decode steps)."""
+        return self.model.embed(ids)
+
+    def embed_prompt(self, ids: torch.Tensor, image_mask: torch.Tensor,
+                     images: Sequence[PreparedImage] = ()) -> torch.Tensor:
+        """Prompt ids (B, T) and image mask (B, T) -> embeddings (B, T, D) with `images` (in
+        row-major prompt order) encoded, TILE_BATCH tiles at a time, and laid out."""
+        pixels = torch.cat([img.pixel_values for img in images]) if images else None
+        return self.model.embed(ids, image_mask, pixels, [img.grid for img in images], tile_batch=TILE_BATCH)
+
+    def forward(self, embeds: torch.Tensor, cache: ModelCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """embeds (B, T, D) -> logits (B, T, V) float32 ((B, 1, V) with last_only); with a cache
+        the positions follow what it holds, and it grows by T."""
+        return self.model.language(embeds, cache, last_only)
+
     @torch.inference_mode()
     def embed(self, prepared: Prepared) -> torch.Tensor:
         """Prompt embeddings (1, T, D) with the images encoded and laid out."""
@@ -136,7 +162,7 @@ class VLModel:
     @torch.inference_mode()
     def logits(self, prepared: Prepared) -> torch.Tensor:
         """Full uncached forward pass: logits (T, V) float32 for every prompt position."""
-        return self.model.language(self.embed(prepared))[0]
+        return self.forward(self.embed(prepared))[0]
 
 
 def load(

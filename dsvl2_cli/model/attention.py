@@ -8,6 +8,11 @@ those are cached. Two equivalent ways to attend over the cache:
 - absorbed: fold the key half of kv_b_proj into the query and the value half into the output, and
   attend directly in latent space. Cheapest for a few queries over a long cache (decode).
 `kv_b_proj` is split once at load time into `w_kb` (H, nope, C) and `w_vb` (H, v, C) for this.
+
+Plain torch throughout. Two small hooks let the engine run faster code without changing the math:
+`attend` (attention over the cache: MHA's, and MLA's in latent space) and, for MLA, `head_matmul`
+(the per-head absorption products). engine/fast.py replaces them at load time on CPU.
+Caches are duck-typed (`update_and_fetch`; engine/cache.py has them): the model imports no engine code.
 """
 
 from __future__ import annotations
@@ -16,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import kernels
-from ..engine.cache import KVCache, LatentCache
 from .config import LanguageConfig
 
 
@@ -85,34 +88,33 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=False)
+        self.attend = sdpa_attention  # (q, k, v, mask, scale) -> out; the engine may swap it
 
-    def new_cache(self, batch: int, dtype, device) -> KVCache:
-        return KVCache(batch, self.kv_heads, self.head_dim, dtype, device)
-
-    def forward(self, x, cos, sin, mask, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
+        """x (B, T, D); cache: a KVCache or None."""
         b, t, _ = x.shape
-        q = kernels.linear(x, self.q_proj.weight).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = kernels.linear(x, self.k_proj.weight).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = kernels.linear(x, self.v_proj.weight).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin, interleaved=False)
         k = apply_rope(k, cos, sin, interleaved=False)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, T_total, hd)
-        if t == 1 and x.device.type == "cpu":  # decode
-            out = few_query_attention(q, k, v, mask, self.head_dim**-0.5)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                enable_gqa=self.kv_heads != self.heads,
-            )
-        return kernels.linear(out.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight)
+        # (B, H, T, hd); scale None: 1/sqrt(hd); without a mask and a cache, causal over the T new
+        out = self.attend(q, k, v, mask, None, causal=mask is None and t > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class LatentAttention(nn.Module):
     """MLA without query LoRA (q_lora_rank is null in every DeepSeek-VL2 config)."""
 
-    def __init__(self, cfg: LanguageConfig):
+    PATHS = ("absorbed", "decompressed")
+
+    def __init__(self, cfg: LanguageConfig, path: str | None = None):
+        """path: None picks per call by cost; "absorbed" or "decompressed" forces one (tests)."""
         super().__init__()
+        if path is not None and path not in self.PATHS:
+            raise ValueError(f"path must be one of {self.PATHS} or None, got {path!r}")
         self.heads = cfg.num_attention_heads
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
@@ -128,30 +130,30 @@ class LatentAttention(nn.Module):
         # Absorbed attention costs ~T*(2C + R - nope - R - v) more per cached token and layer,
         # decompression ~(nope + v)*C: pick whichever is cheaper for this many new tokens.
         self.absorb_below = (self.nope + self.v_dim) * self.rank // (2 * self.rank - self.nope - self.v_dim)
-        self.force_path: str | None = None  # tests: "absorbed" or "decompressed"
+        self.path = path
+        self.attend = sdpa_attention  # latent-space attention (q, k, v, mask, scale); the engine may swap it
+        self.head_matmul = head_matmul  # (x, w, w_is_kn) per-head products; the engine may swap it
 
-    def new_cache(self, batch: int, dtype, device) -> LatentCache:
-        return LatentCache(batch, self.rank, self.rope, dtype, device)
-
-    def forward(self, x, cos, sin, mask, cache: LatentCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
+        """x (B, T, D); cache: a LatentCache or None."""
         b, t, _ = x.shape
-        q = kernels.linear(x, self.q_proj.weight).view(b, t, self.heads, self.nope + self.rope).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.heads, self.nope + self.rope).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)  # (B, H, T, nope), (B, H, T, R)
         q_rope = apply_rope(q_rope, cos, sin, interleaved=True)
 
-        latent, k_rope = kernels.linear(x, self.kv_a_proj_with_mqa.weight).split([self.rank, self.rope], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, T, C)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)  # (B, T, R)
         entry = torch.cat([latent, k_rope], dim=-1)  # (B, T, C + R): what the cache holds
         if cache is not None:
             entry = cache.update_and_fetch(entry)  # (B, T_total, C + R)
 
-        path = self.force_path or ("absorbed" if t < self.absorb_below else "decompressed")
+        path = self.path or ("absorbed" if t < self.absorb_below else "decompressed")
         if path == "absorbed":
             out = self._absorbed(q_nope, q_rope, entry, mask)
         else:
             out = self._decompressed(q_nope, q_rope, entry, mask)
-        return kernels.linear(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim), self.o_proj.weight)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.v_dim))
 
     def _decompressed(self, q_nope, q_rope, entry, mask) -> torch.Tensor:
         b, h, t, _ = q_nope.shape
@@ -167,9 +169,7 @@ class LatentAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_rope, entry, mask) -> torch.Tensor:
         b, h, t, _ = q_nope.shape
-        q_latent = kernels.head_matmul(q_nope, self.w_kb, w_is_kn=True)  # (B, H, T, C)
-        if q_latent is None:
-            q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, self.w_kb)
+        q_latent = self.head_matmul(q_nope, self.w_kb, True)  # (B, H, T, C)
         # All heads share one key/value sequence (the latent), so fold heads into the query
         # rows: one (H*T, C+R) x (C+R, L) product instead of H broadcast ones.
         q = torch.cat([q_latent, q_rope], dim=-1).reshape(b, 1, h * t, -1)  # (B, 1, H*T, C+R)
@@ -179,23 +179,29 @@ class LatentAttention(nn.Module):
             mask = _causal(t, q.device)
         if mask is not None:
             mask = mask.repeat(1, 1, h, 1)  # rows ordered head-major, as in q
-        if q.device.type == "cpu":
-            out = few_query_attention(q, k, v, mask, self.scale)  # (B, 1, H*T, C)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        out = out.view(b, h, t, self.rank)
-        fast = kernels.head_matmul(out, self.w_vb, w_is_kn=False)
-        return fast if fast is not None else torch.einsum("bhtc,hdc->bhtd", out, self.w_vb)  # (B, H, T, v)
+        out = self.attend(q, k, v, mask, self.scale).view(b, h, t, self.rank)  # (B, H, T, C)
+        return self.head_matmul(out, self.w_vb, False)  # (B, H, T, v)
+
+
+def sdpa_attention(q, k, v, mask, scale: float | None, causal: bool = False) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v: q (B, H, Tq, d), k (B, Hk, L, d), v (B, Hk, L, dv), Hk
+    dividing H; mask None: every key, or causal (then Tq == L). Out (B, H, Tq, dv)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def head_matmul(x: torch.Tensor, w: torch.Tensor, w_is_kn: bool) -> torch.Tensor:
+    """Per-head products: x (B, H, T, K) with w (H, K, N) when `w_is_kn` -> x @ w, else with
+    w (H, N, K) -> x @ w^T; (B, H, T, N)."""
+    if w_is_kn:
+        return torch.einsum("bhtd,hdc->bhtc", x, w)
+    return torch.einsum("bhtc,hdc->bhtd", x, w)
 
 
 def few_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
-    """Attention for a few query rows over a long cache: q (B, H, Tq, d), k (B, Hk, L, d),
-    v (B, Hk, L, dv), Hk dividing H. Two matmuls and a float32 softmax: on CPU, torch's SDPA takes
-    ~6x longer for one query (2.4 vs 0.37 ms per layer at 2000 cached tokens, tiny's shapes)."""
-    if mask is None:
-        out = kernels.decode_attention(q, k, v, scale)
-        if out is not None:
-            return out
+    """Attention for a few query rows over a long cache, shapes as `sdpa_attention`. Two matmuls
+    and a float32 softmax: on CPU, torch's SDPA takes ~6x longer for one query (2.4 vs 0.37 ms
+    per layer at 2000 cached tokens, tiny's shapes), so the engine uses this there."""
     if k.shape[1] != q.shape[1]:  # grouped-query heads share keys and values
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine import kernels
-from ..engine.cache import ModelCache
 from .attention import LatentAttention, MultiHeadAttention, RMSNorm, attention_mask, rope_table
 from .config import LanguageConfig
 from .moe import MLP, MoE
@@ -50,19 +48,16 @@ class LanguageModel(nn.Module):
         self.register_buffer("rope_angles", rope_table(rope_dim, cfg.max_position_embeddings, cfg.rope_theta),
                              persistent=False)
 
-    def new_cache(self, batch: int = 1, pad: torch.Tensor | None = None) -> ModelCache:
-        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
-        return ModelCache([layer.self_attn.new_cache(batch, dtype, device) for layer in self.model.layers], pad)
-
     def forward(
         self,
         embeds: torch.Tensor,
-        cache: ModelCache | None = None,
+        cache=None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """embeds (B, T, D) -> logits (B, T, V) float32 (or (B, 1, V) with last_only).
 
-        With a cache, the T new positions follow the cache's current length.
+        With a cache (engine/cache.py's ModelCache: `length`, `pad`, one cache per layer in
+        `layers`), the T new positions follow the cache's current length.
         """
         b, t, _ = embeds.shape
         start = cache.length if cache is not None else 0
@@ -79,4 +74,4 @@ class LanguageModel(nn.Module):
             x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None)
         if last_only:
             x = x[:, -1:]
-        return kernels.linear(self.model.norm(x), self.lm_head.weight).float()
+        return self.lm_head(self.model.norm(x)).float()

@@ -3,15 +3,18 @@ experts chosen per token by a router, plus always-on shared experts.
 
 Routed experts are stored stacked, `gate_up` (E, 2M, D) and `down` (E, D, M), and computed grouped:
 the token copies are sorted by expert and each active expert runs one matmul over its slice.
+Plain torch: engine/fast.py swaps in subclasses that run decode through native kernels.
 """
 
 from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import kernels
 from .config import LanguageConfig
 
 
@@ -25,13 +28,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] <= kernels.MAX_ROWS:  # decode: the fused kernel as one "expert"
-            flat = x.reshape(-1, x.shape[-1])
-            rows = flat.shape[0]
-            out = kernels.moe_experts(flat, torch.zeros(rows, 1, dtype=torch.long), torch.ones(rows, 1),
-                                      self.gate_up[None], self.down_proj.weight[None])
-            if out is not None:
-                return out.view(x.shape)
+        """x (..., D) -> (..., D)."""
         gate, up = F.linear(x, self.gate_up).split(self.inner, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -93,6 +90,18 @@ class Router(nn.Module):
 # torch >= 2.8: one call for all experts with offsets computed on the device (no host sync on a
 # GPU), and faster than a Python loop of per-expert matmuls on CPU too.
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_loop = threading.local()  # per-thread switch for `looped_experts()`
+
+
+@contextmanager
+def looped_experts():
+    """Run every `Experts` on the per-expert loop inside (autograd, FLOP counting, comparisons)."""
+    previous = getattr(_loop, "value", False)
+    _loop.value = True
+    try:
+        yield
+    finally:
+        _loop.value = previous
 
 
 def combine_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_experts: int, run) -> torch.Tensor:
@@ -126,13 +135,14 @@ def per_expert_loop(routed: torch.Tensor, counts: torch.Tensor, expert) -> torch
 class Experts(nn.Module):
     """The routed experts as stacked weights: gate_up (E, 2M, D), down (E, D, M)."""
 
-    def __init__(self, n_experts: int, hidden: int, inner: int):
+    def __init__(self, n_experts: int, hidden: int, inner: int, grouped_mm: bool = HAS_GROUPED_MM):
+        """grouped_mm False: always the per-expert loop (as inside `looped_experts()`)."""
         super().__init__()
         self.inner = inner
         self.n_experts = n_experts
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * inner, hidden))
         self.down = nn.Parameter(torch.empty(n_experts, hidden, inner))
-        self.use_grouped_mm = HAS_GROUPED_MM  # tests switch it off to compare with the loop
+        self.grouped_mm = grouped_mm and HAS_GROUPED_MM
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x (n, D) -> (n, D)."""
@@ -141,13 +151,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), ids/weights (N, k) -> sum_k weight * expert(x) as (N, D)."""
-        fused = kernels.moe_experts(x, ids, weights, self.gate_up, self.down)  # CPU decode: one native call
-        if fused is not None:
-            return fused
         return combine_experts(x, ids, weights, self.n_experts, self._run)
 
     def _run(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if not self.use_grouped_mm:
+        if not self.grouped_mm or getattr(_loop, "value", False):
             return per_expert_loop(routed, counts, self.expert)
         offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
         h = torch._grouped_mm(routed, self.gate_up.transpose(1, 2), offs=offs)  # (N*k, 2M)

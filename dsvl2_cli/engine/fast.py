@@ -1,0 +1,124 @@
+"""Fast modules swapped into a loaded model, as quantization swaps the routed experts.
+
+model/ computes with plain torch. At load (engine/runtime.py) `install` replaces, on CPU:
+- the attention hooks (`attend`, MLA's `head_matmul`): a few-query attention of two matmuls
+  instead of SDPA for decoding (any dtype: torch's SDPA is ~6x slower for one query), and the
+  native decode-attention / per-head GEMV kernels where they apply (bf16, no mask, few rows);
+- with bfloat16 weights and the kernels built: attention projections and lm_head by `FastLinear`,
+  dense MLPs by `FastMLP`, float routed experts by `NativeExperts` (native GEMV / fused MoE for
+  <= kernels.MAX_ROWS rows; torch above, so prefill is unchanged).
+Each fast path checks at call time that it applies (`kernels.disabled()`, dtype, rows) and falls
+back to the plain module's own forward: results never depend on whether a swap happened beyond
+bf16 rounding. To add a kernel: a function in kernels.py that returns None when it does not
+apply, a subclass (or hook) here that calls it first, and a line in `install`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.attention import LatentAttention, MultiHeadAttention, few_query_attention, head_matmul, sdpa_attention
+from ..model.moe import MLP, Experts
+from ..model.vlm import DeepseekVL2
+from . import kernels
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear without bias whose forward runs the native GEMV for a few rows (decode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight)  # falls back to F.linear itself
+
+
+class FastMLP(MLP):
+    """Dense SiLU MLP; a few rows go through the fused MoE kernel as a single "expert"."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] <= kernels.MAX_ROWS:
+            flat = x.reshape(-1, x.shape[-1])  # (N, D)
+            rows = flat.shape[0]
+            out = kernels.moe_experts(flat, torch.zeros(rows, 1, dtype=torch.long), torch.ones(rows, 1),
+                                      self.gate_up[None], self.down_proj.weight[None])
+            if out is not None:
+                return out.view(x.shape)
+        return super().forward(x)
+
+
+class NativeExperts(Experts):
+    """Float routed experts; a few tokens run all their chosen experts in one native call."""
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        fused = kernels.moe_experts(x, ids, weights, self.gate_up, self.down)  # (N, D) or None
+        return fused if fused is not None else super().forward(x, ids, weights)
+
+
+def few_query(q, k, v, mask, scale: float | None) -> torch.Tensor:
+    """Decode attention: the native kernel when it applies (no mask, bf16), else two matmuls."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if mask is None:
+        out = kernels.decode_attention(q, k, v, scale)  # (B, H, Tq, dv) or None
+        if out is not None:
+            return out
+    return few_query_attention(q, k, v, mask, scale)
+
+
+def decode_attention(q, k, v, mask, scale: float | None, causal: bool = False) -> torch.Tensor:
+    """MHA's hook on CPU: few-query attention for one new token, SDPA for prefill."""
+    if q.shape[2] == 1:  # one query: never causal
+        return few_query(q, k, v, mask, scale)
+    return sdpa_attention(q, k, v, mask, scale, causal)
+
+
+def fast_head_matmul(x: torch.Tensor, w: torch.Tensor, w_is_kn: bool) -> torch.Tensor:
+    out = kernels.head_matmul(x, w, w_is_kn)  # (B, H, T, N) or None
+    return out if out is not None else head_matmul(x, w, w_is_kn)
+
+
+def _rebuilt(cls, old: nn.Module, *args) -> nn.Module:
+    """A `cls(*args)` holding `old`'s very tensors (no copy: built on meta, then assigned)."""
+    with torch.device("meta"):
+        new = cls(*args)
+    new.load_state_dict(old.state_dict(), assign=True)
+    return new.train(old.training)
+
+
+def _fast_linear(old: nn.Linear) -> FastLinear:
+    return _rebuilt(FastLinear, old, old.in_features, old.out_features, False)
+
+
+def _fast_mlp(old: MLP) -> FastMLP:
+    return _rebuilt(FastMLP, old, old.gate_up.shape[1], old.inner)
+
+
+def install(model: DeepseekVL2) -> None:
+    """Swap the fast paths into `model` where they apply (see the module docstring)."""
+    if model.device.type != "cpu":
+        return  # GPU/MPS: torch's own kernels (SDPA, cuBLAS) are the fast path
+    native = model.dtype == torch.bfloat16 and kernels.available()
+    lm = model.language
+    for layer in lm.model.layers:
+        att = layer.self_attn
+        if isinstance(att, LatentAttention):
+            att.attend, att.head_matmul = few_query, fast_head_matmul
+        elif isinstance(att, MultiHeadAttention):
+            att.attend = decode_attention
+        if not native:
+            continue
+        for name, child in list(att.named_children()):
+            if type(child) is nn.Linear:
+                setattr(att, name, _fast_linear(child))
+        mlp = layer.mlp
+        if type(mlp) is MLP:  # layer 0's dense MLP
+            layer.mlp = _fast_mlp(mlp)
+            continue
+        if type(mlp.shared_experts) is MLP:
+            mlp.shared_experts = _fast_mlp(mlp.shared_experts)
+        if type(mlp.experts) is Experts:  # quantized experts stay as they are
+            e = mlp.experts
+            mlp.experts = _rebuilt(NativeExperts, e, e.n_experts, e.gate_up.shape[2], e.inner, e.grouped_mm)
+    if native:
+        lm.lm_head = _fast_linear(lm.lm_head)
+
+
+__all__ = ["FastLinear", "FastMLP", "NativeExperts", "install"]
