@@ -39,7 +39,7 @@ def _prefix(vlm, prepared):
 
 
 def _new_cache(vlm):
-    return lambda: vlm.model.language.new_cache(1)
+    return lambda: vlm.new_cache(1)
 
 
 def test_round_trip_is_exact_and_reuse_gives_the_same_tokens(vlm, tmp_path):
