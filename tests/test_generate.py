@@ -7,6 +7,7 @@ from PIL import Image
 import dsvl2_cli
 from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, PromptCache, StopMatcher, Token, generate,
                                        generate_batch, stream_generate)
+from dsvl2_cli.engine.tokenizer import clean_text
 from dsvl2_cli.engine.processor import Message, user_message
 from dsvl2_cli.engine.sampling import SamplingParams
 from dsvl2_cli.errors import ContextTooLongError
@@ -167,7 +168,7 @@ def test_stream_events_are_typed_and_join_to_result(vlm):
     assert "".join(t.text for t in tokens) == done.text
     assert tuple(t.id for t in tokens if t.id is not None) == done.token_ids
     assert done.finish_reason in ("eos", "length")
-    assert done.text == vlm.tokenizer.decode(list(done.token_ids), skip_special_tokens=True)
+    assert done.text == clean_text(vlm.tokenizer.decode(list(done.token_ids), skip_special_tokens=True))
     s = done.stats
     assert s.prompt_tokens == prepared.input_ids.numel() and s.generated_tokens == len(done.token_ids)
     assert s.time_to_first_token > 0 and s.image_tokens == prepared.images[0].num_tokens
