@@ -42,3 +42,12 @@ class PromptError(InputError):
 
 class ContextTooLongError(PromptError):
     """The prompt (images + text) does not fit in the model's context window."""
+
+
+class ServerError(Dsvl2Error):
+    """A dsvl2 server cannot be reached, refused the request, or failed while answering."""
+
+    def __init__(self, message: str, status: int | None = None, partial_text: str = ""):
+        super().__init__(message)
+        self.status = status  # HTTP status, None when no answer came
+        self.partial_text = partial_text  # what had arrived when a stream was cut

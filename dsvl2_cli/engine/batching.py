@@ -183,6 +183,7 @@ class BatchEngine:
         self._thread.start()
         self.steps = 0  # batched decode steps so far, and the widest batch seen (for tests)
         self.widest = 0
+        self.active = 0  # requests in the running batch
 
     # ---- the public side (any thread)
     def submit(self, prepared: Prepared, config: GenerationConfig, emit: Callable[[object], None],
@@ -229,6 +230,7 @@ class BatchEngine:
                     self._finish(row)
                     changed = True
             rows = alive
+            self.active = len(rows)
             if not rows:
                 continue
             try:
