@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover - the base install
     fastapi = None
     BaseModel = object  # keeps the class statements below importable; create_app refuses to run
 
-    def Field(*args, **kwargs):  # noqa: N802
+    def Field(*args, **kwargs):
         return None
 
     ConfigDict = dict
@@ -207,7 +207,7 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": 
 
 # ------------------------------------------------------------------- HTTP -> engine requests
 
-_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S)
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
 
 
 class _Translator:

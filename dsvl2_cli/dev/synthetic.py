@@ -35,17 +35,17 @@ from .synthetic_bpe import PRE_TOKENIZER as _PRE_TOKENIZER
 from .synthetic_bpe import trained_bpe as _trained_bpe
 
 __all__ = [
-    "FAMILIES",
-    "REAL_FAMILIES",
     "ALL_FAMILIES",
     "CANDIDATE_RESOLUTIONS",
+    "FAMILIES",
+    "REAL_FAMILIES",
+    "expected_tensors",
+    "family_spec",
+    "special_token_ids",
     "write_checkpoint",
-    "write_tokenizer",
     "write_config",
     "write_image",
-    "family_spec",
-    "expected_tensors",
-    "special_token_ids",
+    "write_tokenizer",
 ]
 
 FAMILIES = ("tiny-like", "small-like", "vl2-like")

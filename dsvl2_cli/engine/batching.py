@@ -27,8 +27,18 @@ from dataclasses import dataclass
 import torch
 
 from .cache import ModelCache, _GrowingBuffer
-from .generate import (Done, Event, GenerationConfig, Prefilled, PromptCache, _prefill, _Sequence, _stats,
-                       check_context, position_keys)
+from .generate import (
+    Done,
+    Event,
+    GenerationConfig,
+    Prefilled,
+    PromptCache,
+    _prefill,
+    _Sequence,
+    _stats,
+    check_context,
+    position_keys,
+)
 from .processor import Prepared
 
 # Positions allocated past the longest row when a batch cache is rebuilt, so the next steps
