@@ -7,17 +7,8 @@
 """
 
 from .app.images import load_image
-from .engine.generate import (
-                              Done,
-                              GenerationConfig,
-                              Prefilled,
-                              PromptCache,
-                              Result,
-                              Token,
-                              generate,
-                              generate_batch,
-                              stream_generate,
-)
+from .engine.generate import (Done, GenerationConfig, Prefilled, PromptCache, Result, Token, generate, generate_batch,
+                              stream_generate)
 from .engine.processor import Message, user_message
 from .engine.runtime import VLModel, load
 from .engine.sampling import SamplingParams

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # plain `pytest` without an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
-from dsvl2_cli.dev.synthetic import FAMILIES, write_checkpoint, write_image
+from dsvl2_cli.dev.synthetic import FAMILIES, write_checkpoint, write_image  # noqa: E402
 
 # (name, width, height): landscape, tall portrait, wide panorama, tiny.
 TEST_IMAGES = (

@@ -5,17 +5,8 @@ import torch
 from PIL import Image
 
 import dsvl2_cli
-from dsvl2_cli.engine.generate import (
-    Done,
-    GenerationConfig,
-    Prefilled,
-    PromptCache,
-    StopMatcher,
-    Token,
-    generate,
-    generate_batch,
-    stream_generate,
-)
+from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, PromptCache, StopMatcher, Token, generate,
+                                       generate_batch, stream_generate)
 from dsvl2_cli.engine.processor import Message, user_message
 from dsvl2_cli.engine.sampling import SamplingParams
 from dsvl2_cli.errors import ContextTooLongError

@@ -11,15 +11,8 @@ import torch
 from PIL import Image
 
 from dsvl2_cli.app.images import load_image
-from dsvl2_cli.engine.processor import (
-    Message,
-    Processor,
-    ProcessorSettings,
-    image_token_count,
-    preprocess_image,
-    select_tiling,
-    user_message,
-)
+from dsvl2_cli.engine.processor import (Message, Processor, ProcessorSettings, image_token_count, preprocess_image,
+                                        select_tiling, user_message)
 from dsvl2_cli.engine.tokenizer import Tokenizer
 from dsvl2_cli.errors import ConfigError, PromptError
 

@@ -51,41 +51,28 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from .. import settings
 from ..engine import facts as model_facts
 from ..engine import hub, memory, quant, runtime
 from ..engine.chat import ChatSession
 from ..engine.generate import Done, GenerationConfig, Token, stream_generate
 from ..engine.processor import MAX_TILED_IMAGES, user_message
 from ..engine.sampling import SamplingParams
+from .. import settings
 from ..errors import Dsvl2Error, InputError, ModelError
 from ..model.config import ModelConfig
 from .conversation import read_conversation
 from .grounding import caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
 from .interactive import interactive_chat, warn_untiled
 from .pdf import DEFAULT_DPI, Source, collect_sources, load_image_arg, read_stdin_bytes, write_atomic
-from .render import (
-    UI,
-    DrawBox,
-    answer_record,
-    colour,
-    draw_boxes,
-    encode_image,
-    image_format,
-    info_lines,
-    isatty,
-    print_json,
-    report,
-    show_answer,
-    show_boxes,
-)
+from .render import (UI, DrawBox, answer_record, colour, draw_boxes, encode_image, image_format, info_lines, isatty,
+                     print_json, report, show_answer, show_boxes)
 
 TEMPERATURE_ADVICE = 0.7  # the model card: higher temperatures degrade quality
 OCR_PROMPTS = {
@@ -127,16 +114,16 @@ class OcrFormat(str, enum.Enum):
 # ------------------------------------------------------------------------------ shared options
 
 _M, _G = "Model", "Generation"
-ModelOpt = Annotated[str | None, typer.Option(
+ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", show_default=False, rich_help_panel=_M,
     help=f"Model folder or Hugging Face id. Default: $DSVL2_MODEL, else {hub.DEFAULT_MODEL}.")]
 DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=_M, help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", rich_help_panel=_M, help="Weights and compute dtype.")]
-QuantizeOpt = Annotated[str | None, typer.Option(
+QuantizeOpt = Annotated[Optional[str], typer.Option(
     "--quantize", rich_help_panel=_M, show_default=False, metavar="none|int8|int4|nf4",
     help="Quantize the routed experts while loading: int4 (fast on CPU), nf4 (bitsandbytes), int8. "
          "Default: the folder as it is.")]
-MaxTokensOpt = Annotated[int | None, typer.Option(
+MaxTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-tokens", min=1, show_default=False, rich_help_panel=_G,
     help="Most tokens per answer (default 1024; ocr 2048).")]
 TemperatureOpt = Annotated[float, typer.Option(
@@ -144,17 +131,17 @@ TemperatureOpt = Annotated[float, typer.Option(
     help=f"0 = greedy: reproducible, best for OCR and grounding. The model card advises <= {TEMPERATURE_ADVICE}.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, rich_help_panel=_G,
                                         help="Nucleus sampling, with --temperature > 0.")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", show_default=False, rich_help_panel=_G,
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", show_default=False, rich_help_panel=_G,
                                                 help="Random seed for sampling.")]
-SystemOpt = Annotated[str | None, typer.Option("--system", "-s", show_default=False, rich_help_panel=_G,
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", show_default=False, rich_help_panel=_G,
                                                   help="System prompt.")]
 NoStreamOpt = Annotated[bool, typer.Option("--no-stream", help="Print the answer once it is complete.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per answer (schema: README).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No status, progress or timings on stderr.")]
-PagesOpt = Annotated[str | None, typer.Option(
+PagesOpt = Annotated[Optional[str], typer.Option(
     "--pages", "-p", show_default=False, help="PDF pages: 1-3,7 or 5 or 2- (to the end). Default: all.")]
 DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF rendering resolution (pages are capped at 4096 px).")]
-PasswordOpt = Annotated[str | None, typer.Option("--password", show_default=False,
+PasswordOpt = Annotated[Optional[str], typer.Option("--password", show_default=False,
                                                     help="Password of an encrypted PDF.")]
 
 
@@ -278,15 +265,15 @@ def _looks_like_file(arg: str) -> bool:
 @app.command()
 @_command
 def chat(
-    args: Annotated[list[str] | None, typer.Argument(
+    args: Annotated[Optional[list[str]], typer.Argument(
         metavar="IMAGE|PROMPT", show_default=False,
         help="Image files (- reads one from stdin), then the prompt. Without a prompt: the text piped "
              "on stdin, else an interactive chat.")] = None,
-    prompt: Annotated[str | None, typer.Option(
+    prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-P", show_default=False, help="The prompt; every argument is then an image.")] = None,
     interactive: Annotated[bool, typer.Option(
         "--interactive", "-i", help="Chat even when stdin is not a terminal (one message per line).")] = False,
-    conversation: Annotated[str | None, typer.Option(
+    conversation: Annotated[Optional[str], typer.Option(
         "--conversation", metavar="FILE", show_default=False,
         help="Answer a conversation given exactly: a JSON file in the official message format "
              "(- reads it from stdin); image paths are relative to the file.")] = None,
@@ -361,11 +348,11 @@ def ocr(
     files: Annotated[list[str], typer.Argument(metavar="FILE", show_default=False,
                                                help="Images and PDFs (- reads one from stdin).")],
     pages: PagesOpt = None, dpi: DpiOpt = DEFAULT_DPI, password: PasswordOpt = None,
-    out: Annotated[Path | None, typer.Option(
+    out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", file_okay=False, show_default=False,
         help="Write one file per page into this folder (NAME-p001.txt, ...) instead of stdout.")] = None,
     fmt: Annotated[OcrFormat, typer.Option("--format", "-f", help="Plain text or Markdown.")] = OcrFormat.text,
-    prompt: Annotated[str | None, typer.Option(
+    prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-P", show_default=False, help="Your own prompt instead of the OCR prompt of --format.")] = None,
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --out: skip pages whose file exists (resume a run).")] = False,
@@ -534,12 +521,12 @@ def ask(
 def ground(
     image: Annotated[str, typer.Argument(metavar="IMAGE", show_default=False,
                                          help="The image (- reads it from stdin).")],
-    what: Annotated[str | None, typer.Argument(
+    what: Annotated[Optional[str], typer.Argument(
         metavar="WHAT", show_default=False,
         help='What to find, e.g. "the red cup". With --caption: an optional question.')] = None,
     caption: Annotated[bool, typer.Option(
         "--caption", "-c", help="Grounded caption: describe the image with boxes for what it names.")] = False,
-    save: Annotated[Path | None, typer.Option(
+    save: Annotated[Optional[Path], typer.Option(
         "--save", dir_okay=False, show_default=False, help="Save the image with the boxes drawn (PNG, JPEG...).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     quantize: QuantizeOpt = None,
@@ -621,7 +608,7 @@ def quantize(
     dst: Annotated[Path, typer.Argument(metavar="DST", help="New folder to write (must not exist or be empty).")],
     method: Annotated[str, typer.Option("--method", metavar="int4|nf4|int8",
                                         help="How to store the routed experts.")] = "int4",
-    group_size: Annotated[int | None, typer.Option("--group-size", min=32, show_default=False,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", min=32, show_default=False,
                                                       help="Values per scale (default: int4 128, nf4 64).")] = None,
     quiet: QuietOpt = False,
 ):
@@ -650,7 +637,7 @@ def bench(ctx: typer.Context):
 
 @app.command()
 @_command
-def pull(model: Annotated[str | None, typer.Argument(
+def pull(model: Annotated[Optional[str], typer.Argument(
             metavar="MODEL", show_default=False,
             help=f"Hugging Face id (default: $DSVL2_MODEL, else {hub.DEFAULT_MODEL}).")] = None,
          quiet: QuietOpt = False):

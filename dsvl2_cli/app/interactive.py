@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import settings
 from ..engine.chat import ChatSession
 from ..engine.processor import MAX_TILED_IMAGES
+from .. import settings
 from ..errors import Dsvl2Error
 from .pdf import load_image_arg
 from .render import UI, answer_record, isatty, print_json, report, show_answer
@@ -81,7 +81,7 @@ class LineReader:
                 break
             lines.append(more)
         text = "\n".join(lines).rstrip()
-        return text.removesuffix('"""')
+        return text[:-3] if text.endswith('"""') else text
 
     def save(self) -> None:
         if self.readline and self.history is not None:

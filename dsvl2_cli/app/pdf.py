@@ -162,7 +162,7 @@ class PdfDocument:
             self.close()
             raise InputError(f"{self.name}: the PDF has no pages")
 
-    def __enter__(self) -> PdfDocument:
+    def __enter__(self) -> "PdfDocument":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -30,8 +30,8 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 
-from .. import settings
 from ..engine.generate import Done, Token
+from .. import settings
 from ..errors import InputError
 from .pdf import image_origin
 
@@ -193,7 +193,7 @@ class UI:
     """The answer goes to stdout; everything else to stderr. `UI.current` is the latest one
     (the CLI's Ctrl-C handler uses it to end a half-written line)."""
 
-    current: UI | None = None
+    current: "UI | None" = None
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet

@@ -35,17 +35,17 @@ from .synthetic_bpe import PRE_TOKENIZER as _PRE_TOKENIZER
 from .synthetic_bpe import trained_bpe as _trained_bpe
 
 __all__ = [
-    "ALL_FAMILIES",
-    "CANDIDATE_RESOLUTIONS",
     "FAMILIES",
     "REAL_FAMILIES",
-    "expected_tensors",
-    "family_spec",
-    "special_token_ids",
+    "ALL_FAMILIES",
+    "CANDIDATE_RESOLUTIONS",
     "write_checkpoint",
+    "write_tokenizer",
     "write_config",
     "write_image",
-    "write_tokenizer",
+    "family_spec",
+    "expected_tensors",
+    "special_token_ids",
 ]
 
 FAMILIES = ("tiny-like", "small-like", "vl2-like")

@@ -65,7 +65,20 @@ Emoji: 🙂 😀 🎉 🚀 🐱 🐶 ❤️ 👍 🌍 ✨ 🔥 📷
 Symbols: © ® ™ ° ± × ÷ ≤ ≥ ≠ ∞ → ← ↑ ↓ • … – — « » ¿ ¡ § ¶ € £ ¥
 '''
 
-_WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "at", "by", "this", "had", "not", "are", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before", "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "image", "picture", "photo", "text", "document", "table", "chart", "person", "dog", "cat", "car", "tree", "house", "window", "street", "sign", "red", "green", "blue", "yellow", "black", "white", "left", "right", "top", "bottom", "center", "corner", "box", "region", "object", "describe", "caption", "answer", "question", "model", "vision", "language", "token", "layer", "expert", "router", "attention", "tensor", "shape", "value", "number", "function", "return", "import", "class", "print", "self", "width", "height", "size", "page", "line", "column", "row", "cell", "header", "footer", "title"]
+_WORDS = (
+    "the of and to in is that for it as with was on be at by this had not are but from or have "
+    "an they which one you were her all she there would their we him been has when who will more "
+    "no if out so said what up its about into than them can only other new some could time these "
+    "two may then do first any my now such like our over man me even most made after also did many "
+    "before must through back years where much your way well down should because each just those "
+    "people how too little state good very make world still own see men work long get here between "
+    "both life being under never day same another know while last might us great old year off come "
+    "since against go came right used take three image picture photo text document table chart "
+    "person dog cat car tree house window street sign red green blue yellow black white left right "
+    "top bottom center corner box region object describe caption answer question model vision "
+    "language token layer expert router attention tensor shape value number function return "
+    "import class print self width height size page line column row cell header footer title"
+).split()
 
 
 @lru_cache(maxsize=1)

@@ -85,7 +85,7 @@ class KVCache:
     """Plain attention cache: K and V as (B, kv_heads, T, head_dim)."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype, device):
-        shape = lambda cap: (batch, kv_heads, cap, head_dim)
+        shape = lambda cap: (batch, kv_heads, cap, head_dim)  # noqa: E731
         self._k = _GrowingBuffer(shape, 2, dtype, device)
         self._v = _GrowingBuffer(shape, 2, dtype, device)
 

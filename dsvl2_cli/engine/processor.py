@@ -55,7 +55,7 @@ class ProcessorSettings:
         return tuple(int(m * 255) for m in self.image_mean)  # (127, 127, 127), as the reference
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> ProcessorSettings:
+    def from_model_dir(cls, model_dir: str | Path) -> "ProcessorSettings":
         """Read processor_config.json; without it, config.json's candidate_resolutions."""
         model_dir = Path(model_dir)
         proc = _read_optional_json(model_dir / "processor_config.json")
@@ -222,7 +222,7 @@ class Processor:
         self.settings = settings
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> Processor:
+    def from_dir(cls, model_dir: str | Path) -> "Processor":
         return cls(Tokenizer.from_dir(model_dir), ProcessorSettings.from_model_dir(model_dir))
 
     def prepare(self, messages: Sequence[Message], *, system: str | None = None) -> Prepared:

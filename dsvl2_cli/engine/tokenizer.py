@@ -93,7 +93,7 @@ class Tokenizer:
             self.specials[n] for n in GROUNDING_TOKENS if n in self.specials)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
+    def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
         """Load tokenizer.json; special names from tokenizer_config.json, then special_tokens_map.json."""
         model_dir = Path(model_dir)
         tok_path = model_dir / "tokenizer.json"
@@ -150,7 +150,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def stream(self, skip_special: bool = True) -> StreamDecoder:
+    def stream(self, skip_special: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special=skip_special)
 
 

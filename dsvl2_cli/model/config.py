@@ -202,7 +202,7 @@ class ModelConfig:
         return math.ceil(self.vision.grid / self.projector.downsample_ratio)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object at the top level")
         model_type = raw.get("model_type")
@@ -235,7 +235,7 @@ class ModelConfig:
         return cfg
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: not found; a DeepSeek-VL2 model folder needs its config.json")

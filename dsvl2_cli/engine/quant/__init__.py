@@ -6,30 +6,11 @@ converted once to the layout of the kernel that runs them, and `mlp.experts` is 
 module with the interface of `model.moe.Experts`.
 """
 
-from .experts import (
-                      QuantizedExperts,
-                      cpu_int4_packing_is_blocked,
-                      experts_from_packed,
-                      packed_layer_hook,
-                      quantize_experts,
-                      quantize_layer_hook,
-)
+from .experts import (QuantizedExperts, cpu_int4_packing_is_blocked, experts_from_packed, packed_layer_hook,
+                      quantize_experts, quantize_layer_hook)
 from .folder import quantize_folder
-from .format import (
-                      CONFIG_KEY,
-                      METHODS,
-                      QuantizationError,
-                      QuantSpec,
-                      choose_spec,
-                      dequantize_packed,
-                      expected_quantized,
-                      group_for,
-                      pack_experts,
-                      packed_shapes,
-                      parse_method,
-                      read_spec,
-                      spec_label,
-)
+from .format import (CONFIG_KEY, METHODS, QuantizationError, QuantSpec, choose_spec, dequantize_packed,
+                     expected_quantized, group_for, pack_experts, packed_shapes, parse_method, read_spec, spec_label)
 
 __all__ = [
     "CONFIG_KEY", "METHODS", "QuantSpec", "QuantizationError", "QuantizedExperts", "choose_spec",

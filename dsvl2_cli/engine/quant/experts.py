@@ -35,19 +35,8 @@ from ...model.config import ModelConfig
 from ...model.moe import combine_experts, per_expert_loop
 from .. import kernels
 from ..weights import TensorReader, stack_experts
-from .format import (
-    PARTS,
-    QuantizationError,
-    QuantSpec,
-    _fields,
-    _nf4_table,
-    _pack_nibbles,
-    _unpack_nibbles,
-    dequantize_packed,
-    dequantize_part,
-    pack_experts,
-    pack_part,
-)
+from .format import (PARTS, QuantizationError, QuantSpec, _fields, _nf4_table, _pack_nibbles, _unpack_nibbles,
+                     dequantize_packed, dequantize_part, pack_experts, pack_part)
 
 # ------------------------------------------------------------------------- kernel modules
 
@@ -108,7 +97,7 @@ class QuantizedExperts(nn.Module):
 
     @classmethod
     def from_packed(cls, packed: dict[str, torch.Tensor], spec: QuantSpec, device: torch.device | str = "cpu",
-                    copy: bool = True) -> QuantizedExperts:
+                    copy: bool = True) -> "QuantizedExperts":
         """Build from portable tensors. With `copy` (the default) the module never shares memory
         with them (they may be a file's mapped pages); copy=False may keep tensors handed over."""
         device = torch.device(device)
@@ -298,7 +287,7 @@ def _nf4_cpu_converter(n: int, k: int, b: int) -> Callable[[torch.Tensor], torch
     return convert
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def _nf4_code(device: str) -> torch.Tensor:
     return _nf4_table()[0].to(device)
 
@@ -311,7 +300,7 @@ def _bitsandbytes():
     log.setLevel(logging.ERROR)
     try:
         import bitsandbytes
-        import bitsandbytes.functional
+        import bitsandbytes.functional  # noqa: F401
     except ImportError:
         raise QuantizationError("nf4 needs bitsandbytes: pip install 'dsvl2[quant]', or use int4, which needs "
                                 "nothing extra") from None

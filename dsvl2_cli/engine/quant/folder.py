@@ -13,26 +13,10 @@ from pathlib import Path
 import torch
 
 from ...model.config import ModelConfig
-from ..weights import (
-    IGNORED_PREFIXES,
-    INDEX_NAME,
-    TensorReader,
-    check_tensors,
-    expected_tensors,
-    read_headers,
-    stack_experts,
-    weight_files,
-)
-from .format import (
-    _EXPERT_NAME,
-    CONFIG_KEY,
-    PARTS,
-    QuantizationError,
-    QuantSpec,
-    expected_quantized,
-    pack_part,
-    read_spec,
-)
+from ..weights import (IGNORED_PREFIXES, INDEX_NAME, TensorReader, check_tensors, expected_tensors, read_headers,
+                       stack_experts, weight_files)
+from .format import (_EXPERT_NAME, CONFIG_KEY, PARTS, QuantizationError, QuantSpec, expected_quantized, pack_part,
+                     read_spec)
 
 # ------------------------------------------------------------------------- pre-quantized folder
 

@@ -60,7 +60,7 @@ class QuantSpec:
     group_size: int | None = None
 
     @classmethod
-    def make(cls, method: str, group_size: int | None = None) -> QuantSpec:
+    def make(cls, method: str, group_size: int | None = None) -> "QuantSpec":
         method = str(method).lower()
         if method not in METHODS or method == "none":
             raise QuantizationError(f"quantization method {method!r} cannot be used here; use int8, int4 or nf4")
@@ -210,7 +210,7 @@ def _nf4_table() -> tuple[torch.Tensor, torch.Tensor]:
 _NF4_BINS = 4096  # finer than the closest midpoints (0.08 apart): at most one midpoint per bin
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def _nf4_lookup() -> tuple[torch.Tensor, torch.Tensor]:
     """The code at each bin's lower edge over [-1, 1], and the midpoint above each code."""
     mids = _nf4_table()[1]
