@@ -46,3 +46,12 @@ class ContextTooLongError(PromptError):
 
 class MemoryFitError(Dsvl2Error):
     """The model, as asked for (dtype, quantization), needs more memory than this process may use."""
+
+
+class ServerError(Dsvl2Error):
+    """A dsvl2 server cannot be reached, refused the request, or failed while answering."""
+
+    def __init__(self, message: str, status: int | None = None, partial_text: str = ""):
+        super().__init__(message)
+        self.status = status  # HTTP status, None when no answer came
+        self.partial_text = partial_text  # what had arrived when a stream was cut

@@ -32,6 +32,8 @@ VARIABLES = (
     Variable("NO_COLOR", "", "set: no colour and no pictures on stdout, even on a terminal"),
     Variable("XDG_CACHE_HOME", "~/.cache", "base folder of caches (used when DSVL2_CACHE is not set)"),
     Variable("XDG_STATE_HOME", "~/.local/state", "base folder of the interactive chat's history"),
+    Variable("DSVL2_SERVER", "", "URL of a dsvl2 (or other OpenAI-compatible) server to use instead of a local model"),
+    Variable("DSVL2_API_KEY", "", "API key: the one `dsvl2 serve` requires, and the one the client sends"),
     Variable("HF_HUB_OFFLINE", "", "1: never download; models must already be in the Hugging Face cache"),
 )
 
@@ -86,3 +88,12 @@ def no_color() -> bool:
 
 def hf_offline() -> bool:
     return _get("HF_HUB_OFFLINE").strip().lower() in ("1", "true", "yes", "on")
+
+
+def server_url() -> str:
+    """$DSVL2_SERVER without a trailing slash; "" when unset (use a local model)."""
+    return _get("DSVL2_SERVER").strip().rstrip("/")
+
+
+def api_key() -> str:
+    return _get("DSVL2_API_KEY").strip()
