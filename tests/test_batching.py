@@ -26,11 +26,10 @@ def picture(w, h, seed=0):
 
 
 def test_gather_rows_left_pads_and_matches_each_row(vlm):
-    lm = vlm.model.language
     caches = []
     for n in (3, 7, 5):
-        cache = lm.new_cache(1)
-        lm(torch.randn(1, n, vlm.config.language.hidden_size), cache)
+        cache = vlm.new_cache(1)
+        vlm.forward(torch.randn(1, n, vlm.config.language.hidden_size), cache)
         caches.append(cache)
     batch = gather_rows([(c, 0) for c in caches], headroom=4)
     assert batch.length == 7 and batch.pad.tolist() == [4, 0, 2]

@@ -27,18 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from .cache import ModelCache, _GrowingBuffer
-from .generate import (
-    Done,
-    Event,
-    GenerationConfig,
-    Prefilled,
-    PromptCache,
-    _prefill,
-    _Sequence,
-    _stats,
-    check_context,
-    position_keys,
-)
+from .generate import (Done, Event, GenerationConfig, Prefilled, PromptCache, _prefill, decode_step, _Sequence, _stats,
+                       check_context, position_keys)
 from .processor import Prepared
 
 # Positions allocated past the longest row when a batch cache is rebuilt, so the next steps
@@ -316,10 +306,7 @@ class BatchEngine:
     @torch.inference_mode()
     def _step(self, rows: list[_Row]) -> None:
         """Feed every row's chosen token through the model in one batch."""
-        model, device = self.vlm.model, self.vlm.device
-        batch = rows[0].src[0]
-        tokens = torch.tensor([[r.next_id] for r in rows], device=device)  # (B, 1)
-        logits = model.language(model.embed(tokens), batch)[:, -1]  # (B, V)
+        logits = decode_step(self.vlm, [r.next_id for r in rows], rows[0].src[0])  # (B, V)
         for i, r in enumerate(rows):
             r.logits = logits[i]
             r.fed.append(r.next_id)

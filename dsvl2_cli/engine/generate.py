@@ -271,10 +271,16 @@ def _decode(vlm: VLModel, seqs: list[_Sequence], logits: torch.Tensor, cache: Mo
         if len(live) < len(rows):
             cache.keep_rows(live)
             rows, step = [rows[i] for i in live], [step[i] for i in live]
-        tokens = torch.tensor(step, device=vlm.device)[:, None]  # (B, 1)
-        logits = vlm.forward(vlm.embed_tokens(tokens), cache)[:, -1]  # (B, V)
+        logits = decode_step(vlm, step, cache)
         for r in rows:
             seqs[r].fed += 1
+
+
+def decode_step(vlm: VLModel, tokens: Sequence[int], cache: ModelCache) -> torch.Tensor:
+    """Feed one token per cache row (B rows) and return the next logits (B, V): the step of
+    every decode loop (`_decode` here, the server's continuous batch in batching.py)."""
+    ids = torch.tensor(tokens, device=vlm.device)[:, None]  # (B, 1)
+    return vlm.forward(vlm.embed_tokens(ids), cache)[:, -1]
 
 
 def _stats(prompt_len, reused, image_tokens, n, t0, t_prefill_end, t_first, t_end, cache_bytes) -> Stats:
