@@ -3,8 +3,9 @@
 Decoding a token is a chain of matrix-vector products bound by memory traffic, and torch's bf16
 GEMV runs at a fraction of the memory bandwidth. The C kernels stream weights at close to it.
 They are compiled with the system C compiler on first use (-O3 -march=native -fopenmp, about a
-second), cached under ~/.cache/dsvl2/kernels keyed by source, compiler and CPU, and loaded with
-ctypes: no Python extension ABI, no torch headers. The library links the same libgomp as torch,
+second), cached under ~/.cache/dsvl2/kernels keyed by source, compiler and CPU (with a record of
+each library's size and sha256, checked before every load: a damaged copy is rebuilt, never
+mapped), and loaded with ctypes: no Python extension ABI, no torch headers. The library links the same libgomp as torch,
 so both share one thread pool.
 
 Used only where they apply: CPU tensors, bfloat16, a few rows (decode and small batches). Set
