@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pathlib
 import random
 from dataclasses import dataclass, replace
@@ -703,6 +704,9 @@ def write_checkpoint(out_dir, family: str, *, layers: int | None = None,
         names = [t for t, a in zip(plan, assign) if a == k]
         tensors = {t.name: _materialise(t, dtype, seed) for t in names}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out / fname, 0o666 & ~umask)  # safetensors writes 0600; follow the umask like the other files
         del tensors
         for t in names:
             weight_map[t.name] = fname

@@ -53,7 +53,9 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, method: str,
         for f in sorted(src.iterdir()):
             if f.is_file() and not f.name.startswith(".") and f.name not in ("config.json", INDEX_NAME) \
                     and not f.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copy2(f, tmp / f.name)
+                shutil.copyfile(f, tmp / f.name)  # contents only: the copy gets the user's umask
+                shutil.copystat(f, tmp / f.name, follow_symlinks=True)
+                _follow_umask(tmp / f.name)
 
         # output items in checkpoint order: non-expert tensors, and each MoE layer's packed experts
         # at the place of its float ones; the unused pooling head is kept as it is
@@ -82,7 +84,7 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, method: str,
                 on_progress(done, len(items))
         shards.finish(spec)
         reader.close()
-        tmp.chmod(0o755)
+        _follow_umask(tmp, folder=True)  # mkdtemp made it 0700
         if dst.exists():
             dst.rmdir()
         tmp.rename(dst)
@@ -91,6 +93,14 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, method: str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _follow_umask(path: Path, folder: bool = False) -> None:
+    """Give what we wrote the mode a plain open()/mkdir() would: 0666 (0777 for a folder) less
+    the user's umask. safetensors and mkdtemp create theirs private (0600, 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if folder else 0o666) & ~umask)
 
 
 class _ShardWriter:
@@ -115,6 +125,7 @@ class _ShardWriter:
     def _flush(self) -> None:
         path = self.folder / f"shard-{len(self.files):05d}.partial"
         self.save_file(self.pending, str(path), metadata={"format": "pt"})
+        _follow_umask(path)
         self.files.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
