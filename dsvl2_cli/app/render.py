@@ -1,5 +1,6 @@
-"""What the CLI shows: answers on stdout and status on stderr (`UI`), the JSON record of an
-answer, grounding boxes drawn into an image file, and images shown in a terminal.
+"""What the CLI shows: answers on stdout and status on stderr (`UI`), every task's answer through
+one renderer (`render_answer`, fed by the events of tasks.py), grounding boxes drawn into an
+image file, images shown in a terminal, and the lines of `dsvl2 info`.
 
 Stdout carries only the answer; status, spinners, progress bars, timings and warnings go to
 stderr through Rich (colour only on a terminal, never with NO_COLOR).
@@ -18,14 +19,15 @@ import contextlib
 import io
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 from rich.color import Color
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
@@ -33,7 +35,8 @@ from rich.text import Text
 from ..engine.generate import Done, Token
 from .. import settings
 from ..errors import InputError
-from .pdf import image_origin
+from .inputs import write_atomic
+from .tasks import Answer, GroundAnswer, PageFailed, PageStarted, untiled_note
 
 HALF_BLOCK = "▀"
 
@@ -257,52 +260,133 @@ class UI:
             yield progress
 
 
-def show_answer(events: Iterable, ui: UI, *, stream: bool, echo: bool = True,
-                waiting: str = "reading the prompt") -> Done:
-    """Consume generation events: stream the text to stdout (or, with echo and no stream, print
-    it at the end) while a spinner on stderr waits for it. Returns the Done event."""
-    done, count = None, 0
+@dataclass
+class AnswerView:
+    """How `render_answer` shows one answer; the defaults are a chat answer's."""
+
+    stream: bool = True           # the text on stdout as it comes (never with json or a target file)
+    json: bool = False            # the JSON record instead of the text
+    waiting: str = "reading the prompt"   # the spinner's words until the text starts
+    header: str = ""              # written before the text (ocr of several pages: "==> name <==")
+    title: str = ""               # prefixes the timing and warning lines
+    page: str = ""                # names what was read in "PAGE -> FILE"
+    target: Path | None = None    # write the answer to this file instead of stdout
+    save: Path | None = None      # ground: save the image with its boxes drawn
+    bar: tuple[Progress, TaskID] | None = None  # ocr: count tokens on this bar instead of a spinner
+    pause_bar: bool = False       # take the bar off the terminal while a whole answer is written
+    mute_timings: bool = False    # warnings only: a bar is showing the progress
+
+    def __post_init__(self):
+        if self.json or self.target is not None:
+            self.stream = False
+
+
+def render_answer(events: Iterable, ui: UI, view: AnswerView) -> Answer | PageFailed:
+    """Show one answer of a task (tasks.py) and return its result: the answer's text streams to
+    stdout as it comes, or the whole answer (text, JSON record, picture with boxes) goes to
+    stdout or a file at the end; then its timings and warnings go to stderr.
+
+    Reads `events` up to this answer's end (its Answer, or a page's PageFailed), so a page loop
+    (tasks.read_pages) is shown by calling this once per page on the same iterator.
+    """
+    result = None
     ui.start_answer()
-    with ui.spinner(waiting) as spin:
+    with _counting(ui, view) as tick:
+        count = 0
         for event in events:
-            if isinstance(event, Token):
+            if isinstance(event, (Answer, PageFailed)):
+                result = event
+                break
+            if isinstance(event, PageStarted) and view.stream:
+                ui.write(view.header)
+                ui.start_answer()
+            elif isinstance(event, Token):
                 count += 1
-                if stream:
-                    spin.stop()  # the answer starts: clear the spinner before stdout is written
+                tick(count)
+                if view.stream:
                     ui.answer_text(event.text)
-                else:
-                    spin.update(spin.task_ids[0], description=f"{waiting} · {count} tokens")
-            elif isinstance(event, Done):
-                done = event
-    if stream:
+    if isinstance(result, PageFailed):
         ui.end_line()
-    elif echo:
-        ui.line(done.text.strip())
-    return done
+        ui.error(result.message)
+        return result
+    if isinstance(result, GroundAnswer):
+        _ground_notes(result, ui, view.save)
+    _show(result, ui, view)
+    report(result.done, _Muted(ui) if view.mute_timings else ui, view.title)
+    return result
 
 
-def answer_record(vlm, done: Done, prepared, images: Sequence[Image.Image]) -> dict:
-    """The JSON object of one answer (schema in cli.py's docstring)."""
-    st = done.stats
-    entries = [image_origin(img) for img in images]
-    for entry, prepared_image in zip(entries, prepared.images):
-        entry["grid"] = list(prepared_image.grid)  # local tiles (wide, high); [1, 1] when untiled
-        entry["tokens"] = prepared_image.num_tokens
-    inputs = {e["input"] for e in entries}
-    return {
-        "model": vlm.name,
-        "input": entries[0]["input"] if len(inputs) == 1 else None,
-        "page": entries[0]["page"] if len(entries) == 1 else None,
-        "images": entries,
-        "text": done.text.strip(),
-        "finish_reason": done.finish_reason,
-        "usage": {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.reused_tokens,
-                  "image_tokens": list(prepared.num_image_tokens), "generated_tokens": st.generated_tokens},
-        "timings": {"time_to_first_token_s": round(st.time_to_first_token, 4),
-                    "prefill_tokens_per_s": round(st.prefill_tokens_per_second, 2),
-                    "decode_tokens_per_s": round(st.decode_tokens_per_second, 2)},
-        "token_ids": list(done.token_ids),
-    }
+@contextlib.contextmanager
+def _counting(ui: UI, view: AnswerView) -> Iterator[Callable[[int], None]]:
+    """A callback for each token: the count on the ocr bar, else on a spinner until text shows."""
+    if view.bar is not None:
+        bar, task = view.bar
+        yield lambda n: bar.update(task, tokens=n)
+        return
+    with ui.spinner(view.waiting) as spin:
+        def tick(n: int) -> None:
+            if view.stream:
+                spin.stop()  # the answer starts: clear the spinner before stdout is written
+            else:
+                spin.update(spin.task_ids[0], description=f"{view.waiting} · {n} tokens")
+        yield tick
+
+
+def _ground_notes(answer: GroundAnswer, ui: UI, save: Path | None) -> None:
+    if save is not None:
+        write_atomic(save, encode_image(draw_boxes(answer.image, _drawn(answer)), save))
+        ui.status(f"saved {save}")
+    for problem in answer.problems:
+        ui.warn(f"grounding: {problem}")
+    if not answer.boxes:
+        ui.warn("no boxes found in the answer")
+
+
+def _drawn(answer: GroundAnswer) -> list[DrawBox]:
+    return [DrawBox(b.xyxy, b.label, colour(b.ref_index)) for b in answer.boxes]
+
+
+def _show(answer: Answer, ui: UI, view: AnswerView) -> None:
+    if view.target is not None:
+        body = json.dumps(answer.record, ensure_ascii=False) if view.json else answer.text
+        write_atomic(view.target, (body + "\n").encode("utf-8"))
+        ui.status(f"{view.page} -> {view.target}")
+        return
+    if view.stream:
+        ui.end_line()
+        return
+    with _paused(view.bar, view.pause_bar):
+        if view.json:
+            print_json(answer.record, ui)
+        elif isinstance(answer, GroundAnswer):
+            text = answer.text if (answer.caption or not answer.boxes) else ""
+            show_boxes(ui, answer.image, _drawn(answer), text)
+        else:
+            ui.line(view.header + answer.text)
+
+
+class _Muted:
+    """A UI stand-in for `report` under a progress bar: warnings pass, timing lines do not."""
+
+    def __init__(self, ui: UI):
+        self.warn, self.status = ui.warn, lambda message: None
+
+
+@contextlib.contextmanager
+def _paused(bar: tuple[Progress, TaskID] | None, active: bool):
+    """Take the progress bar off the terminal while an answer is written to stdout."""
+    active = active and bar is not None
+    if active:
+        bar[0].stop()
+    try:
+        yield
+    finally:
+        if active:
+            bar[0].start()
+
+
+def warn_untiled(ui: UI, n: int, what: str = "images", advice: str = "") -> None:
+    ui.warn(untiled_note(n, what, advice))
 
 
 def print_json(record: dict, ui: UI) -> None:
