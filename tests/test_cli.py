@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dsvl2_cli.app import cli, tasks
-from dsvl2_cli.app.render import colour
+from dsvl2_cli.app.pictures import colour
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
 

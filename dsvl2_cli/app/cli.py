@@ -7,139 +7,49 @@ When stdout is not a terminal, or NO_COLOR is set, stdout is plain text: no colo
 Model: -m/--model (a folder or a Hugging Face id), else $DSVL2_MODEL, else
 deepseek-ai/deepseek-vl2-tiny. Sampling is greedy unless --temperature > 0.
 
-Exit codes: 0 success; 1 a failure, with a one-line `error: ...` on stderr (missing file,
-unreadable image or PDF, model not found, context too long: every Dsvl2Error); 2 a usage error;
-130 Ctrl-C (what was generated is flushed first); 141 stdout closed early (`... | head -1`).
-DSVL2_DEBUG=1 adds the traceback to errors.
+Exit codes (exits.py): 0 success; 1 a failure, with a one-line `error: ...` on stderr; 2 a usage
+error; 130 Ctrl-C; 141 stdout closed early. DSVL2_DEBUG=1 adds the traceback to errors.
 
 JSON output (--json): one object per answer on one line; several answers (ocr of several pages
 or files, several messages in a chat) give JSON Lines. Keys are stable; keys may be added. The
 schema of chat, ask, ocr and ground answers is in tasks.py, next to the code that builds it.
-info --json: {"model", "path", "source", "dtype", "device", "architecture": {...},
-              "parameters": {"total", "active", "vision", "adaptor", "language"},
-              "cache_bytes_per_token", "image_tokens_384"}.
+`info --json` gives tasks.model_info's facts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
-import functools
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn
 
 from ..engine import hub, quant, runtime
 from ..engine.processor import MAX_TILED_IMAGES
-from ..errors import Dsvl2Error, InputError
-from .. import settings
-from . import tasks
+from ..errors import InputError
+from . import exits, tasks
+from .cli_options import (DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, NoStreamOpt, OcrFormat,
+                          PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, SystemOpt, TemperatureOpt, TopPOpt,
+                          options)
 from .conversation import read_conversation
-from .inputs import collect_sources, load_image_arg, read_stdin_bytes, split_images_and_prompt
+from .exits import UsageError
+from .inputs import chat_prompt, collect_sources, load_image_arg, load_images, read_stdin_bytes, split_images_and_prompt
 from .interactive import interactive_chat
 from .pdf import DEFAULT_DPI
-from .render import UI, AnswerView, image_format, info_lines, isatty, print_json, render_answer, warn_untiled
+from .pictures import image_format
+from .render import UI, AnswerView, info_lines, print_json, render_answer, render_pages, warn_untiled
 from .tasks import OCR_PROMPTS, Options
 
-
-def _click_class(name: str) -> type:
-    """click's exception classes, wherever this typer takes click from (recent typers vendor it)."""
-    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
-
-
-UsageError, ClickException = _click_class("UsageError"), _click_class("ClickException")
 
 app = typer.Typer(
     name="dsvl2", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Run DeepSeek-VL2 vision-language models locally: chat about images, read documents, find objects.",
 )
-
-
-class Dtype(str, enum.Enum):
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
-class OcrFormat(str, enum.Enum):
-    text = "text"
-    markdown = "markdown"
-
-
-# ------------------------------------------------------------------------------ shared options
-
-_M, _G = "Model", "Generation"
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", show_default=False, rich_help_panel=_M,
-    help=f"Model folder or Hugging Face id. Default: $DSVL2_MODEL, else {hub.DEFAULT_MODEL}.")]
-DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=_M, help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", rich_help_panel=_M, help="Weights and compute dtype.")]
-QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", rich_help_panel=_M, show_default=False, metavar="none|int8|int4|nf4",
-    help="Quantize the routed experts while loading: int4 (fast on CPU), nf4 (bitsandbytes), int8. "
-         "Default: the folder as it is.")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option(
-    "--max-tokens", min=1, show_default=False, rich_help_panel=_G,
-    help="Most tokens per answer (default 1024; ocr 2048).")]
-TemperatureOpt = Annotated[float, typer.Option(
-    "--temperature", "-t", min=0.0, max=2.0, rich_help_panel=_G,
-    help=f"0 = greedy: reproducible, best for OCR and grounding. The model card advises <= {tasks.TEMPERATURE_ADVICE}.")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, rich_help_panel=_G,
-                                        help="Nucleus sampling, with --temperature > 0.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", show_default=False, rich_help_panel=_G,
-                                                help="Random seed for sampling.")]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", show_default=False, rich_help_panel=_G,
-                                                  help="System prompt.")]
-NoStreamOpt = Annotated[bool, typer.Option("--no-stream", help="Print the answer once it is complete.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per answer (schema: README).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No status, progress or timings on stderr.")]
-PagesOpt = Annotated[Optional[str], typer.Option(
-    "--pages", "-p", show_default=False, help="PDF pages: 1-3,7 or 5 or 2- (to the end). Default: all.")]
-DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF rendering resolution (pages are capped at 4096 px).")]
-PasswordOpt = Annotated[Optional[str], typer.Option("--password", show_default=False,
-                                                    help="Password of an encrypted PDF.")]
-
-
-def _opts(**kw) -> Options:
-    if isinstance(kw.get("dtype"), enum.Enum):
-        kw["dtype"] = kw["dtype"].value
-    return Options(**kw)
-
-
-def _command(fn):
-    """Ctrl-C and a closed stdout end a command quietly, with exit codes 130 and 141."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            ui = UI.current
-            with contextlib.suppress(Exception):
-                if ui is not None:
-                    ui.end_line()  # what was generated stays, on a finished line
-                sys.stdout.flush()
-                sys.stderr.write("interrupted\n")
-            raise typer.Exit(130) from None
-        except BrokenPipeError:
-            _silence_stdout()
-            raise typer.Exit(141) from None
-    return wrapper
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so that the interpreter's last flush cannot fail again."""
-    with contextlib.suppress(Exception):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # -------------------------------------------------------------------------------------- model
@@ -179,7 +89,7 @@ def _stdin_once(files: list[str]) -> None:
 # --------------------------------------------------------------------------------------- chat
 
 @app.command()
-@_command
+@exits.command
 def chat(
     args: Annotated[Optional[list[str]], typer.Argument(
         metavar="IMAGE|PROMPT", show_default=False,
@@ -200,9 +110,9 @@ def chat(
     quiet: QuietOpt = False,
 ):
     """Ask about images: once, with a prompt; else an interactive chat (/help inside)."""
-    opts = _opts(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
-                 temperature=temperature,
-                 top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_, quiet=quiet)
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
+                 quiet=quiet)
     ui = UI(quiet)
     if conversation is not None:
         if args or prompt is not None:
@@ -213,15 +123,8 @@ def chat(
     _stdin_once(files)
     if "-" in files and (interactive or text is None):
         raise UsageError("with an image on stdin (-), give the prompt as an argument")
-    if text is None and not interactive and not isatty(sys.stdin):
-        text = sys.stdin.read()
-        if not text.strip():
-            raise InputError("empty prompt on stdin; give a prompt argument or pipe some text")
-    if text is not None and not interactive and not text.strip():
-        raise InputError("empty prompt; say what to ask about the images (an argument, -P TEXT or text on stdin)")
-    data = read_stdin_bytes() if "-" in files else None
-    images = [load_image_arg(f, ui.warn, data if f == "-" else None)  # all checked before the model loads
-              for f in files]
+    text = chat_prompt(text, interactive)
+    images = load_images(files, ui.warn)  # all checked before the model loads
     _note_sampling(opts, ui)
     session = tasks.chat_session(open_model(opts, ui), opts, images)
     if not session.tiling:
@@ -251,7 +154,7 @@ def answer_conversation(source: str, opts: Options, ui: UI, interactive: bool) -
 # ---------------------------------------------------------------------------------------- ocr
 
 @app.command()
-@_command
+@exits.command
 def ocr(
     files: Annotated[list[str], typer.Argument(metavar="FILE", show_default=False,
                                                help="Images and PDFs (- reads one from stdin).")],
@@ -271,60 +174,30 @@ def ocr(
     quiet: QuietOpt = False,
 ):
     """Read the text of images and PDF pages: to stdout with a header per page, or a file per page."""
-    opts = _opts(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
-                 temperature=temperature,
-                 top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_, quiet=quiet)
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
+                 quiet=quiet)
     ui = UI(quiet)
-    ext = "json" if opts.json else ("md" if fmt == OcrFormat.markdown else "txt")
     with contextlib.ExitStack() as stack:
         _stdin_once(files)
         sources = collect_sources(files, pages, dpi, password, ui.warn, stack)
-        sources, targets, skipped = tasks.ocr_targets(sources, out, ext, skip_existing)
+        sources, targets, skipped = tasks.ocr_targets(sources, out, tasks.ocr_extension(fmt.value, opts.json), skip_existing)
         if skipped:
             ui.status(f"skipping {skipped} page(s) already in {out}")
         if not sources:
             return
         _note_sampling(opts, ui)
         vlm = open_model(opts, ui)
-        failed = _read_pages(vlm, sources, targets, prompt or OCR_PROMPTS[fmt.value], opts, ui)
+        events = tasks.read_pages(vlm, sources, prompt or OCR_PROMPTS[fmt.value], opts)
+        failed = render_pages(events, sources, targets, ui, stream=opts.stream, as_json=opts.json)
     if failed:
         raise typer.Exit(1)
-
-
-def _read_pages(vlm, sources, targets: list[Path | None], prompt: str, opts: Options, ui: UI) -> int:
-    """tasks.read_pages shown page by page under a progress bar. Returns the failure count."""
-    many = len(sources) > 1
-    bar = ui.progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[tokens]} tokens"), TimeElapsedColumn())
-    bar_shown = many and ui.live
-    # Streaming into the terminal the bar is drawn on would tear it: then pages appear whole.
-    bar_on_stdout = bar_shown and isatty(sys.stdout)
-    failed, tokens, t0 = 0, 0, time.perf_counter()
-    task = bar.add_task("", total=len(sources), tokens=0)
-    events = tasks.read_pages(vlm, sources, prompt, opts)
-    with bar:
-        for i, (src, target) in enumerate(zip(sources, targets)):
-            bar.update(task, description=src.title, tokens=0)
-            header = f"{'' if i == 0 else chr(10)}==> {src.title} <==\n" if many and target is None else ""
-            view = AnswerView(stream=opts.stream and not bar_on_stdout, json=opts.json, header=header,
-                              title=src.title if many else "", page=src.title, target=target, bar=(bar, task),
-                              pause_bar=bar_on_stdout, mute_timings=bar_shown)
-            result = render_answer(events, ui, view)
-            if isinstance(result, tasks.PageFailed):
-                failed += 1
-            else:
-                tokens += result.done.stats.generated_tokens
-            bar.advance(task)
-    if many:
-        ui.status(f"{len(sources) - failed} of {len(sources)} pages read · {tokens} tokens · "
-                  f"{time.perf_counter() - t0:.1f} s")
-    return failed
 
 
 # ---------------------------------------------------------------------------------------- ask
 
 @app.command()
-@_command
+@exits.command
 def ask(
     files: Annotated[list[str], typer.Argument(
         metavar="FILE", show_default=False, help="PDFs or images of pages (- reads one from stdin).")],
@@ -338,9 +211,9 @@ def ask(
     quiet: QuietOpt = False,
 ):
     """Ask a question about document pages (best with 1 or 2 pages: those are tiled)."""
-    opts = _opts(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
-                 temperature=temperature,
-                 top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_, quiet=quiet)
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
+                 quiet=quiet)
     ui = UI(quiet)
     if not question.strip():
         raise InputError("empty question; ask something about the pages")
@@ -360,7 +233,7 @@ def ask(
 # ------------------------------------------------------------------------------------- ground
 
 @app.command()
-@_command
+@exits.command
 def ground(
     image: Annotated[str, typer.Argument(metavar="IMAGE", show_default=False,
                                          help="The image (- reads it from stdin).")],
@@ -377,9 +250,9 @@ def ground(
     seed: SeedOpt = None, system: SystemOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Find things in an image and draw their boxes (referring-expression grounding)."""
-    opts = _opts(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
-                 temperature=temperature,
-                 top_p=top_p, seed=seed, system=system, stream=False, json=json_, quiet=quiet)
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed, system=system, stream=False, json=json_,
+                 quiet=quiet)
     ui = UI(quiet)
     if not caption and not (what or "").strip():
         raise UsageError('say what to find, e.g. dsvl2 ground photo.jpg "the red cup", or use --caption')
@@ -396,13 +269,13 @@ def ground(
 # --------------------------------------------------------------------------------- info, pull
 
 @app.command()
-@_command
+@exits.command
 def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
          quantize: QuantizeOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False):
     """Show the resolved model and its architecture (reads config.json; loads no weights)."""
     ui = UI(quiet)
     resolved = hub.resolve_local(model)  # info never downloads gigabytes
-    facts = tasks.model_info(resolved, _opts(dtype=dtype).dtype, device, quantize)
+    facts = tasks.model_info(resolved, options(dtype=dtype).dtype, device, quantize)
     if json_:
         print_json(facts, ui)
         return
@@ -411,7 +284,7 @@ def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = D
 
 
 @app.command()
-@_command
+@exits.command
 def quantize(
     src: Annotated[str, typer.Argument(metavar="SRC", help="Model folder or Hugging Face id to quantize.")],
     dst: Annotated[Path, typer.Argument(metavar="DST", help="New folder to write (must not exist or be empty).")],
@@ -435,7 +308,7 @@ def quantize(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
-@_command
+@exits.command
 def bench(ctx: typer.Context):
     """Measure speed and memory at the real model shapes, with synthetic weights (no download);
     `dsvl2 bench --help` lists its options."""
@@ -445,7 +318,7 @@ def bench(ctx: typer.Context):
 
 
 @app.command()
-@_command
+@exits.command
 def pull(model: Annotated[Optional[str], typer.Argument(
             metavar="MODEL", show_default=False,
             help=f"Hugging Face id (default: $DSVL2_MODEL, else {hub.DEFAULT_MODEL}).")] = None,
@@ -470,54 +343,6 @@ def pull(model: Annotated[Optional[str], typer.Argument(
 
 # ---------------------------------------------------------------------------------- entry point
 
-def _debug() -> bool:
-    return settings.debug()
-
-
-def _fail(message: str) -> None:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        Text("error: ", style="bold red") + Text(" ".join(message.split())))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
-    command = typer.main.get_command(app)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:  # bare `dsvl2`: the help, on stderr, as the usage error it is
-        with contextlib.redirect_stdout(sys.stderr):
-            command.main(args=["--help"], prog_name="dsvl2", standalone_mode=False)
-        return 2
-    try:
-        result = command.main(args=argv, prog_name="dsvl2", standalone_mode=False)
-        code = result if isinstance(result, int) else 0
-        sys.stdout.flush()
-    except UsageError as err:
-        if err.ctx is not None:
-            sys.stderr.write(f"{err.ctx.get_usage()}\nTry '{err.ctx.command_path} --help' for help.\n")
-        _fail(err.format_message())
-        code = 2
-    except ClickException as err:
-        _fail(err.format_message())
-        code = err.exit_code
-    except typer.Abort:
-        code = 130
-    except Dsvl2Error as err:
-        if _debug():
-            traceback.print_exc()
-        _fail(str(err))
-        code = 1
-    except BrokenPipeError:
-        _silence_stdout()
-        code = 141
-    except KeyboardInterrupt:
-        code = 130
-    except Exception as err:  # noqa: BLE001 - out of memory, or a bug: then show everything
-        oom = isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"  # torch's, on a GPU
-        if _debug() or not oom:
-            traceback.print_exc()
-        _fail("out of memory; try fewer or smaller images, --dtype bfloat16, --device cpu or a smaller model"
-              if oom else f"unexpected {type(err).__name__}: {err} (a bug: please report it with the traceback)")
-        code = 1
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code
+    return exits.run(typer.main.get_command(app), sys.argv[1:] if argv is None else list(argv))

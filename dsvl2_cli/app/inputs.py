@@ -188,6 +188,33 @@ def output_paths(sources: list[Source], out: Path, ext: str) -> list[Path]:
 
 # ------------------------------------------------------------------------------- arguments
 
+def isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def chat_prompt(text: str | None, interactive: bool) -> str | None:
+    """The prompt of a one-off chat: `text`, else the text piped on stdin; None (or a first
+    message) for an interactive chat. An empty prompt is an InputError."""
+    if interactive:
+        return text
+    if text is None and not isatty(sys.stdin):
+        text = sys.stdin.read()
+        if not text.strip():
+            raise InputError("empty prompt on stdin; give a prompt argument or pipe some text")
+    if text is not None and not text.strip():
+        raise InputError("empty prompt; say what to ask about the images (an argument, -P TEXT or text on stdin)")
+    return text
+
+
+def load_images(files: list[str], warn: Callable[[str], None]) -> list[Image.Image]:
+    """The images named by `files` ("-" once at most: stdin), tagged with their origin."""
+    data = read_stdin_bytes() if "-" in files else None
+    return [load_image_arg(f, warn, data if f == "-" else None) for f in files]
+
+
 def split_images_and_prompt(args: list[str]) -> tuple[list[str], str | None]:
     """`[IMAGE]... [PROMPT]`: the last argument is the prompt unless it names a file (or is "-")."""
     if not args:

@@ -12,8 +12,8 @@ from pathlib import Path
 from ..engine.chat import ChatSession
 from .. import settings
 from ..errors import Dsvl2Error
-from .inputs import load_image_arg
-from .render import UI, AnswerView, isatty, render_answer, warn_untiled
+from .inputs import isatty, load_image_arg
+from .render import UI, AnswerView, render_answer, warn_untiled
 from .tasks import Options, chat_turn
 
 CHAT_HELP = """commands:

@@ -247,6 +247,11 @@ def _in_pixels(box: Box, w: int, h: int) -> PixelBox:
     return PixelBox(box.label, box.box_999, to_pixels(box, w, h), box.ref_index)
 
 
+def ocr_extension(fmt: str, as_json: bool) -> str:
+    """The file extension of ocr's per-page output files for --format `fmt` (or --json)."""
+    return "json" if as_json else ("md" if fmt == "markdown" else "txt")
+
+
 def ocr_targets(sources: list[Source], out: Path | None, ext: str, skip_existing: bool = False
                 ) -> tuple[list[Source], list[Path | None], int]:
     """(sources, their output files, how many were skipped): with `out`, one file per page in
@@ -281,7 +286,11 @@ def chat_session(vlm, opts: Options, images: Sequence[Image.Image] = ()) -> Chat
 
 def model_info(resolved, dtype: str, device: str, quantize: str | None = None) -> dict:
     """`dsvl2 info`'s facts about a resolved model (hub.ResolvedModel), from its files only: the
-    architecture, parameter counts, and the weight memory it would take loaded with `quantize`."""
+    architecture, parameter counts, and the weight memory it would take loaded with `quantize`.
+
+    {"model", "path", "source", "dtype", "device", "architecture": {...},
+     "parameters": {"total", "active", "vision", "adaptor", "language"},
+     "cache_bytes_per_token", "image_tokens_384", "quantization", "weight_memory": {...}}"""
     facts = model_facts.describe_model(resolved, dtype, device)
     spec = quant.choose_spec(quantize, quant.read_spec(resolved.path), str(resolved.path))
     cfg = ModelConfig.from_dir(resolved.path)
