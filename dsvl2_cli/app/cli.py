@@ -29,7 +29,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn
 
 from ..engine import hub, quant, runtime
-from ..engine.processor import MAX_TILED_IMAGES
 from ..errors import InputError
 from . import exits, tasks
 from .cli_options import (DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, NoStreamOpt, OcrFormat,
@@ -181,7 +180,8 @@ def ocr(
     with contextlib.ExitStack() as stack:
         _stdin_once(files)
         sources = collect_sources(files, pages, dpi, password, ui.warn, stack)
-        sources, targets, skipped = tasks.ocr_targets(sources, out, tasks.ocr_extension(fmt.value, opts.json), skip_existing)
+        ext = tasks.ocr_extension(fmt.value, opts.json)
+        sources, targets, skipped = tasks.ocr_targets(sources, out, ext, skip_existing)
         if skipped:
             ui.status(f"skipping {skipped} page(s) already in {out}")
         if not sources:
@@ -220,9 +220,9 @@ def ask(
     with contextlib.ExitStack() as stack:
         _stdin_once(files)
         sources = collect_sources(files, pages, dpi, password, ui.warn, stack)
-        if len(sources) > MAX_TILED_IMAGES:
-            warn_untiled(ui, len(sources), "pages", "ask about 1 or 2 pages at a time (e.g. --pages 3 or "
-                                                     "--pages 3-4) for detail")
+        note = tasks.ask_note(len(sources))
+        if note:
+            ui.warn(note)
         images = [src.image() for src in sources]
     _note_sampling(opts, ui)
     vlm = open_model(opts, ui)

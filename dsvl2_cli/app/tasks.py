@@ -1,4 +1,5 @@
-"""The tasks dsvl2 knows: chat, ocr, ask and ground, over a loaded model (engine/runtime.VLModel).
+"""The tasks dsvl2 knows: chat, ocr, ask and ground over a loaded model (engine/runtime.VLModel),
+and info's facts about a model that is not loaded.
 
 What each task asks the model (OCR_PROMPTS; grounding prompts come from grounding.py), how long
 its answers may be (MAX_TOKENS), and what comes back: every task is a generator of the engine's
@@ -202,6 +203,13 @@ def chat_turn(session: ChatSession, text: str | None = None) -> Iterator[Event |
     finally:
         events.close()
     yield Answer(done, answer_record(session.vlm, done, session.last_prepared, session.images))
+
+
+def ask_note(pages: int) -> str | None:
+    """ask: why so many pages lose detail, and what to do (None when they are all tiled)."""
+    if pages <= MAX_TILED_IMAGES:
+        return None
+    return untiled_note(pages, "pages", "ask about 1 or 2 pages at a time (e.g. --pages 3 or --pages 3-4) for detail")
 
 
 def ask(vlm, images: Sequence[Image.Image], question: str, opts: Options) -> Iterator[Event | Answer]:
