@@ -8,24 +8,13 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..engine.chat import ChatSession
-from ..engine.processor import MAX_TILED_IMAGES
 from .. import settings
 from ..errors import Dsvl2Error
-from .pdf import load_image_arg
-from .render import UI, answer_record, isatty, print_json, report, show_answer
-
-if TYPE_CHECKING:
-    from .cli import Options
-
-
-def warn_untiled(ui: UI, n: int, what: str = "images", advice: str = "") -> None:
-    ui.warn(f"{n} {what}: with more than {MAX_TILED_IMAGES} images the model sees each at 384x384 without "
-            f"tiling, so small text and detail are lost; {advice or f'use at most {MAX_TILED_IMAGES} for detail'}")
-
-
+from .inputs import isatty, load_image_arg
+from .render import UI, AnswerView, render_answer, warn_untiled
+from .tasks import Options, chat_turn
 
 CHAT_HELP = """commands:
   /image PATH...   attach images to your next message
@@ -131,9 +120,9 @@ def interactive_chat(session: ChatSession, opts: Options, ui: UI, images: list, 
 
 
 def _chat_turn(session: ChatSession, text: str, opts: Options, ui: UI) -> bool:
-    events = session.ask(text)
+    events = chat_turn(session, text)
     try:
-        done = show_answer(events, ui, stream=opts.stream and not opts.json, echo=not opts.json)
+        render_answer(events, ui, AnswerView(stream=opts.stream, json=opts.json))
     except KeyboardInterrupt:
         events.close()  # the session keeps the partial answer
         ui.end_line()
@@ -143,9 +132,6 @@ def _chat_turn(session: ChatSession, text: str, opts: Options, ui: UI) -> bool:
         ui.end_line()
         ui.error(str(err))
         return False
-    if opts.json:
-        print_json(answer_record(session.vlm, done, session.last_prepared, session.images), ui)
-    report(done, ui)
     return True
 
 

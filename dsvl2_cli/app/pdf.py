@@ -1,7 +1,5 @@
-"""Pages for the model: PDF pages as images (PyMuPDF), the `--pages` range parser, and the
-CLI's inputs and per-page bookkeeping (image files, PDFs and stdin turned into a list of
-`Source`s checked before the model loads, where each image came from, output file names,
-atomic writes).
+"""PDF pages as images (PyMuPDF), the `--pages` range parser and the `--dpi` check. Turning
+files, PDFs and stdin into the list of pages a command reads is inputs.py's job.
 
 Every problem a user can cause is an `InputError` (a Dsvl2Error) with a one-line message:
 an encrypted file without or with a wrong password (naming `--password`), a corrupt, truncated
@@ -13,21 +11,13 @@ whatever the page size.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import re
-import stat
-import sys
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from ..errors import ImageError, InputError
-from .images import load_image_with_notes, read_capped
+from ..errors import InputError
 
 DEFAULT_DPI = 144
 MAX_SIDE = 4096
@@ -229,131 +219,3 @@ def check_dpi(dpi: int) -> int:
     if not MIN_DPI <= dpi <= MAX_DPI:
         raise InputError(f"--dpi {dpi} is out of range; use {MIN_DPI} to {MAX_DPI} (default {DEFAULT_DPI})")
     return dpi
-
-
-# ----------------------------------------------------------------------------- page bookkeeping
-
-def tag(img: Image.Image, input_name: str, page: int | None = None) -> Image.Image:
-    """Remember where an image came from (its file and page) in `img.info`."""
-    img.info["dsvl2_input"], img.info["dsvl2_page"] = input_name, page
-    return img
-
-
-def image_origin(img: Image.Image) -> dict:
-    """{"input", "page", "size"} of a tagged image (None for what is unknown)."""
-    return {"input": img.info.get("dsvl2_input"), "page": img.info.get("dsvl2_page"), "size": list(img.size)}
-
-
-@dataclass
-class Source:
-    """One image to process: an image file (page None) or a PDF page, loaded when needed."""
-
-    input: str
-    page: int | None
-    load: Callable[[], Image.Image]
-    page_count: int = 1
-
-    def image(self) -> Image.Image:
-        return tag(self.load(), self.input, self.page)
-
-    @property
-    def title(self) -> str:
-        return self.input if self.page is None else f"{self.input} page {self.page}"
-
-    def output_name(self, ext: str) -> str:
-        """File name for this page's output: from the input's name and the page number only
-        (never from model output), e.g. report-p007.txt."""
-        stem = "stdin" if self.input == "-" else (Path(self.input).stem or "page")
-        if self.page is None:
-            return f"{stem}.{ext}"
-        width = max(3, len(str(self.page_count)))
-        return f"{stem}-p{self.page:0{width}d}.{ext}"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and os.replace, so readers (and an
-    interrupted run) only ever see complete files. OSError becomes an InputError."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    except OSError as err:
-        raise InputError(f"{path.parent}: cannot write there ({err.strerror or err})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise InputError(f"{path}: cannot write ({err.strerror or err})") from None
-        raise
-
-
-# ---------------------------------------------------------------------------------- inputs
-
-def read_stdin_bytes() -> bytes:
-    data = read_capped(sys.stdin.buffer, "-", InputError)
-    if not data:
-        raise InputError("-: nothing on stdin; pipe an image or a PDF into it")
-    return data
-
-
-def _is_pipe(arg: str) -> bool:
-    """A FIFO or socket path, e.g. /dev/fd/63 from the shell's `<(...)`: it can be read only once."""
-    try:
-        mode = os.stat(arg).st_mode
-    except (OSError, ValueError):
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
-
-
-def _read_pipe(arg: str) -> bytes:
-    try:
-        with open(arg, "rb") as fh:
-            data = read_capped(fh, arg, InputError)
-    except OSError as err:
-        raise InputError(f"{arg}: cannot read ({err.strerror or err})") from None
-    if not data:
-        raise InputError(f"{arg}: the file is empty")
-    return data
-
-
-def load_image_arg(arg: str, warn: Callable[[str], None], data: bytes | None = None) -> Image.Image:
-    """An image from a path, or from `data` (the bytes of stdin for "-", or of a pipe) when given,
-    tagged with its origin; notes (animated, EXIF) go to `warn`."""
-    if data is None and arg != "-" and Path(arg).is_file() and is_pdf(arg):  # (sniffing would drain a pipe)
-        raise InputError(f"{arg}: is a PDF; use `dsvl2 ask {arg} QUESTION --pages N` or `dsvl2 ocr {arg}`")
-    img, notes = load_image_with_notes(data if data is not None else arg, name=arg)
-    for note in notes:
-        warn(note)
-    return tag(img, arg)
-
-
-def collect_sources(files: list[str], pages: str | None, dpi: int, password: str | None,
-                    warn: Callable[[str], None], stack: contextlib.ExitStack) -> list[Source]:
-    """Every image to process, in order: image files as they are, PDFs page by page (`pages`
-    selects them). Opens and checks everything up front, so bad input fails before the model
-    loads; the PDFs stay open in `stack` and pages render when their Source loads."""
-    check_dpi(dpi)
-    sources: list[Source] = []
-    any_pdf = False
-    for arg in files:
-        data = read_stdin_bytes() if arg == "-" else _read_pipe(arg) if _is_pipe(arg) else None
-        if is_pdf(data) if data is not None else (is_pdf(arg) and not Path(arg).is_dir()):
-            any_pdf = True
-            doc = stack.enter_context(PdfDocument(data if data is not None else arg, password, name=arg))
-            for p in doc.pages(pages):
-                sources.append(Source(arg, p, functools.partial(doc.render, p, dpi), doc.page_count))
-        else:
-            if data is None and not Path(arg).exists():
-                raise ImageError(f"{arg}: no such file; check the path")
-            sources.append(Source(arg, None, functools.partial(load_image_arg, arg, warn, data)))
-    if pages is not None and not any_pdf:
-        warn("--pages applies to PDF files only, and no PDF was given")
-    return sources

@@ -34,9 +34,43 @@ def is_offline() -> bool:
     return settings.hf_offline()
 
 
+def requested(name: str | os.PathLike | None = None) -> str:
+    """The model asked for: `name`, else $DSVL2_MODEL, else the default."""
+    return str(name or settings.default_model())
+
+
+def local_folder(name: str | os.PathLike | None = None) -> Path | None:
+    """The model folder `name` names, when it is one (None for a Hugging Face id)."""
+    path = Path(requested(name)).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
+def check_repo_id(name: str) -> None:
+    """Refuse, before any download starts, what cannot be downloaded: a name that is not an id
+    (owner/name), or any id while downloads are off (HF_HUB_OFFLINE)."""
+    if "/" not in name or any(c.isspace() for c in name):
+        raise ModelError(f"{name}: not a Hugging Face id (owner/name) nor a folder; e.g. {DEFAULT_MODEL}")
+    if is_offline():
+        raise ModelError(f"{name}: cannot download while HF_HUB_OFFLINE is set; unset it on a connected machine "
+                         "and run dsvl2 pull again")
+
+
+def resolve_local(name: str | os.PathLike | None = None) -> ResolvedModel:
+    """`resolve` without downloading: a folder or the cache. A Hugging Face id that is not
+    cached yet says how to fetch it."""
+    try:
+        return resolve(name, download=False)
+    except ModelError:
+        asked = requested(name)
+        if is_offline() or Path(asked).expanduser().exists() or "/" not in asked:
+            raise
+        raise ModelError(f"{asked}: not downloaded yet; `dsvl2 pull {asked}` fetches it (info reads local files "
+                         "only)") from None
+
+
 def resolve(name: str | os.PathLike | None = None, *, download: bool = True) -> ResolvedModel:
     """Folder if `name` is one, else a Hugging Face id looked up in the cache, else downloaded."""
-    name = str(name or settings.default_model())
+    name = requested(name)
     path = Path(name).expanduser()
     if path.is_dir():
         return ResolvedModel(path.resolve(), "local folder", name)

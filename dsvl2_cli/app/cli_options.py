@@ -1,0 +1,62 @@
+"""The command-line options the model commands share, as Typer declarations (each command lists
+the ones it takes), and `options` to gather them into the task layer's `Options`."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Optional
+
+import typer
+
+from ..engine import hub
+from .tasks import TEMPERATURE_ADVICE, Options
+
+
+class Dtype(str, enum.Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class OcrFormat(str, enum.Enum):
+    text = "text"
+    markdown = "markdown"
+
+
+_M, _G = "Model", "Generation"
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", show_default=False, rich_help_panel=_M,
+    help=f"Model folder or Hugging Face id. Default: $DSVL2_MODEL, else {hub.DEFAULT_MODEL}.")]
+DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=_M, help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", rich_help_panel=_M, help="Weights and compute dtype.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option(
+    "--quantize", rich_help_panel=_M, show_default=False, metavar="none|int8|int4|nf4",
+    help="Quantize the routed experts while loading: int4 (fast on CPU), nf4 (bitsandbytes), int8. "
+         "Default: the folder as it is.")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-tokens", min=1, show_default=False, rich_help_panel=_G,
+    help="Most tokens per answer (default 1024; ocr 2048).")]
+TemperatureOpt = Annotated[float, typer.Option(
+    "--temperature", "-t", min=0.0, max=2.0, rich_help_panel=_G,
+    help=f"0 = greedy: reproducible, best for OCR and grounding. The model card advises <= {TEMPERATURE_ADVICE}.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, rich_help_panel=_G,
+                                        help="Nucleus sampling, with --temperature > 0.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", show_default=False, rich_help_panel=_G,
+                                                help="Random seed for sampling.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", show_default=False, rich_help_panel=_G,
+                                                  help="System prompt.")]
+NoStreamOpt = Annotated[bool, typer.Option("--no-stream", help="Print the answer once it is complete.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per answer (schema: README).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No status, progress or timings on stderr.")]
+PagesOpt = Annotated[Optional[str], typer.Option(
+    "--pages", "-p", show_default=False, help="PDF pages: 1-3,7 or 5 or 2- (to the end). Default: all.")]
+DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF rendering resolution (pages are capped at 4096 px).")]
+PasswordOpt = Annotated[Optional[str], typer.Option("--password", show_default=False,
+                                                    help="Password of an encrypted PDF.")]
+
+
+def options(**kw) -> Options:
+    """Options from a command's parameters (Typer gives enum members; Options holds their values)."""
+    if isinstance(kw.get("dtype"), enum.Enum):
+        kw["dtype"] = kw["dtype"].value
+    return Options(**kw)
