@@ -238,8 +238,10 @@ def ground(vlm, image: Image.Image, prompt: str, opts: Options, caption: bool = 
 
 def grounded(vlm, answer: Answer, image: Image.Image, caption: bool = False) -> GroundAnswer:
     """An answer read as boxes: parsed, put in pixels, and its record given the grounding keys."""
-    # The raw answer keeps the grounding tokens (<|ref|>, <|det|>...) the parser needs.
-    raw = vlm.tokenizer.decode(answer.done.token_ids, skip_special_tokens=False)
+    # The streamed text keeps the grounding tokens (<|ref|>, <|det|>...) the parser needs, and
+    # nothing else of the specials (placeholders, pad) nor control characters; it is also all
+    # a remote server gives (no token ids).
+    raw = answer.done.text
     result = parse_grounding(raw)
     w, h = image.size
     boxes = tuple(_in_pixels(b, w, h) for b in result.boxes)
