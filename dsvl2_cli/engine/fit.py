@@ -29,7 +29,8 @@ import torch
 from .. import settings
 from ..errors import Dsvl2Error, MemoryFitError
 from ..model.config import ModelConfig
-from .generate import DEFAULT_PREFILL_CHUNK, TILE_BATCH
+from .generate import DEFAULT_PREFILL_CHUNK
+from .runtime import TILE_BATCH
 from .memory import planned_weight_memory
 from .quant.format import QuantSpec, choose_spec, parse_method, read_spec
 from .weights import RELEASE_BYTES
