@@ -21,12 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeModel:
-    """What the tasks use of a loaded model: a name, prepare() and a tokenizer's decode()."""
+    """What the tasks use of a loaded model: a name and prepare()."""
 
     name = "fake/model"
 
-    def __init__(self, raw: str = ""):
-        self.tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: raw)
+    def __init__(self):
         self.prompts: list[str] = []
 
     def prepare(self, messages, system=None):
@@ -103,9 +102,9 @@ def test_answer_record_keys_usage_and_provenance(answer_is):
 def test_ground_answer_in_pixels_with_its_record(answer_is):
     raw = ("<|ref|>cup<|/ref|><|det|>[[0, 0, 499, 999]]<|/det|> and "
            "<|ref|>dog<|/ref|><|det|>[[999, 0, 0, 999], [1, 2]]<|/det|>")
-    answer_is("cup and dog")
+    answer_is(raw)  # the streamed text carries the grounding tags
     img = tag(Image.new("RGB", (1000, 500)), "photo.jpg")
-    events = list(tasks.ground(FakeModel(raw), img, tasks.ground_prompt("things", caption=False), tasks.Options()))
+    events = list(tasks.ground(FakeModel(), img, tasks.ground_prompt("things", caption=False), tasks.Options()))
     answer = events[-1]
     assert isinstance(answer, tasks.GroundAnswer) and not any(isinstance(e, tasks.Answer) for e in events[:-1])
     assert [(b.label, b.xyxy, b.ref_index) for b in answer.boxes] == [("cup", (0, 0, 499, 500), 0),

@@ -149,7 +149,7 @@ class RemoteModel:
                  config: GenerationConfig | None = None, skip_special_tokens: bool = True) -> Result:
         for event in self.stream(messages, system, config, skip_special_tokens):
             if isinstance(event, Done):
-                return Result(event.text, event.token_ids, event.finish_reason, event.stats)
+                return event
         raise AssertionError("stream ended without Done")  # pragma: no cover
 
     # ---- the wire

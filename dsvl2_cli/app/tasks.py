@@ -241,7 +241,7 @@ def grounded(vlm, answer: Answer, image: Image.Image, caption: bool = False) -> 
     # The streamed text keeps the grounding tokens (<|ref|>, <|det|>...) the parser needs, and
     # nothing else of the specials (placeholders, pad) nor control characters; it is also all
     # a remote server gives (no token ids).
-    raw = answer.done.text
+    raw = answer.done.text.strip()
     result = parse_grounding(raw)
     w, h = image.size
     boxes = tuple(_in_pixels(b, w, h) for b in result.boxes)
