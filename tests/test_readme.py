@@ -40,3 +40,11 @@ def test_ci_runs_exactly_the_readme_test_command():
     extractor = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
     out = subprocess.run(["python3", "-c", extractor], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == _first_bash_block("Tests")
+
+
+def test_readme_lists_every_environment_variable():
+    from dsvl2_cli import settings
+
+    body = README.split("\n## Environment", 1)[1].split("\n## ", 1)[0]
+    missing = [v.name for v in settings.VARIABLES if f"`{v.name}`" not in body]
+    assert not missing, f"README's Environment section does not list {missing}"
