@@ -354,13 +354,14 @@ def _gb(n: int) -> str:
 def _memory_rows(memory: dict) -> list[tuple[str, str]]:
     """info's plan of each method: what it needs and whether it fits in what is available."""
     avail = memory["available"]
-    rows = [("memory", f"{_gb(avail['bytes'])} available ({avail['source']}); needs at batch 1, "
-                       "the cache at the full context:")]
+    head = f"{_gb(avail['bytes'])} available ({avail['source']}); needs at batch 1, the cache at the full context:"
+    rows = [("memory", head)]
     for method, p in memory["plans"].items():
         verdict = "fits" if p["fits"] else "does not fit"
         used = " (these options)" if method == memory["method"] and len(memory["plans"]) > 1 else ""
-        rows.append((f"  {method}", f"{_gb(p['total'])}: weights {_gb(p['weights'])}, cache {_gb(p['cache'])}, "
-                                    f"activations {_gb(p['activations'])}: {verdict}{used}"))
+        need = (f"{_gb(p['total'])}: weights {_gb(p['weights'])}, cache {_gb(p['cache'])}, "
+                f"activations {_gb(p['activations'])}: {verdict}{used}")
+        rows.append((f"  {method}", need))
     return rows
 
 
