@@ -156,4 +156,9 @@ def test_library_load_checks_and_opts_out(monkeypatch, ckpt_tiny, plans):
         warnings.simplefilter("always")
         runtime.load(ckpt_tiny, device="cpu", dtype="float32", allow_paging=True)
     assert any("paged from disk" in str(w.message) for w in caught)
-    assert len(read) == 3
+    # auto still plans without the check, and takes the smallest when nothing fits, never refusing
+    monkeypatch.setenv("DSVL2_MEMORY_LIMIT", f"{plans['int4'].total // 1024 - 64}K")
+    vlm = runtime.load(ckpt_tiny, device="cpu", dtype="float32", quantize="auto", memory_check=False,
+                       on_fit=verdicts.append)
+    assert vlm.quantization.method == "int4" and "paged from disk" in verdicts[-1].warning
+    assert len(read) == 4
