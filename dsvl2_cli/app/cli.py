@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColu
 from ..engine import hub, quant, runtime
 from ..errors import InputError
 from . import exits, tasks
-from .cli_options import (DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, NoStreamOpt, OcrFormat,
+from .cli_options import (AllowPagingOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, NoStreamOpt, OcrFormat,
                           PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, SystemOpt, TemperatureOpt, TopPOpt,
                           options)
 from .conversation import read_conversation
@@ -40,7 +40,7 @@ from .inputs import chat_prompt, collect_sources, load_image_arg, load_images, r
 from .interactive import interactive_chat
 from .pdf import DEFAULT_DPI
 from .pictures import image_format
-from .render import UI, AnswerView, info_lines, print_json, render_answer, render_pages, warn_untiled
+from .render import UI, AnswerView, info_lines, loaded_status, print_json, render_answer, render_pages, warn_untiled
 from .tasks import OCR_PROMPTS, Options
 
 
@@ -54,23 +54,28 @@ app = typer.Typer(
 # -------------------------------------------------------------------------------------- model
 
 def load_weights(path: Path, *, device: str, dtype: str, quantize: str | None = None, on_progress=None):
-    """runtime.load on a resolved folder (tests replace this to reuse loaded models)."""
+    """runtime.load on a resolved folder (tests replace this to reuse loaded models); open_model
+    has made the memory check already."""
     return runtime.load(path, device=device, dtype=dtype, quantize=quantize, download=False,
-                        on_progress=on_progress)
+                        on_progress=on_progress, memory_check=False)
 
 
 def open_model(opts: Options, ui: UI):
     resolved = hub.resolve(opts.model)  # may download, with huggingface_hub's own progress bars
+    fitted = tasks.check_memory(resolved, opts)  # refuses before any weight is read
+    if fitted.note:
+        ui.status(fitted.note)
+    if fitted.warning:
+        ui.warn(fitted.warning)
     t0 = time.perf_counter()
     progress = ui.progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                            TextColumn("{task.percentage:>3.0f}%"))
     with progress:
         task = progress.add_task(f"loading {resolved.name}", total=None)
-        vlm = load_weights(resolved.path, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
+        vlm = load_weights(resolved.path, device=opts.device, dtype=opts.dtype, quantize=fitted.quantize,
                            on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     vlm = dataclasses.replace(vlm, name=resolved.name, source=resolved.source)
-    ui.status(f"{resolved.name} ({resolved.source}) · {str(vlm.dtype).removeprefix('torch.')} on {vlm.device} · "
-              f"loaded in {time.perf_counter() - t0:.1f} s")
+    ui.status(loaded_status(vlm, time.perf_counter() - t0))
     return vlm
 
 
@@ -103,13 +108,13 @@ def chat(
         help="Answer a conversation given exactly: a JSON file in the official message format "
              "(- reads it from stdin); image paths are relative to the file.")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None,
+    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Ask about images: once, with a prompt; else an interactive chat (/help inside)."""
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet)
     ui = UI(quiet)
@@ -167,13 +172,13 @@ def ocr(
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --out: skip pages whose file exists (resume a run).")] = False,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None,
+    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Read the text of images and PDF pages: to stdout with a header per page, or a file per page."""
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet)
     ui = UI(quiet)
@@ -205,13 +210,13 @@ def ask(
                                             help="The question about them.")],
     pages: PagesOpt = None, dpi: DpiOpt = DEFAULT_DPI, password: PasswordOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None,
+    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
     """Ask a question about document pages (best with 1 or 2 pages: those are tiled)."""
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet)
     ui = UI(quiet)
@@ -245,12 +250,12 @@ def ground(
     save: Annotated[Optional[Path], typer.Option(
         "--save", dir_okay=False, show_default=False, help="Save the image with the boxes drawn (PNG, JPEG...).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None,
+    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Find things in an image and draw their boxes (referring-expression grounding)."""
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=False, json=json_,
                  quiet=quiet)
     ui = UI(quiet)

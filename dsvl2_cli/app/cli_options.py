@@ -30,9 +30,12 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=_M, help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", rich_help_panel=_M, help="Weights and compute dtype.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", rich_help_panel=_M, show_default=False, metavar="none|int8|int4|nf4",
-    help="Quantize the routed experts while loading: int4 (fast on CPU), nf4 (bitsandbytes), int8. "
-         "Default: the folder as it is.")]
+    "--quantize", rich_help_panel=_M, show_default=False, metavar="auto|none|int8|int4|nf4",
+    help="Quantize the routed experts while loading: int4 (fast on CPU), nf4 (bitsandbytes), int8; "
+         "auto: the first of none, int8, int4 that fits in memory. Default: the folder as it is.")]
+AllowPagingOpt = Annotated[bool, typer.Option(
+    "--allow-paging", rich_help_panel=_M,
+    help="Load even when the model does not fit in memory: memory-mapped weights may be paged from disk: slow.")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option(
     "--max-tokens", min=1, show_default=False, rich_help_panel=_G,
     help="Most tokens per answer (default 1024; ocr 2048).")]

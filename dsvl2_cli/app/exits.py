@@ -3,7 +3,8 @@
 0 success; 1 a failure, with a one-line `error: ...` on stderr (missing file, unreadable image
 or PDF, model not found, context too long: every Dsvl2Error); 2 a usage error; 130 Ctrl-C (what
 was generated is flushed first); 141 stdout closed early (`... | head -1`). DSVL2_DEBUG=1 adds
-the traceback to errors; an unexpected exception (a bug) always shows it.
+the traceback to errors; an unexpected exception (a bug) always shows it. Running out of memory
+(MemoryError, torch's OutOfMemoryError, a failed mmap) is no bug: one line saying what ran out, 1.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def _fail(message: str) -> None:
         Text("error: ", style="bold red") + Text(" ".join(message.split())))
 
 
+def _out_of_memory(err: BaseException) -> str | None:
+    """The one-line message of an out-of-memory error (an estimate off, another process growing),
+    None for anything else. fit imports torch: only here, so that a CLI start need not."""
+    try:
+        from ..engine.fit import describe_oom
+    except Exception:  # noqa: BLE001 - importing may itself run out of memory
+        return "out of memory (RAM)" if isinstance(err, MemoryError) else None
+    return describe_oom(err)
+
+
 def run(command, argv: list[str]) -> int:
     """Run a click command on `argv` and return its exit code; errors end as one line on stderr."""
     if not argv:  # bare `dsvl2`: the help, on stderr, as the usage error it is
@@ -92,11 +103,10 @@ def run(command, argv: list[str]) -> int:
     except KeyboardInterrupt:
         code = 130
     except Exception as err:  # noqa: BLE001 - out of memory, or a bug: then show everything
-        oom = isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"  # torch's, on a GPU
-        if settings.debug() or not oom:
+        oom = _out_of_memory(err)
+        if settings.debug() or oom is None:
             traceback.print_exc()
-        _fail("out of memory; try fewer or smaller images, --dtype bfloat16, --device cpu or a smaller model"
-              if oom else f"unexpected {type(err).__name__}: {err} (a bug: please report it with the traceback)")
+        _fail(oom or f"unexpected {type(err).__name__}: {err} (a bug: please report it with the traceback)")
         code = 1
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

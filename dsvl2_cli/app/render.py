@@ -342,7 +342,35 @@ def info_lines(facts: dict) -> list[str]:
         parts = ", ".join(f"{k.replace('_', ' ')} {_bytes(v)}" for k, v in mem.items() if k != "total" and v)
         rows.append(("quantized", facts["quantization"]))
         rows.append(("weights", f"{_bytes(mem['total'])} in memory: {parts}"))
+    if "memory" in facts:
+        rows += _memory_rows(facts["memory"])
     return [f"{key:<11} {value}" for key, value in rows]
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"  # GB as in engine/fit.py's messages, so the numbers match
+
+
+def _memory_rows(memory: dict) -> list[tuple[str, str]]:
+    """info's plan of each method: what it needs and whether it fits in what is available."""
+    avail = memory["available"]
+    head = f"{_gb(avail['bytes'])} available ({avail['source']}); needs at batch 1, the cache at the full context:"
+    rows = [("memory", head)]
+    for method, p in memory["plans"].items():
+        verdict = "fits" if p["fits"] else "does not fit"
+        used = " (these options)" if method == memory["method"] and len(memory["plans"]) > 1 else ""
+        need = (f"{_gb(p['total'])}: weights {_gb(p['weights'])}, cache {_gb(p['cache'])}, "
+                f"activations {_gb(p['activations'])}: {verdict}{used}")
+        rows.append((f"  {method}", need))
+    return rows
+
+
+def loaded_status(vlm, seconds: float) -> str:
+    """The line after loading: the model, its dtype and quantization, the device, the time."""
+    dtype = str(vlm.dtype).removeprefix("torch.")
+    spec = getattr(vlm, "quantization", None)
+    how = f"{dtype}, {spec.method} routed experts, on {vlm.device}" if spec else f"{dtype} on {vlm.device}"
+    return f"{vlm.name} ({vlm.source}) · {how} · loaded in {seconds:.1f} s"
 
 
 def _count(n: int) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..engine import facts as model_facts
-from ..engine import memory, quant, runtime
+from ..engine import fit, memory, quant, runtime
 from ..engine.chat import ChatSession
 from ..engine.generate import Done, Event, GenerationConfig, stream_generate
 from ..engine.processor import MAX_TILED_IMAGES, Prepared, user_message
@@ -66,7 +66,8 @@ class Options:
     model: str | None = None
     device: str = "auto"
     dtype: str = "bfloat16"
-    quantize: str | None = None
+    quantize: str | None = None  # also "auto": check_memory chooses
+    allow_paging: bool = False  # load even when the plan does not fit (a warning instead)
     max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -294,16 +295,45 @@ def chat_session(vlm, opts: Options, images: Sequence[Image.Image] = ()) -> Chat
     return ChatSession(vlm, system=opts.system, config=opts.generation("chat"), images=images)
 
 
+def check_memory(resolved, opts: Options) -> fit.Fit:
+    """The memory check before a model command loads `resolved` (fit.check_load): MemoryFitError
+    when the plan does not fit, else the verdict, with `--quantize auto` replaced by its choice."""
+    return fit.check_load(resolved.path, resolved.name, runtime.resolve_dtype(opts.dtype),
+                          runtime.resolve_device(opts.device), opts.quantize, allow_paging=opts.allow_paging)
+
+
 def model_info(resolved, dtype: str, device: str, quantize: str | None = None) -> dict:
     """`dsvl2 info`'s facts about a resolved model (hub.ResolvedModel), from its files only: the
-    architecture, parameter counts, and the weight memory it would take loaded with `quantize`.
+    architecture, parameter counts, the weight memory it would take loaded with `quantize`, and
+    the memory plan of each method against what this process may use.
 
     {"model", "path", "source", "dtype", "device", "architecture": {...},
      "parameters": {"total", "active", "vision", "adaptor", "language"},
-     "cache_bytes_per_token", "image_tokens_384", "quantization", "weight_memory": {...}}"""
+     "cache_bytes_per_token", "image_tokens_384", "quantization", "weight_memory": {...},
+     "memory": {"available": {"bytes", "source"}, "method": str,   # the method these options load
+                "plans": {method: {"total", "weights", "cache", "activations", "loading",
+                                   "overhead", "fits"}}}}   # bytes; fits: total <= available
+    The plans: none, int8, int4 (and the --quantize method) for a float folder, a pre-quantized
+    folder's own method only; batch 1, the cache at the full context."""
     facts = model_facts.describe_model(resolved, dtype, device)
-    spec = quant.choose_spec(quantize, quant.read_spec(resolved.path), str(resolved.path))
+    dt, dev = runtime.resolve_dtype(facts["dtype"]), facts["device"]
+    folder = quant.read_spec(resolved.path)
+    auto = quantize is not None and quantize.lower() == "auto"
+    requested = None if auto else quant.choose_spec(quantize, folder, str(resolved.path))
+    extra = () if requested is None or requested.method in fit.AUTO_ORDER else (requested.method,)
+    plans = fit.plans_for_folder(resolved.path, dt, dev, (*fit.AUTO_ORDER, *extra))
+    available = fit.available_memory(dev)
+    if auto:  # what the model commands would choose; nothing fitting is not an error here
+        quantize, _ = fit.choose_quantization(resolved.name, plans, available, allow_paging=True)
+    spec = quant.choose_spec(quantize, folder, str(resolved.path))
     cfg = ModelConfig.from_dir(resolved.path)
     facts["quantization"] = quant.spec_label(spec)
-    facts["weight_memory"] = memory.planned_weight_memory(cfg, runtime.resolve_dtype(facts["dtype"]), spec)
+    facts["weight_memory"] = memory.planned_weight_memory(cfg, dt, spec)
+    facts["memory"] = {
+        "available": {"bytes": available.bytes, "source": available.source},
+        "method": spec.method if spec else "none",
+        "plans": {m: {"total": p.total, "weights": p.weight_bytes, "cache": p.cache,
+                      "activations": max(p.vision, p.prefill), "loading": p.loading, "overhead": p.overhead,
+                      "fits": p.total <= available.bytes} for m, p in plans.items()},
+    }
     return facts

@@ -399,6 +399,40 @@ def choose_quantization(name: str, plan_by_method: Mapping[str, MemoryPlan], ava
     return smallest, f"--quantize auto: {smallest}; {warning}"
 
 
+@dataclass(frozen=True)
+class Fit:
+    """What `check_load` decided: the load may go ahead with `quantize` (what to pass on: the
+    request, `auto` replaced by its choice), `plan` is the plan of the method in use."""
+
+    quantize: str | None
+    method: str  # the method in use: "none", "int8", "int4", "nf4" (a pre-quantized folder's own)
+    plan: MemoryPlan
+    available: Available
+    note: str | None = None  # --quantize auto: what it chose, one line
+    warning: str | None = None  # allow_paging: the refusal, as a one-line warning
+
+
+def check_load(path: str | os.PathLike, name: str, dtype: torch.dtype, device: str | torch.device,
+               quantize: str | None = None, *, allow_paging: bool = False) -> Fit:
+    """The check `load()` makes before reading any weight: the plan of `quantize` (None: the folder
+    as it is; "auto": the first of none, int8, int4 that fits) against `available_memory(device)`.
+    Too big: MemoryFitError, or with allow_paging the same line as `Fit.warning`."""
+    auto = quantize is not None and str(quantize).lower() == "auto"
+    folder = read_spec(path)
+    available = available_memory(device)
+    if auto:
+        plans = plans_for_folder(path, dtype, device)
+        method, line = choose_quantization(name, plans, available, allow_paging=allow_paging)
+        fits = plans[method].total <= available.bytes
+        return Fit(method, method, plans[method], available, line if fits else None, None if fits else line)
+    spec = choose_spec(quantize, folder, str(path))  # a method the folder cannot load fails here, first
+    method = spec.method if spec else "none"
+    wanted = AUTO_ORDER if method in AUTO_ORDER else (*AUTO_ORDER, method)
+    plans = plans_for_folder(path, dtype, device, wanted)
+    warning = check_fits(name, plans, available, method, allow_paging=allow_paging)
+    return Fit(quantize, method, plans[method], available, None, warning)
+
+
 # -------------------------------------------------------------------------------- out of memory
 
 _RAM_PATTERNS = (re.compile(r"unable to mmap.*Cannot allocate memory", re.IGNORECASE | re.DOTALL),

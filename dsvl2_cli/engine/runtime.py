@@ -8,9 +8,11 @@ layer at a time; a folder written by `quantize_folder` (`dsvl2 quantize`) loads 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +26,9 @@ from .processor import Message, Prepared, PreparedImage, Processor, ProcessorSet
 from .quant import QuantSpec
 from .tokenizer import Tokenizer
 from .weights import TensorReader, check_tensors, expected_tensors, load_into, read_headers, weight_files
+
+if TYPE_CHECKING:  # fit imports this module (TILE_BATCH); load() imports it when called
+    from .fit import Fit
 
 # Tiles through the vision tower per batch: 4 x 729 rows keep its matmuls efficient while a
 # 10-tile page does not hold all of its activations at once.
@@ -173,18 +178,41 @@ def load(
     download: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     quantize: str | None = None,
+    memory_check: bool = True,
+    allow_paging: bool = False,
+    on_fit: Callable[[Fit], None] | None = None,
 ) -> VLModel:
     """Load a DeepSeek-VL2 checkpoint from a folder or a Hugging Face id (default: tiny).
 
     dtype: bfloat16 (default), float16 or float32; device: auto (default), cpu, cuda, mps.
     quantize: routed experts as "int8", "int4" or "nf4" (needs bitsandbytes), quantized while
     loading; "none" keeps them in `dtype`; None (default) loads the folder as it is (a
-    pre-quantized folder from `dsvl2 quantize` with its own method).
+    pre-quantized folder from `dsvl2 quantize` with its own method); "auto" the first of none,
+    int8, int4 that fits in memory (a pre-quantized folder keeps its own).
+
+    Before any weight is read the memory plan (engine/fit.py) is checked against what this
+    process may use: too big raises MemoryFitError naming the quantizations that would fit.
+    allow_paging=True loads anyway (memory-mapped weights paged from disk: slow) with a warning;
+    memory_check=False skips the check ("auto" still plans, and never refuses). on_fit receives
+    the verdict (fit.Fit: the plan, its note and warning); without it a warning goes to
+    `warnings.warn`.
     """
-    quant.parse_method(quantize)  # a typo fails before any download
+    auto = quantize is not None and str(quantize).lower() == "auto"
+    if not auto:
+        quant.parse_method(quantize)  # a typo fails before any download
     resolved = hub.resolve(model, download=download)
     dt, dev = resolve_dtype(dtype), resolve_device(device)
     cfg = ModelConfig.from_dir(resolved.path)
+    if memory_check or auto:
+        from .fit import check_load  # not at the top: fit imports this module
+
+        verdict = check_load(resolved.path, resolved.name, dt, dev, quantize,
+                             allow_paging=allow_paging or not memory_check)
+        quantize = verdict.quantize
+        if on_fit is not None:
+            on_fit(verdict)
+        elif verdict.warning:
+            warnings.warn(verdict.warning, stacklevel=2)
     tokenizer = Tokenizer.from_dir(resolved.path)
     if tokenizer.vocab_size > cfg.language.vocab_size:
         raise ModelError(f"{resolved.path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "

@@ -33,6 +33,9 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, method: str,
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
+    if str(method).lower() == "auto":  # auto depends on the machine that loads; a folder is read anywhere
+        raise QuantizationError("quantization method 'auto' cannot write a folder: a quantized folder must say "
+                                "its method; use int4, nf4 or int8")
     spec = QuantSpec.make(method, group_size)
     if read_spec(src) is not None:
         raise QuantizationError(f"{src} is already quantized; quantize the original checkpoint")
