@@ -1,11 +1,12 @@
-"""The `dsvl2` command line: chat, ocr, ask, ground, info, pull.
+"""The `dsvl2` command line: chat, ocr, ask, ground, serve, info, pull.
 
 A thin layer: parse the command line, call the library, show the result (render.py). Stdout
 carries only the answer, so pipes work; status, progress, timings and warnings go to stderr.
 When stdout is not a terminal, or NO_COLOR is set, stdout is plain text: no colour, no pictures.
 
 Model: -m/--model (a folder or a Hugging Face id), else $DSVL2_MODEL, else
-deepseek-ai/deepseek-vl2-tiny. Sampling is greedy unless --temperature > 0.
+deepseek-ai/deepseek-vl2-tiny. Sampling is greedy unless --temperature > 0. With --server URL
+(or $DSVL2_SERVER) chat, ocr, ask and ground load no model: a server answers (tasks.RemoteBackend).
 
 Exit codes (exits.py): 0 success; 1 a failure, with a one-line `error: ...` on stderr; 2 a usage
 error; 130 Ctrl-C; 141 stdout closed early. DSVL2_DEBUG=1 adds the traceback to errors.
@@ -31,9 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColu
 from ..engine import hub, quant, runtime
 from ..errors import InputError
 from . import exits, tasks
-from .cli_options import (AllowPagingOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, NoStreamOpt, OcrFormat,
-                          PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, SystemOpt, TemperatureOpt, TopPOpt,
-                          options)
+from .cli_options import (AllowPagingOpt, ApiKeyOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt,
+                          NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, ServerOpt,
+                          SystemOpt, TemperatureOpt, TopPOpt, options)
 from .conversation import read_conversation
 from .exits import UsageError
 from .inputs import chat_prompt, collect_sources, load_image_arg, load_images, read_stdin_bytes, split_images_and_prompt
@@ -79,6 +80,18 @@ def open_model(opts: Options, ui: UI):
     return vlm
 
 
+def open_backend(opts: Options, ui: UI):
+    """What the task runs on: the server of --server/$DSVL2_SERVER (no model loads), else the model."""
+    url = opts.server_url()
+    if not url:
+        return tasks.LocalBackend(open_model(opts, ui))
+    from .client import RemoteModel
+
+    backend = tasks.RemoteBackend(RemoteModel(url, api_key=opts.server_key(), model=opts.model))
+    ui.status(f"{backend.name} at {url}")
+    return backend
+
+
 def _note_sampling(opts: Options, ui: UI) -> None:
     note = opts.sampling_note()
     if note:
@@ -111,12 +124,12 @@ def chat(
     quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
     """Ask about images: once, with a prompt; else an interactive chat (/help inside)."""
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet)
+                 quiet=quiet, server=server, api_key=api_key)
     ui = UI(quiet)
     if conversation is not None:
         if args or prompt is not None:
@@ -130,7 +143,7 @@ def chat(
     text = chat_prompt(text, interactive)
     images = load_images(files, ui.warn)  # all checked before the model loads
     _note_sampling(opts, ui)
-    session = tasks.chat_session(open_model(opts, ui), opts, images)
+    session = tasks.chat_session(open_backend(opts, ui), opts, images)
     if not session.tiling:
         warn_untiled(ui, len(images))
     if text is not None and not interactive:
@@ -146,7 +159,7 @@ def answer_conversation(source: str, opts: Options, ui: UI, interactive: bool) -
     for note in notes:
         ui.warn(note)
     _note_sampling(opts, ui)
-    session = tasks.chat_session(open_model(opts, ui), opts)
+    session = tasks.chat_session(open_backend(opts, ui), opts)
     session.load(messages)
     if not session.tiling:
         warn_untiled(ui, session.image_count)
@@ -175,12 +188,12 @@ def ocr(
     quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
     """Read the text of images and PDF pages: to stdout with a header per page, or a file per page."""
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet)
+                 quiet=quiet, server=server, api_key=api_key)
     ui = UI(quiet)
     with contextlib.ExitStack() as stack:
         _stdin_once(files)
@@ -192,8 +205,7 @@ def ocr(
         if not sources:
             return
         _note_sampling(opts, ui)
-        vlm = open_model(opts, ui)
-        events = tasks.read_pages(vlm, sources, prompt or OCR_PROMPTS[fmt.value], opts)
+        events = tasks.read_pages(open_backend(opts, ui), sources, prompt or OCR_PROMPTS[fmt.value], opts)
         failed = render_pages(events, sources, targets, ui, stream=opts.stream, as_json=opts.json)
     if failed:
         raise typer.Exit(1)
@@ -213,12 +225,12 @@ def ask(
     quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
     """Ask a question about document pages (best with 1 or 2 pages: those are tiled)."""
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet)
+                 quiet=quiet, server=server, api_key=api_key)
     ui = UI(quiet)
     if not question.strip():
         raise InputError("empty question; ask something about the pages")
@@ -230,8 +242,7 @@ def ask(
             ui.warn(note)
         images = [src.image() for src in sources]
     _note_sampling(opts, ui)
-    vlm = open_model(opts, ui)
-    render_answer(tasks.ask(vlm, images, question, opts), ui,
+    render_answer(tasks.ask(open_backend(opts, ui), images, question, opts), ui,
                   AnswerView(stream=opts.stream, json=opts.json, waiting="reading the pages"))
 
 
@@ -253,11 +264,12 @@ def ground(
     quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
+    server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
     """Find things in an image and draw their boxes (referring-expression grounding)."""
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=False, json=json_,
-                 quiet=quiet)
+                 quiet=quiet, server=server, api_key=api_key)
     ui = UI(quiet)
     if not caption and not (what or "").strip():
         raise UsageError('say what to find, e.g. dsvl2 ground photo.jpg "the red cup", or use --caption')
@@ -266,9 +278,48 @@ def ground(
     img = load_image_arg(image, ui.warn, read_stdin_bytes() if image == "-" else None)
     prompt = tasks.ground_prompt(what, caption)
     _note_sampling(opts, ui)
-    vlm = open_model(opts, ui)
-    render_answer(tasks.ground(vlm, img, prompt, opts, caption), ui,
+    render_answer(tasks.ground(open_backend(opts, ui), img, prompt, opts, caption), ui,
                   AnswerView(stream=False, json=opts.json, waiting="looking", save=save))
+
+
+# -------------------------------------------------------------------------------------- serve
+
+@app.command()
+@exits.command
+def serve(
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
+    quantize: QuantizeOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 for every interface.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    api_key: ApiKeyOpt = None,
+    allow_remote_images: Annotated[bool, typer.Option(
+        "--allow-remote-images", help="Fetch http(s) image URLs (else only data: URLs are accepted).")] = False,
+    cache_bytes: Annotated[int, typer.Option(
+        "--cache-bytes", min=0, help="Memory for the prompt caches that requests share (bytes).")] = 1 << 30,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most requests decoding together.")] = 8,
+    log_level: Annotated[str, typer.Option(
+        "--log-level", metavar="LEVEL", help="uvicorn's log: warning, info (one line per request), debug.")
+                         ] = "warning",
+    quiet: QuietOpt = False,
+):
+    """Serve the model over HTTP with the OpenAI chat-completions API (for --server, curl, any
+    OpenAI client), until Ctrl-C."""
+    from . import serve as server
+
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, quiet=quiet)
+    ui = UI(quiet)
+    settings = server.ServeSettings(host=host, port=port, api_key=api_key or opts.server_key() or "",
+                                    allow_remote_images=allow_remote_images, cache_bytes=cache_bytes,
+                                    max_batch=max_batch, log_level=log_level)
+    server.require_extra()
+    server.check_bind(settings)  # a taken port fails now, not after the model loaded
+    warning = server.exposure_warning(settings)
+    if warning:
+        ui.warn(warning)
+    vlm = open_model(opts, ui)
+    ui.status(f"serving {vlm.name} at {server.base_url(settings)}/v1 (OpenAI-compatible; Ctrl-C stops)")
+    server.run(vlm, settings)
 
 
 # --------------------------------------------------------------------------------- info, pull

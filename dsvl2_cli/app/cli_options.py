@@ -51,6 +51,13 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", show_default
 NoStreamOpt = Annotated[bool, typer.Option("--no-stream", help="Print the answer once it is complete.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per answer (schema: README).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No status, progress or timings on stderr.")]
+ServerOpt = Annotated[Optional[str], typer.Option(
+    "--server", metavar="URL", show_default=False, rich_help_panel=_M,
+    help="Answer through this OpenAI-compatible server (dsvl2 serve, vLLM, SGLang) instead of loading a "
+         "model; -m then names the server's model. Default: $DSVL2_SERVER.")]
+ApiKeyOpt = Annotated[Optional[str], typer.Option(
+    "--api-key", metavar="KEY", show_default=False, rich_help_panel=_M,
+    help="API key: sent to --server, or required by dsvl2 serve. Default: $DSVL2_API_KEY.")]
 PagesOpt = Annotated[Optional[str], typer.Option(
     "--pages", "-p", show_default=False, help="PDF pages: 1-3,7 or 5 or 2- (to the end). Default: all.")]
 DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF rendering resolution (pages are capped at 4096 px).")]

@@ -32,7 +32,8 @@ def _click_class(name: str) -> type:
 UsageError, ClickException = _click_class("UsageError"), _click_class("ClickException")
 
 def command(fn):
-    """Ctrl-C and a closed stdout end a command quietly, with exit codes 130 and 141."""
+    """Ctrl-C and a closed stdout end a command quietly, with exit codes 130 and 141; an error
+    after part of an answer was written ends that line before `run` prints the error."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -48,6 +49,12 @@ def command(fn):
         except BrokenPipeError:
             _silence_stdout()
             raise typer.Exit(141) from None
+        except Dsvl2Error:
+            # e.g. a server's stream cut mid-answer: what was shown stays, on a finished line
+            with contextlib.suppress(Exception):
+                if UI.current is not None:
+                    UI.current.end_line()
+            raise
     return wrapper
 
 

@@ -1,5 +1,14 @@
-"""The tasks dsvl2 knows: chat, ocr, ask and ground over a loaded model (engine/runtime.VLModel),
-and info's facts about a model that is not loaded.
+"""The tasks dsvl2 knows: chat, ocr, ask and ground over a model (a `Backend`: a loaded
+engine/runtime.VLModel, or a server's with --server), and info's facts about a model that is not
+loaded.
+
+A `Backend` has a `name` and two steps: `prepare(messages, system) -> Prompt` and
+`answer(prompt, config, keep_special=) -> Iterator[Event]` (Prefilled, Token..., Done).
+`LocalBackend` runs the engine (prepare = the processor's token ids and image layout, so a prompt
+too long fails before anything runs); `RemoteBackend` sends the messages to an OpenAI-compatible
+server (app/client.RemoteModel). A task accepts a VLModel too (wrapped in a LocalBackend). Chat
+is a ChatSession either way: the local one keeps its prompt cache, the remote one
+(`RemoteChatSession`) sends the whole conversation each turn (the server reuses its own cache).
 
 What each task asks the model (OCR_PROMPTS; grounding prompts come from grounding.py), how long
 its answers may be (MAX_TOKENS), and what comes back: every task is a generator of the engine's
@@ -21,6 +30,10 @@ The JSON record of an answer (`answer_record`; `--json` prints one per line):
      "timings": {"time_to_first_token_s": float, "prefill_tokens_per_s": float,
                  "decode_tokens_per_s": float},
      "token_ids": [int, ...]}
+With --server (RemoteBackend) the keys are the same: "token_ids" is [] (not sent over the wire),
+"grid" and "tokens" of each image and each "image_tokens" entry are null (the server tiles the
+image, its layout is not reported), "usage" is the server's and "timings" are measured here
+("prefill_tokens_per_s" 0: not measurable from outside).
 ground: the same keys, plus
      "boxes": [{"label": str, "box_999": [x1, y1, x2, y2],   # 0..999 of the image's width/height
                 "xyxy": [x1, y1, x2, y2], "xywh": [x, y, w, h]}],   # pixels (v / 999 * size)
@@ -32,18 +45,22 @@ ground: the same keys, plus
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
+from .. import settings
 from ..engine import facts as model_facts
 from ..engine import fit, memory, quant, runtime
 from ..engine.chat import ChatSession
 from ..engine.generate import Done, Event, GenerationConfig, stream_generate
-from ..engine.processor import MAX_TILED_IMAGES, Prepared, user_message
+from ..engine.processor import MAX_TILED_IMAGES, Message, Prepared, user_message
 from ..engine.sampling import SamplingParams
+from ..engine.tokenizer import GROUNDING_TOKENS
 from ..errors import Dsvl2Error
 from ..model.config import ModelConfig
 from .grounding import Box, caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
@@ -76,6 +93,15 @@ class Options:
     stream: bool = True
     json: bool = False
     quiet: bool = False
+    server: str | None = None    # --server URL (else $DSVL2_SERVER): answer through that server
+    api_key: str | None = None   # --api-key (else $DSVL2_API_KEY): sent to the server
+
+    def server_url(self) -> str:
+        """The server to use ("" = a local model)."""
+        return (self.server or "").strip().rstrip("/") or settings.server_url()
+
+    def server_key(self) -> str | None:
+        return self.api_key or settings.api_key() or None
 
     def generation(self, task: str) -> GenerationConfig:
         sampling = SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
@@ -154,13 +180,17 @@ class PageFailed:
 TaskEvent = Event | Answer | PageStarted | PageFailed
 
 
-def answer_record(vlm, done: Done, prepared: Prepared, images: Sequence[Image.Image]) -> dict:
-    """The JSON object of one answer (schema above)."""
+def answer_record(vlm, done: Done, prepared: Prepared | None, images: Sequence[Image.Image]) -> dict:
+    """The JSON object of one answer (schema above); `prepared` None: a server's answer, whose
+    image layout is unknown here."""
     st = done.stats
     entries = [image_origin(img).as_json() for img in images]
-    for entry, prepared_image in zip(entries, prepared.images):
+    for entry in entries:
+        entry.update(grid=None, tokens=None)
+    for entry, prepared_image in zip(entries, prepared.images if prepared is not None else ()):
         entry["grid"] = list(prepared_image.grid)  # local tiles (wide, high); [1, 1] when untiled
         entry["tokens"] = prepared_image.num_tokens
+    image_tokens = list(prepared.num_image_tokens) if prepared is not None else [None] * len(images)
     inputs = {e["input"] for e in entries}
     return {
         "model": vlm.name,
@@ -170,7 +200,7 @@ def answer_record(vlm, done: Done, prepared: Prepared, images: Sequence[Image.Im
         "text": done.text.strip(),
         "finish_reason": done.finish_reason,
         "usage": {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.reused_tokens,
-                  "image_tokens": list(prepared.num_image_tokens), "generated_tokens": st.generated_tokens},
+                  "image_tokens": image_tokens, "generated_tokens": st.generated_tokens},
         "timings": {"time_to_first_token_s": round(st.time_to_first_token, 4),
                     "prefill_tokens_per_s": round(st.prefill_tokens_per_second, 2),
                     "decode_tokens_per_s": round(st.decode_tokens_per_second, 2)},
@@ -178,14 +208,86 @@ def answer_record(vlm, done: Done, prepared: Prepared, images: Sequence[Image.Im
     }
 
 
-def _generate(vlm, prepared: Prepared, images: Sequence[Image.Image], config: GenerationConfig
-              ) -> Iterator[Event | Answer]:
+# ----------------------------------------------------------------------------------- backends
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready to answer: the messages, and locally the processor's token ids and layout."""
+
+    messages: tuple[Message, ...]
+    system: str | None
+    prepared: Prepared | None = None  # None on a server: it builds the prompt itself
+
+
+class Backend(Protocol):
+    """What a task runs on (module docstring)."""
+
+    name: str
+
+    def prepare(self, messages: Sequence[Message], system: str | None) -> Prompt: ...
+
+    def answer(self, prompt: Prompt, config: GenerationConfig, *, keep_special: bool = False
+               ) -> Iterator[Event]: ...
+
+
+class LocalBackend:
+    """A loaded model (VLModel): the engine's prepare and stream_generate."""
+
+    def __init__(self, vlm):
+        self.vlm = vlm
+        self.name = vlm.name
+
+    def prepare(self, messages: Sequence[Message], system: str | None) -> Prompt:
+        return Prompt(tuple(messages), system, self.vlm.prepare(list(messages), system=system))
+
+    def answer(self, prompt: Prompt, config: GenerationConfig, *, keep_special: bool = False) -> Iterator[Event]:
+        # keep_special needs nothing here: the local decoder always keeps the grounding tokens
+        return stream_generate(self.vlm, prompt.prepared, config)
+
+
+# The model's special tokens (<|User|>, <｜end▁of▁sentence｜>, <image>...): what a server keeps
+# when asked to keep special tokens, of which the local text keeps only the grounding ones.
+_SPECIAL = re.compile(r"<\|[^|<>\s]{1,40}\|>|<｜[^｜<>]{1,40}｜>|<image>")
+
+
+def _local_specials_only(text: str) -> str:
+    return _SPECIAL.sub(lambda m: m.group(0) if m.group(0) in GROUNDING_TOKENS else "", text)
+
+
+class RemoteBackend:
+    """A model behind an OpenAI-compatible server (`client.RemoteModel`, or anything with its
+    `name` and `stream`). Nothing is prepared here: the server tiles and tokenizes."""
+
+    def __init__(self, remote):
+        self.remote = remote
+        self.name = remote.name  # asks the server now: an unreachable one fails before any work
+
+    def prepare(self, messages: Sequence[Message], system: str | None) -> Prompt:
+        return Prompt(tuple(messages), system)
+
+    def answer(self, prompt: Prompt, config: GenerationConfig, *, keep_special: bool = False) -> Iterator[Event]:
+        """The server's events. keep_special: ask for the special tokens (vLLM drops the grounding
+        tags otherwise), then drop all but the grounding tags from the final text, as locally."""
+        for event in self.remote.stream(list(prompt.messages), prompt.system, config,
+                                        skip_special_tokens=not keep_special):
+            if keep_special and isinstance(event, Done):
+                event = replace(event, text=_local_specials_only(event.text))
+            yield event
+
+
+def as_backend(model) -> Backend:
+    """A Backend as it is; a loaded model (VLModel) in a LocalBackend."""
+    return model if isinstance(model, (LocalBackend, RemoteBackend)) else LocalBackend(model)
+
+
+def _generate(backend: Backend, prompt: Prompt, images: Sequence[Image.Image], config: GenerationConfig,
+              keep_special: bool = False) -> Iterator[Event | Answer]:
     done = None
-    for event in stream_generate(vlm, prepared, config):
+    for event in backend.answer(prompt, config, keep_special=keep_special):
         if isinstance(event, Done):
             done = event
         yield event
-    yield Answer(done, answer_record(vlm, done, prepared, images))
+    yield Answer(done, answer_record(backend, done, prompt.prepared, images))
 
 
 # -------------------------------------------------------------------------------------- tasks
@@ -203,7 +305,10 @@ def chat_turn(session: ChatSession, text: str | None = None) -> Iterator[Event |
             yield event
     finally:
         events.close()
-    yield Answer(done, answer_record(session.vlm, done, session.last_prepared, session.images))
+    prepared = session.last_prepared
+    if isinstance(prepared, Prompt):  # a RemoteChatSession's
+        prepared = prepared.prepared
+    yield Answer(done, answer_record(session.vlm, done, prepared, session.images))
 
 
 def ask_note(pages: int) -> str | None:
@@ -213,10 +318,11 @@ def ask_note(pages: int) -> str | None:
     return untiled_note(pages, "pages", "ask about 1 or 2 pages at a time (e.g. --pages 3 or --pages 3-4) for detail")
 
 
-def ask(vlm, images: Sequence[Image.Image], question: str, opts: Options) -> Iterator[Event | Answer]:
+def ask(model, images: Sequence[Image.Image], question: str, opts: Options) -> Iterator[Event | Answer]:
     """One question about document pages (or any images), all in one prompt."""
-    prepared = vlm.prepare([user_message(question, list(images))], system=opts.system)
-    yield from _generate(vlm, prepared, images, opts.generation("chat"))
+    backend = as_backend(model)
+    prompt = backend.prepare([user_message(question, list(images))], opts.system)
+    yield from _generate(backend, prompt, images, opts.generation("chat"))
 
 
 def ground_prompt(what: str | None, caption: bool) -> str:
@@ -224,17 +330,18 @@ def ground_prompt(what: str | None, caption: bool) -> str:
     return caption_prompt(what) if caption else referring_prompt(what)
 
 
-def ground(vlm, image: Image.Image, prompt: str, opts: Options, caption: bool = False
+def ground(model, image: Image.Image, prompt: str, opts: Options, caption: bool = False
            ) -> Iterator[Event | GroundAnswer]:
     """The boxes of what `prompt` (ground_prompt) asks for, ending with a GroundAnswer."""
-    prepared = vlm.prepare([user_message(prompt, [image])], system=opts.system)
+    backend = as_backend(model)
+    ready = backend.prepare([user_message(prompt, [image])], opts.system)
     answer = None
-    for event in _generate(vlm, prepared, [image], opts.generation("ground")):
+    for event in _generate(backend, ready, [image], opts.generation("ground"), keep_special=True):
         if isinstance(event, Answer):
             answer = event
         else:
             yield event
-    yield grounded(vlm, answer, image, caption)
+    yield grounded(backend, answer, image, caption)
 
 
 def grounded(vlm, answer: Answer, image: Image.Image, caption: bool = False) -> GroundAnswer:
@@ -276,23 +383,36 @@ def ocr_targets(sources: list[Source], out: Path | None, ext: str, skip_existing
     return [sources[i] for i in keep], [targets[i] for i in keep], len(sources) - len(keep)
 
 
-def read_pages(vlm, sources: Sequence[Source], prompt: str, opts: Options) -> Iterator[TaskEvent]:
+def read_pages(model, sources: Sequence[Source], prompt: str, opts: Options) -> Iterator[TaskEvent]:
     """ocr: read every source in order. Per page: PageStarted, its generation events and its
     Answer; or, for a page that cannot be loaded, prepared or read, a PageFailed (the loop goes on)."""
-    config = opts.generation("ocr")
+    backend, config = as_backend(model), opts.generation("ocr")
     for src in sources:
         try:
             img = src.image()
-            prepared = vlm.prepare([user_message(prompt, [img])], system=opts.system)
+            ready = backend.prepare([user_message(prompt, [img])], opts.system)
             yield PageStarted(src)
-            yield from _generate(vlm, prepared, [img], config)
+            yield from _generate(backend, ready, [img], config)
         except Dsvl2Error as err:
             yield PageFailed(src, err)
 
 
-def chat_session(vlm, opts: Options, images: Sequence[Image.Image] = ()) -> ChatSession:
+def chat_session(model, opts: Options, images: Sequence[Image.Image] = ()) -> ChatSession:
     """A chat with `images` attached to its first question."""
-    return ChatSession(vlm, system=opts.system, config=opts.generation("chat"), images=images)
+    kind = RemoteChatSession if isinstance(model, RemoteBackend) else ChatSession
+    vlm = model.vlm if isinstance(model, LocalBackend) else model
+    return kind(vlm, system=opts.system, config=opts.generation("chat"), images=images)
+
+
+class RemoteChatSession(ChatSession):
+    """A ChatSession whose answers come from a server (`vlm` is a RemoteBackend): each turn sends
+    the whole conversation; the prompt cache is the server's. Its `last_prepared` is a Prompt."""
+
+    def _prepare(self, messages: Sequence[Message]) -> Prompt:
+        return self.vlm.prepare(messages, self.system)
+
+    def _generate(self, prepared: Prompt) -> Iterator[Event]:
+        return self.vlm.answer(prepared, self.config)
 
 
 def check_memory(resolved, opts: Options) -> fit.Fit:

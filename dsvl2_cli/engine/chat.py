@@ -84,21 +84,28 @@ class ChatSession:
         """
         attached = [*self.pending, *images]
         message = user_message(text, attached)
-        prepared = self.vlm.prepare([*self.messages, message], system=self.system)  # may refuse: state unchanged
+        prepared = self._prepare([*self.messages, message])  # may refuse: state unchanged
         self.pending = []
         self.messages.append(message)
         yield from self._respond(attached, prepared)
 
     def respond(self) -> Iterator[Event]:
         """Answer the conversation as it stands (it ends with a user message, see `load`)."""
-        return self._respond([], self.vlm.prepare(self.messages, system=self.system))
+        return self._respond([], self._prepare(self.messages))
+
+    # The two steps a session over another model (app/tasks.py: a server's) replaces.
+    def _prepare(self, messages: Sequence[Message]) -> Prepared:
+        return self.vlm.prepare(messages, system=self.system)
+
+    def _generate(self, prepared: Prepared) -> Iterator[Event]:
+        return stream_generate(self.vlm, prepared, self.config, self.cache)
 
     def _respond(self, attached: list[Image.Image], prepared: Prepared) -> Iterator[Event]:
         self.last_prepared = prepared
         parts: list[str] = []
         finished = failed = False
         try:
-            for event in stream_generate(self.vlm, prepared, self.config, self.cache):
+            for event in self._generate(prepared):
                 if isinstance(event, Token):
                     parts.append(event.text)
                 elif isinstance(event, Done):
