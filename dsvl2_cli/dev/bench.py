@@ -36,7 +36,7 @@ from ..engine import kernels
 from ..engine.runtime import VLModel
 from . import bench_probes
 from .bench_probes import BandwidthProbe, matmul_rate
-from .bench_report import add_floors, table  # noqa: F401  (bench.table is the public name)
+from .bench_report import add_floors, table
 
 DOC_IMAGE = (1152, 1152)  # a page that tiles 3x3: 210 + 1 + 42*43 = 2017 image tokens
 PHOTO = (640, 480)  # tiles 2x2: 1023 image tokens
