@@ -3,14 +3,18 @@ a peer, all measured in one run (machines are noisy: compare ratios from the sam
 
 Synthetic checkpoints with the exact shapes of the real models and random weights (speed and
 memory do not depend on the values) are written once into a work folder. Measured:
-- the ceilings: memory read bandwidth and the bf16 matmul rate of this machine;
+- the ceilings: memory read bandwidth (a native streaming read, probed right before and after
+  each decode measurement) and the bf16 matmul rate (probed around vision and prefill);
 - vision encoding per tile, prefill tokens/s, time to first token for a 640x480 photo with a short
   question and for a 3x3-tiled document page, decode tokens/s at ~10 and ~2000 tokens of context,
   peak RSS while generating, cache bytes per token;
 - each as a fraction of its floor: decode floor = bytes read per token / bandwidth, prefill
   floor = counted FLOPs / matmul rate;
 - the peer: transformers' DeepseekV2ForCausalLM on the same weights (the language model of an
-  MLA configuration), decode and prefill.
+  MLA configuration), decode and prefill;
+- what a user feels, in fresh processes: `--help` startup, load with the file cached, process
+  start to first token (cold, and with the prompt cache where the CLI has one).
+Modules: bench_probes (ceilings, process rows), bench_report (floors, goals, table).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import torch
 from .. import settings
 from ..engine import kernels
 from ..engine.runtime import VLModel
+from . import bench_probes
+from .bench_probes import BandwidthProbe, matmul_rate
+from .bench_report import add_floors, table
 
 DOC_IMAGE = (1152, 1152)  # a page that tiles 3x3: 210 + 1 + 42*43 = 2017 image tokens
 PHOTO = (640, 480)  # tiles 2x2: 1023 image tokens
@@ -48,19 +55,6 @@ def timed(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return median(times)
-
-
-def machine_ceilings() -> dict:
-    """Memory read bandwidth (sum over 1 GiB) and bf16 GEMM rate, medians of a few runs."""
-    big = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
-    big.sum()
-    read_s = timed(big.sum, 5)
-    del big
-    a = torch.randn(2048, 4096, dtype=torch.bfloat16)
-    b = torch.randn(4096, 4096, dtype=torch.bfloat16)
-    a @ b
-    mm_s = timed(lambda: a @ b, 5)
-    return {"bandwidth_gb_s": 2**30 / read_s / 1e9, "matmul_bf16_gflop_s": 2 * 2048 * 4096 * 4096 / mm_s / 1e9}
 
 
 def machine_description() -> dict:
@@ -174,21 +168,27 @@ def synthetic_image(size):
     return Image.fromarray(data, "RGB")
 
 
-def decode_rate(vlm: VLModel, context_ids: list[int], steps: int) -> tuple[float, int]:
-    """Median seconds per decode step after prefilling `context_ids`; and the cache bytes."""
+def decode_rate(vlm: VLModel, context_ids: list[int], steps: int,
+                probe: BandwidthProbe | None = None) -> tuple[float, int, dict]:
+    """Median seconds per decode step after prefilling `context_ids`, the cache bytes per
+    position, and the bandwidth probes taken right before and after the decode steps (after the
+    prefill: they bracket only what they are the floor of; empty without a probe)."""
     cache = vlm.new_cache()
     with torch.inference_mode():
         embeds = vlm.embed_tokens(torch.tensor([context_ids]))
         for s in range(0, embeds.shape[1], 512):
             logits = vlm.forward(embeds[:, s:s + 512], cache, last_only=True)
         token = logits[:, -1:].argmax(-1)  # (1, 1)
+        probes = {"before": probe.gb_s()} if probe else {}
         times = []
         for _ in range(steps + 3):
             t = time.perf_counter()
             logits = vlm.forward(vlm.embed_tokens(token), cache)
             token = logits[:, -1:].argmax(-1)
             times.append(time.perf_counter() - t)
-    return median(times[3:]), cache.nbytes // cache.length
+        if probe:
+            probes["after"] = probe.gb_s()
+    return median(times[3:]), cache.nbytes // cache.length, probes
 
 
 def text_ids(vlm: VLModel, n: int) -> list[int]:
@@ -199,7 +199,7 @@ def text_ids(vlm: VLModel, n: int) -> list[int]:
     return ids[:n]
 
 
-def bench_ours(path: Path, quick: bool) -> dict:
+def bench_ours(path: Path, quick: bool, probe: BandwidthProbe) -> dict:
     import dsvl2_cli
 
     from ..engine.generate import Done, GenerationConfig, Prefilled, stream_generate
@@ -210,7 +210,7 @@ def bench_ours(path: Path, quick: bool) -> dict:
     t = time.perf_counter()
     vlm = dsvl2_cli.load(path, dtype="bfloat16", device="cpu")
     load_s = time.perf_counter() - t
-    load_peak = peak_rss_bytes()
+    load_peak = peak_rss_bytes() - probe.nbytes  # the probe's buffer is resident all along
     weight_bytes = sum(p.numel() * p.element_size() for p in vlm.model.parameters())
     cfg = vlm.config
     out = {"load_s": load_s, "load_peak_rss": load_peak, "weight_bytes": weight_bytes}
@@ -220,6 +220,7 @@ def bench_ours(path: Path, quick: bool) -> dict:
     # vision tower: the 5 tiles of a 640x480 photo
     photo = vlm.prepare([user_message("What is in this picture?", [synthetic_image(PHOTO)])])
     tiles = photo.pixel_values()
+    mm_before = matmul_rate(quick)  # vision and prefill are matmuls: their ceiling brackets them
     with torch.inference_mode():
         vlm.model.encode_tiles(tiles[:1])
         vision_s = timed(lambda: vlm.model.encode_tiles(tiles), 1 if quick else 3) / tiles.shape[0]
@@ -245,6 +246,7 @@ def bench_ours(path: Path, quick: bool) -> dict:
         prefill_s = timed(lambda: vlm.forward(embeds, None, last_only=True), 1 if quick else 2)
     out["lm_prefill"] = {"tokens": n_prefill, "tok_s": n_prefill / prefill_s,
                          "gflop_s": lm_prefill_flops(cfg, n_prefill) / prefill_s / 1e9}
+    out["matmul_probe_gflop_s"] = {"before": mm_before, "after": matmul_rate(quick)}
     # from here on, generation as a user runs it: its peak RSS is the one reported
     reset_peak_rss()
     out["photo"] = first_token(photo)
@@ -252,11 +254,11 @@ def bench_ours(path: Path, quick: bool) -> dict:
     out["document"] = first_token(doc)
     steps = 8 if quick else 32
     for label, n in (("decode_ctx_short", 10), ("decode_ctx_2000", 2000)):
-        step_s, per_token = decode_rate(vlm, text_ids(vlm, n), steps)
+        step_s, per_token, probes = decode_rate(vlm, text_ids(vlm, n), steps, probe)
         out[label] = {"context": n, "ms_per_token": step_s * 1e3, "tok_s": 1 / step_s,
-                      "bytes_read": lm_decode_bytes(cfg, n)}
+                      "bytes_read": lm_decode_bytes(cfg, n), "bandwidth_probe_gb_s": probes}
         out["cache_bytes_per_token"] = per_token
-    out["generate_peak_rss"] = peak_rss_bytes()
+    out["generate_peak_rss"] = peak_rss_bytes() - probe.nbytes
     out["cache_bytes_at_2000"] = out["cache_bytes_per_token"] * 2000
     return out
 
@@ -328,10 +330,16 @@ def bench_peer(vlm: VLModel, quick: bool) -> dict:
     return {"lm_prefill_tok_s": n_prefill / prefill_s, "decode_ctx_short_tok_s": 1 / step}
 
 
-def bench_family(work: Path, family: str, layers: int | None, quick: bool, peer: bool) -> dict:
+def bench_family(work: Path, family: str, layers: int | None, quick: bool, peer: bool,
+                 probe: BandwidthProbe) -> dict:
     path = ensure_checkpoint(work, family, layers)
-    ours = bench_ours(path, quick)
+    ours = bench_ours(path, quick, probe)
     result = {"family": family, "layers": layers, "ours": ours}
+    image = work / "photo-640x480.png"
+    if not image.exists():
+        synthetic_image(PHOTO).save(image)
+    result["process"] = {"load_cached": bench_probes.load_cached(path),
+                         "first_token": bench_probes.process_first_token(path, image)}
     if peer:
         import dsvl2_cli
 
@@ -341,7 +349,7 @@ def bench_family(work: Path, family: str, layers: int | None, quick: bool, peer:
             ids = torch.tensor([text_ids(vlm, 128 if quick else 1024)])
             embeds = vlm.embed_tokens(ids)
             ours_prefill = timed(lambda: vlm.forward(embeds, None, last_only=True), 1 if quick else 2)
-        ours_step, _ = decode_rate(vlm, text_ids(vlm, 10), 8 if quick else 32)
+        ours_step, _, _ = decode_rate(vlm, text_ids(vlm, 10), 8 if quick else 32)
         theirs = bench_peer(vlm, quick)
         result["peer"] = {
             "name": "transformers DeepseekV2ForCausalLM (bf16, its default grouped_mm experts and SDPA, same weights)",
@@ -356,70 +364,22 @@ def bench_family(work: Path, family: str, layers: int | None, quick: bool, peer:
     return result
 
 
-# ------------------------------------------------------------------ report
-
-def add_floors(result: dict, ceilings: dict) -> None:
-    ours = result["ours"]
-    bw, mm = ceilings["bandwidth_gb_s"] * 1e9, ceilings["matmul_bf16_gflop_s"]
-    for key in ("decode_ctx_short", "decode_ctx_2000"):
-        d = ours[key]
-        d["floor_tok_s"] = bw / d["bytes_read"]
-        d["fraction_of_floor"] = d["tok_s"] / d["floor_tok_s"]
-    ours["vision_fraction_of_matmul"] = ours["vision_gflop_s"] / mm
-    ours["lm_prefill"]["fraction_of_matmul"] = ours["lm_prefill"]["gflop_s"] / mm
-    ours["generate_rss_over_weights_plus_cache"] = (
-        ours["generate_peak_rss"] / (ours["weight_bytes"] + ours["cache_bytes_at_2000"]))
-
-
-def table(report: dict) -> str:
-    c = report["ceilings"]
-    lines = [f"machine: {report['machine']['cpu']}, {report['machine']['threads']} threads, "
-             f"torch {report['machine']['torch']}, {report['machine']['kernels']}",
-             f"ceilings: memory read {c['bandwidth_gb_s']:.1f} GB/s, bf16 matmul {c['matmul_bf16_gflop_s']:.0f} GFLOP/s",
-             *([f"benchmark time: {report['seconds']} s"] if "seconds" in report else []),
-             ""]
-    for r in report["results"]:
-        o = r["ours"]
-        name = r["family"] + (f" ({r['layers']} layers)" if r["layers"] else "")
-        rows = [
-            ("weights in memory", f"{o['weight_bytes'] / 1e9:.2f} GB", ""),
-            ("load", f"{o['load_s']:.1f} s, peak RSS {o['load_peak_rss'] / 1e9:.2f} GB", ""),
-            ("vision per tile", f"{o['vision_s_per_tile'] * 1e3:.0f} ms",
-             f"{o['vision_gflop_s']:.0f} GFLOP/s = {o['vision_fraction_of_matmul']:.0%} of matmul"),
-            ("LM prefill", f"{o['lm_prefill']['tok_s']:.0f} tok/s ({o['lm_prefill']['tokens']} tok)",
-             f"{o['lm_prefill']['gflop_s']:.0f} GFLOP/s = {o['lm_prefill']['fraction_of_matmul']:.0%} of matmul"),
-            ("TTFT photo 640x480", f"{o['photo']['ttft_s']:.2f} s ({o['photo']['prompt_tokens']} tok)",
-             f"prefill {o['photo']['prefill_tok_s']:.0f} tok/s"),
-            ("TTFT 3x3 document", f"{o['document']['ttft_s']:.2f} s ({o['document']['prompt_tokens']} tok)",
-             f"prefill {o['document']['prefill_tok_s']:.0f} tok/s"),
-        ]
-        for key in ("decode_ctx_short", "decode_ctx_2000"):
-            d = o[key]
-            rows.append((f"decode @ {d['context']} ctx", f"{d['tok_s']:.1f} tok/s ({d['ms_per_token']:.1f} ms)",
-                         f"floor {d['floor_tok_s']:.1f} tok/s ({d['bytes_read'] / 1e9:.2f} GB/token): "
-                         f"{d['fraction_of_floor']:.0%}"))
-        rows.append(("peak RSS generating", f"{o['generate_peak_rss'] / 1e9:.2f} GB",
-                     f"{o['generate_rss_over_weights_plus_cache']:.2f}x (weights + cache @ 2000)"))
-        rows.append(("cache per token", f"{o['cache_bytes_per_token']:,} B", ""))
-        if "peer" in r:
-            p = r["peer"]
-            rows.append(("peer prefill", f"{p['lm_prefill_tok_s']:.0f} tok/s", f"ours {p['prefill_speedup']:.1f}x"))
-            rows.append(("peer decode", f"{p['decode_ctx_short_tok_s']:.1f} tok/s", f"ours {p['decode_speedup']:.1f}x"))
-        lines.append(f"## {name}")
-        lines += [f"  {a:<22} {b:<34} {c}" for a, b, c in rows]
-        lines.append("")
-    return "\n".join(lines)
-
-
 def run(families: list[tuple[str, int | None]], work: Path, quick: bool, peer_families: set[str],
         threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    report = {"machine": machine_description(), "ceilings": machine_ceilings(), "results": []}
+    # tiny sizes in the quick run: the same code paths, none of the cost
+    probe = BandwidthProbe(bench_probes.QUICK_BANDWIDTH_BYTES if quick else bench_probes.BANDWIDTH_BYTES,
+                           repeat=3 if quick else 5)
+    ceilings = {"bandwidth_gb_s": probe.gb_s(), "bandwidth_method": probe.method,
+                "bandwidth_buffer_bytes": probe.nbytes, "torch_sum_gb_s": probe.torch_sum_gb_s(),
+                "matmul_bf16_gflop_s": matmul_rate(quick)}
+    report = {"machine": machine_description(), "ceilings": ceilings,
+              "help": bench_probes.help_startup(2 if quick else 5), "results": []}
     for family, layers in families:
-        result = bench_family(work, family, layers, quick, family in peer_families)
-        add_floors(result, report["ceilings"])
+        result = bench_family(work, family, layers, quick, family in peer_families, probe)
+        add_floors(result)
         report["results"].append(result)
         print(f"done: {family}", file=sys.stderr, flush=True)
     report["seconds"] = round(time.perf_counter() - start)  # checkpoints already written are reused

@@ -230,6 +230,8 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
                                     i64, i64, i64, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.dsvl2_moe_quant.restype = None
     lib.dsvl2_kernel_isa.restype = ctypes.c_int
+    lib.dsvl2_stream_read.argtypes = [ptr, i64, ctypes.c_int]
+    lib.dsvl2_stream_read.restype = ctypes.c_uint64
     return lib
 
 
@@ -421,3 +423,13 @@ def moe_experts_quant(bits: int, x: torch.Tensor, ids: torch.Tensor, weights: to
                          dq.data_ptr(), ds.data_ptr(), dq[0].numel() * dq.element_size(), ds[0].numel(), g2, m,
                          int(x.dtype != torch.float32), out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
     return out
+
+
+def stream_read(buf: torch.Tensor, threads: int | None = None) -> int | None:
+    """Read every 64-bit word of a contiguous CPU tensor once in the native kernels' way (wide
+    loads, one sequential stream per thread); returns the wrapping uint64 sum of the words, or
+    None without the kernels. The benchmark times it for its memory bandwidth ceiling."""
+    if buf.device.type != "cpu" or not buf.is_contiguous() or _load() is None:
+        return None
+    return _lib.dsvl2_stream_read(buf.data_ptr(), buf.numel() * buf.element_size(),
+                                  threads or torch.get_num_threads())
