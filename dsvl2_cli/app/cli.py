@@ -151,8 +151,8 @@ def chat(
     _stdin_once(files)
     if "-" in files and (interactive or text is None):
         raise UsageError("with an image on stdin (-), give the prompt as an argument")
+    images = load_images(files, ui.warn)  # all checked before the model loads, and before stdin is read
     text = chat_prompt(text, interactive)
-    images = load_images(files, ui.warn)  # all checked before the model loads
     _note_sampling(opts, ui)
     session = tasks.chat_session(open_model(opts, ui), opts, images)
     if not session.tiling:
@@ -396,7 +396,7 @@ def pull(model: Annotated[Optional[str], typer.Argument(
 
         disable_progress_bars()
     ui.status(f"downloading {name} into the Hugging Face cache")
-    path = hub.download_model(name)
+    path = hub.download_model(name, hub.PULL_LOCAL_FOLDER_HINT)
     ui.line(str(path))
 
 
