@@ -19,30 +19,36 @@ schema of chat, ask, ocr and ground answers is in tasks.py, next to the code tha
 
 from __future__ import annotations
 
+# First: Ctrl-C from here on exits 130 with `interrupted`, even while the imports below run.
+# ruff: noqa: E402
+from . import interrupts
+
+interrupts.install()
+
 import contextlib
 import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn
 
-from ..engine import hub, quant, runtime
+from .. import __version__
 from ..errors import InputError
-from . import exits, tasks
+from ..settings import DEFAULT_MODEL
+from . import exits
 from .cli_options import (AllowPagingOpt, ApiKeyOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt,
                           NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, ServerOpt,
                           SystemOpt, TemperatureOpt, TopPOpt, options)
-from .conversation import read_conversation
 from .exits import UsageError
-from .inputs import chat_prompt, collect_sources, load_image_arg, load_images, read_stdin_bytes, split_images_and_prompt
-from .interactive import interactive_chat
 from .pdf import DEFAULT_DPI
-from .pictures import image_format
-from .render import UI, AnswerView, info_lines, loaded_status, print_json, render_answer, render_pages, warn_untiled
-from .tasks import OCR_PROMPTS, Options
+
+# torch, transformers and the engine load inside the commands that use them, so that --help,
+# --version and usage errors answer at once (test_cli checks that none of them is imported).
+if TYPE_CHECKING:
+    from .render import UI
+    from .tasks import Options
 
 
 app = typer.Typer(
@@ -52,16 +58,36 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dsvl2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False):
+    """Run DeepSeek-VL2 vision-language models locally: chat about images, read documents, find objects."""
+
+
 # -------------------------------------------------------------------------------------- model
 
 def load_weights(path: Path, *, device: str, dtype: str, quantize: str | None = None, on_progress=None):
     """runtime.load on a resolved folder (tests replace this to reuse loaded models); open_model
     has made the memory check already."""
+    from ..engine import runtime
+
     return runtime.load(path, device=device, dtype=dtype, quantize=quantize, download=False,
                         on_progress=on_progress, memory_check=False)
 
 
 def open_model(opts: Options, ui: UI):
+    from rich.progress import BarColumn, SpinnerColumn, TextColumn
+
+    from ..engine import hub
+    from . import tasks
+    from .render import loaded_status
+
     resolved = hub.resolve(opts.model)  # may download, with huggingface_hub's own progress bars
     fitted = tasks.check_memory(resolved, opts)  # refuses before any weight is read
     if fitted.note:
@@ -82,6 +108,8 @@ def open_model(opts: Options, ui: UI):
 
 def open_backend(opts: Options, ui: UI):
     """What the task runs on: the server of --server/$DSVL2_SERVER (no model loads), else the model."""
+    from . import tasks
+
     url = opts.server_url()
     if not url:
         return tasks.LocalBackend(open_model(opts, ui))
@@ -127,7 +155,13 @@ def chat(
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
     """Ask about images: once, with a prompt; else an interactive chat (/help inside)."""
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
+    from . import tasks
+    from .inputs import chat_prompt, load_images, split_images_and_prompt
+    from .interactive import interactive_chat
+    from .render import UI, AnswerView, render_answer, warn_untiled
+
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
+                 max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet, server=server, api_key=api_key)
     ui = UI(quiet)
@@ -140,8 +174,8 @@ def chat(
     _stdin_once(files)
     if "-" in files and (interactive or text is None):
         raise UsageError("with an image on stdin (-), give the prompt as an argument")
+    images = load_images(files, ui.warn)  # all checked before the model loads, and before stdin is read
     text = chat_prompt(text, interactive)
-    images = load_images(files, ui.warn)  # all checked before the model loads
     _note_sampling(opts, ui)
     session = tasks.chat_session(open_backend(opts, ui), opts, images)
     if not session.tiling:
@@ -155,6 +189,11 @@ def chat(
 
 def answer_conversation(source: str, opts: Options, ui: UI, interactive: bool) -> None:
     """chat --conversation: answer a conversation file, then (with -i) go on chatting."""
+    from . import tasks
+    from .conversation import read_conversation
+    from .interactive import interactive_chat
+    from .render import AnswerView, render_answer, warn_untiled
+
     messages, notes = read_conversation(source)
     for note in notes:
         ui.warn(note)
@@ -191,7 +230,12 @@ def ocr(
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
     """Read the text of images and PDF pages: to stdout with a header per page, or a file per page."""
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
+    from . import tasks
+    from .inputs import collect_sources
+    from .render import UI, render_pages
+
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
+                 max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet, server=server, api_key=api_key)
     ui = UI(quiet)
@@ -205,7 +249,7 @@ def ocr(
         if not sources:
             return
         _note_sampling(opts, ui)
-        events = tasks.read_pages(open_backend(opts, ui), sources, prompt or OCR_PROMPTS[fmt.value], opts)
+        events = tasks.read_pages(open_backend(opts, ui), sources, prompt or tasks.OCR_PROMPTS[fmt.value], opts)
         failed = render_pages(events, sources, targets, ui, stream=opts.stream, as_json=opts.json)
     if failed:
         raise typer.Exit(1)
@@ -228,7 +272,12 @@ def ask(
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
     """Ask a question about document pages (best with 1 or 2 pages: those are tiled)."""
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
+    from . import tasks
+    from .inputs import collect_sources
+    from .render import UI, AnswerView, render_answer
+
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
+                 max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet, server=server, api_key=api_key)
     ui = UI(quiet)
@@ -267,7 +316,13 @@ def ground(
     server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
     """Find things in an image and draw their boxes (referring-expression grounding)."""
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging, max_tokens=max_tokens,
+    from . import tasks
+    from .inputs import load_image_arg, read_stdin_bytes
+    from .pictures import image_format
+    from .render import UI, AnswerView, render_answer
+
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
+                 max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=False, json=json_,
                  quiet=quiet, server=server, api_key=api_key)
     ui = UI(quiet)
@@ -329,6 +384,10 @@ def serve(
 def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
          quantize: QuantizeOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False):
     """Show the resolved model and its architecture (reads config.json; loads no weights)."""
+    from ..engine import hub
+    from . import tasks
+    from .render import UI, info_lines, print_json
+
     ui = UI(quiet)
     resolved = hub.resolve_local(model)  # info never downloads gigabytes
     facts = tasks.model_info(resolved, options(dtype=dtype).dtype, device, quantize)
@@ -352,6 +411,11 @@ def quantize(
 ):
     """Write a pre-quantized copy of a model: routed experts packed, the rest unchanged; it loads
     directly (`-m DST`) and says in its config.json how it is quantized."""
+    from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn
+
+    from ..engine import hub, quant
+    from .render import UI
+
     ui = UI(quiet)
     resolved = hub.resolve(src)
     progress = ui.progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
@@ -377,9 +441,12 @@ def bench(ctx: typer.Context):
 @exits.command
 def pull(model: Annotated[Optional[str], typer.Argument(
             metavar="MODEL", show_default=False,
-            help=f"Hugging Face id (default: $DSVL2_MODEL, else {hub.DEFAULT_MODEL}).")] = None,
+            help=f"Hugging Face id (default: $DSVL2_MODEL, else {DEFAULT_MODEL}).")] = None,
          quiet: QuietOpt = False):
     """Download a model into the Hugging Face cache (safetensors, JSON and tokenizer files only)."""
+    from ..engine import hub
+    from .render import UI
+
     ui = UI(quiet)
     name = hub.requested(model)
     folder = hub.local_folder(name)
@@ -393,7 +460,7 @@ def pull(model: Annotated[Optional[str], typer.Argument(
 
         disable_progress_bars()
     ui.status(f"downloading {name} into the Hugging Face cache")
-    path = hub.download_model(name)
+    path = hub.download_model(name, hub.PULL_LOCAL_FOLDER_HINT)
     ui.line(str(path))
 
 
@@ -401,4 +468,4 @@ def pull(model: Annotated[Optional[str], typer.Argument(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
-    return exits.run(typer.main.get_command(app), sys.argv[1:] if argv is None else list(argv))
+    return exits.run(app, sys.argv[1:] if argv is None else list(argv))

@@ -1,5 +1,7 @@
 """The command-line options the model commands share, as Typer declarations (each command lists
-the ones it takes), and `options` to gather them into the task layer's `Options`."""
+the ones it takes), and `options` to gather them into the task layer's `Options`.
+
+Declaring them imports nothing heavy (no torch, no engine), so `--help` and usage errors start fast."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..engine import hub
-from .tasks import TEMPERATURE_ADVICE, Options
+from ..settings import DEFAULT_MODEL
+
+# tasks.TEMPERATURE_ADVICE, written out: tasks imports torch (test_cli checks that the two agree).
+TEMPERATURE_ADVICE = 0.7
 
 
 class Dtype(str, enum.Enum):
@@ -26,7 +30,7 @@ class OcrFormat(str, enum.Enum):
 _M, _G = "Model", "Generation"
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", show_default=False, rich_help_panel=_M,
-    help=f"Model folder or Hugging Face id. Default: $DSVL2_MODEL, else {hub.DEFAULT_MODEL}.")]
+    help=f"Model folder or Hugging Face id. Default: $DSVL2_MODEL, else {DEFAULT_MODEL}.")]
 DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=_M, help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", rich_help_panel=_M, help="Weights and compute dtype.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
@@ -65,8 +69,10 @@ PasswordOpt = Annotated[Optional[str], typer.Option("--password", show_default=F
                                                     help="Password of an encrypted PDF.")]
 
 
-def options(**kw) -> Options:
-    """Options from a command's parameters (Typer gives enum members; Options holds their values)."""
+def options(**kw):
+    """tasks.Options from a command's parameters (Typer gives enum members; Options holds their values)."""
+    from .tasks import Options
+
     if isinstance(kw.get("dtype"), enum.Enum):
         kw["dtype"] = kw["dtype"].value
     return Options(**kw)

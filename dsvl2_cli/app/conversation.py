@@ -23,6 +23,7 @@ from typing import IO
 from ..engine.processor import Message
 from ..errors import InputError, PromptError
 from .images import load_image_with_notes
+from .inputs import tag
 
 _ROLES = ("<|User|>", "user", "<|Assistant|>", "assistant", "system")
 
@@ -77,7 +78,7 @@ def parse_conversation(data, base: Path, name: str = "conversation") -> tuple[li
             path = Path(p).expanduser()
             path = path if path.is_absolute() else base / path
             image, image_notes = load_image_with_notes(path)
-            images.append(image)
+            images.append(tag(image, p))  # --json names it as the file wrote it
             notes += image_notes
         try:
             messages.append(Message(role, content, tuple(images)))

@@ -21,7 +21,6 @@ from rich.text import Text
 
 from .. import settings
 from ..errors import Dsvl2Error
-from .render import UI
 
 
 def _click_class(name: str) -> type:
@@ -39,12 +38,7 @@ def command(fn):
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            ui = UI.current
-            with contextlib.suppress(Exception):
-                if ui is not None:
-                    ui.end_line()  # what was generated stays, on a finished line
-                sys.stdout.flush()
-                sys.stderr.write("interrupted\n")
+            _interrupted()
             raise typer.Exit(130) from None
         except BrokenPipeError:
             _silence_stdout()
@@ -56,6 +50,18 @@ def command(fn):
                     UI.current.end_line()
             raise
     return wrapper
+
+
+def _interrupted() -> None:
+    """Flush what was generated, on a finished line, and say why the command stopped."""
+    # render.py (and its UI) is loaded only once a command has run; before that nothing is shown.
+    render = sys.modules.get(f"{__package__}.render")
+    ui = render.UI.current if render is not None else None
+    with contextlib.suppress(Exception):
+        if ui is not None:
+            ui.end_line()
+        sys.stdout.flush()
+        sys.stderr.write("interrupted\n")
 
 
 def _silence_stdout() -> None:
@@ -79,13 +85,14 @@ def _out_of_memory(err: BaseException) -> str | None:
     return describe_oom(err)
 
 
-def run(command, argv: list[str]) -> int:
-    """Run a click command on `argv` and return its exit code; errors end as one line on stderr."""
-    if not argv:  # bare `dsvl2`: the help, on stderr, as the usage error it is
-        with contextlib.redirect_stdout(sys.stderr):
-            command.main(args=["--help"], prog_name="dsvl2", standalone_mode=False)
-        return 2
+def run(app: typer.Typer, argv: list[str]) -> int:
+    """Run a Typer app on `argv` and return its exit code; errors end as one line on stderr."""
     try:
+        command = typer.main.get_command(app)  # inside the try: Ctrl-C may come at any moment
+        if not argv:  # bare `dsvl2`: the help, on stderr, as the usage error it is
+            with contextlib.redirect_stdout(sys.stderr):
+                command.main(args=["--help"], prog_name="dsvl2", standalone_mode=False)
+            return 2
         result = command.main(args=argv, prog_name="dsvl2", standalone_mode=False)
         code = result if isinstance(result, int) else 0
         sys.stdout.flush()
@@ -97,7 +104,8 @@ def run(command, argv: list[str]) -> int:
     except ClickException as err:
         _fail(err.format_message())
         code = err.exit_code
-    except typer.Abort:
+    except typer.Abort:  # click's name for a KeyboardInterrupt that reached it
+        _interrupted()
         code = 130
     except Dsvl2Error as err:
         if settings.debug():
@@ -108,6 +116,7 @@ def run(command, argv: list[str]) -> int:
         _silence_stdout()
         code = 141
     except KeyboardInterrupt:
+        _interrupted()
         code = 130
     except Exception as err:  # noqa: BLE001 - out of memory, or a bug: then show everything
         oom = _out_of_memory(err)

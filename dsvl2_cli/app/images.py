@@ -9,9 +9,12 @@ scaled to 8 bits, animated files give their first frame. Every failure a user ca
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import re
 import stat
+import sys
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -89,12 +92,10 @@ def _read_source(source: ImageSource) -> tuple[str, bytes]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         name = str(source)
-        if not path.exists():
-            raise ImageError(f"{name}: no such file; check the path")
-        if path.is_dir():
+        st = stat_path(name)
+        if stat.S_ISDIR(st.st_mode):
             raise ImageError(f"{name}: is a directory, not an image file")
         try:
-            st = path.stat()
             if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):  # /dev/zero, a terminal...
                 raise ImageError(f"{name}: is a device, not an image file")
             if stat.S_ISREG(st.st_mode):
@@ -102,8 +103,7 @@ def _read_source(source: ImageSource) -> tuple[str, bytes]:
                     return name, b""
                 with path.open("rb") as fh:
                     return name, fh.read()
-            with path.open("rb") as fh:  # a FIFO or pipe (/dev/fd/N from `<(...)`): no size until read
-                return name, read_capped(fh, name)
+            return name, read_fifo(path, name)  # a FIFO or pipe (/dev/fd/N from `<(...)`): no size until read
         except OSError as exc:
             raise ImageError(f"{name}: cannot read the file ({exc.strerror or exc})") from exc
     if hasattr(source, "read"):
@@ -118,10 +118,48 @@ def _read_source(source: ImageSource) -> tuple[str, bytes]:
     raise ImageError(f"cannot open an image from a {type(source).__name__}; pass a path, bytes or a binary file")
 
 
-def read_capped(stream: BinaryIO, name: str, error: type[Exception] = ImageError) -> bytes:
-    """All of a stream that has no size (pipe, FIFO, stdin), refused above MAX_STREAM_BYTES."""
-    data = stream.read(MAX_STREAM_BYTES + 1)
-    if data is not None and len(data) > MAX_STREAM_BYTES:
+def stat_path(name: str) -> os.stat_result:
+    """os.stat of a path the user gave, or an ImageError that says what is wrong with it."""
+    try:
+        return os.stat(name)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # Path.exists() says False here: "no such file" would mislead
+            raise ImageError(f"{name}: symbolic link loop; fix or remove the link") from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise ImageError(f"{name}: no such file; check the path") from None
+        raise ImageError(f"{name}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def read_fifo(path: str | Path, name: str, error: type[Exception] = ImageError) -> bytes:
+    """All of a FIFO's or pipe's input. When nothing writes to it yet, say so on stderr (once)
+    before waiting, so that `dsvl2 ocr my.fifo` with no writer is not a silent hang."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # returns at once, writer or not
+        try:
+            try:
+                first = os.read(fd, 1 << 16)
+            except BlockingIOError:  # a writer, with nothing written yet
+                first = b""
+            else:
+                if not first:  # end of input at once: no writer (yet); a blocking open waits for one
+                    sys.stderr.write(f"waiting for input on {name} ...\n")
+                    sys.stderr.flush()
+                    os.close(fd)
+                    fd = os.open(path, os.O_RDONLY)
+            os.set_blocking(fd, True)
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                return first + read_capped(fh, name, error, already=len(first))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise error(f"{name}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_capped(stream: BinaryIO, name: str, error: type[Exception] = ImageError, already: int = 0) -> bytes:
+    """All of a stream that has no size (pipe, FIFO, stdin), refused above MAX_STREAM_BYTES
+    (`already`: bytes of it read before)."""
+    data = stream.read(MAX_STREAM_BYTES + 1 - already)
+    if data is not None and len(data) + already > MAX_STREAM_BYTES:
         raise error(f"{name}: more than {MAX_STREAM_BYTES:,} bytes of input; refused (no image or PDF is that "
                     "large)")
     return data

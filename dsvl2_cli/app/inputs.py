@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -22,13 +23,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import ImageError, InputError
-from .images import load_image_with_notes, read_capped
+from ..errors import InputError
+from .images import load_image_with_notes, read_capped, read_fifo, stat_path
 from .pdf import PdfDocument, check_dpi, is_pdf
 
-# Suffixes that make a last argument an image rather than the prompt, even before it exists.
-FILE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".pdf", ".ppm",
-                 ".pgm", ".pbm", ".ico", ".heic", ".avif"}
+# A last argument that does not exist is still a file (misspelt) when it has no whitespace and
+# a dot-extension of 2-5 letters or digits (photo.jgp) or a path separator (scans/page1):
+# "What is 2.5?", "Hello" and "e.g." stay prompts.
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{2,5}")
 _INPUT, _PAGE = "dsvl2_input", "dsvl2_page"
 
 
@@ -129,11 +131,7 @@ def _is_pipe(arg: str) -> bool:
 
 
 def _read_pipe(arg: str) -> bytes:
-    try:
-        with open(arg, "rb") as fh:
-            data = read_capped(fh, arg, InputError)
-    except OSError as err:
-        raise InputError(f"{arg}: cannot read ({err.strerror or err})") from None
+    data = read_fifo(arg, arg, InputError)
     if not data:
         raise InputError(f"{arg}: the file is empty")
     return data
@@ -159,6 +157,8 @@ def collect_sources(files: list[str], pages: str | None, dpi: int, password: str
     sources: list[Source] = []
     any_pdf = False
     for arg in files:
+        if arg != "-":
+            stat_path(arg)  # missing, or a link loop: said before anything is read
         data = read_stdin_bytes() if arg == "-" else _read_pipe(arg) if _is_pipe(arg) else None
         if is_pdf(data) if data is not None else (is_pdf(arg) and not Path(arg).is_dir()):
             any_pdf = True
@@ -166,8 +166,6 @@ def collect_sources(files: list[str], pages: str | None, dpi: int, password: str
             for p in doc.pages(pages):
                 sources.append(Source(arg, p, functools.partial(doc.render, p, dpi), doc.page_count))
         else:
-            if data is None and not Path(arg).exists():
-                raise ImageError(f"{arg}: no such file; check the path")
             sources.append(Source(arg, None, functools.partial(load_image_arg, arg, warn, data)))
     if pages is not None and not any_pdf:
         warn("--pages applies to PDF files only, and no PDF was given")
@@ -216,7 +214,8 @@ def load_images(files: list[str], warn: Callable[[str], None]) -> list[Image.Ima
 
 
 def split_images_and_prompt(args: list[str]) -> tuple[list[str], str | None]:
-    """`[IMAGE]... [PROMPT]`: the last argument is the prompt unless it names a file (or is "-")."""
+    """`[IMAGE]... [PROMPT]`: the last argument is the prompt unless it names a file, looks like
+    one (then a missing file is an error, not a prompt) or is "-"."""
     if not args:
         return [], None
     last = args[-1]
@@ -229,8 +228,10 @@ def _looks_like_file(arg: str) -> bool:
     if not arg.strip():  # "" is an (empty) prompt, not the current folder
         return False
     try:
-        if Path(arg).exists():
+        if Path(arg).exists() or Path(arg).is_symlink():  # (a link loop "exists" as a link only)
             return True
     except (OSError, ValueError):  # e.g. a prompt too long to be a file name
         return False
-    return not any(c.isspace() for c in arg) and Path(arg).suffix.lower() in FILE_SUFFIXES
+    if any(c.isspace() for c in arg):
+        return False
+    return "/" in arg or os.sep in arg or bool(_FILE_SUFFIX.fullmatch(Path(arg).suffix))

@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
+
+if TYPE_CHECKING:  # PIL loads when a page renders: the CLI reads DEFAULT_DPI for its --help
+    from PIL import Image
 
 DEFAULT_DPI = 144
 MAX_SIDE = 4096
@@ -176,6 +178,7 @@ class PdfDocument:
     def render(self, page: int, dpi: int = DEFAULT_DPI, max_side: int = MAX_SIDE) -> Image.Image:
         """Page `page` (1-based) as an RGB image at `dpi`, its long side capped at `max_side` px."""
         import pymupdf
+        from PIL import Image
 
         if not 1 <= page <= self.page_count:
             raise InputError(f"{self.name}: page {page} is out of range (the document has {self.page_count} pages)")

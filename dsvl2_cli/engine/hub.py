@@ -105,7 +105,13 @@ def _from_cache(repo_id: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def download_model(repo_id: str) -> Path:
+# What a failed download suggests instead; `dsvl2 pull` takes no -m, so it says where -m goes.
+LOCAL_FOLDER_HINT = ", or pass a local folder with -m PATH"
+PULL_LOCAL_FOLDER_HINT = ("; a model folder already on disk needs no pull: give it to the other commands "
+                          "(dsvl2 chat -m FOLDER ...)")
+
+
+def download_model(repo_id: str, hint: str = LOCAL_FOLDER_HINT) -> Path:
     """Download into the shared Hugging Face cache (huggingface_hub shows its progress bars)."""
     from huggingface_hub import snapshot_download
 
@@ -113,5 +119,4 @@ def download_model(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
     except Exception as err:  # noqa: BLE001 - network, auth, missing repo: all become one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"{repo_id}: download failed ({reason}); check the id and your connection, "
-                         "or pass a local folder with -m PATH") from None
+        raise ModelError(f"{repo_id}: download failed ({reason}); check the id and your connection{hint}") from None

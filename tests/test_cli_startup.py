@@ -1,0 +1,108 @@
+"""Startup without torch (--help, --version, usage errors) and Ctrl-C at any moment, in real
+processes: exit 130 with `interrupted`, never a traceback (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsvl2_cli.app import cli_options, tasks
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "safetensors", "numpy", "dsvl2_cli.engine", "dsvl2_cli.model")
+# The console script's own lines; "started" marks the interpreter ready (its start-up is not ours).
+ENTRY = ("import sys; sys.stderr.write('started\\n'); sys.stderr.flush(); sys.argv = ['dsvl2', *sys.argv[1:]]; "
+         "from dsvl2_cli.app.cli import main; raise SystemExit(main())")
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("DSVL2_")}
+    e.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return e
+
+
+def test_help_version_and_usage_errors_import_no_torch():
+    code = f"""
+import contextlib, io, json, sys
+from dsvl2_cli.app.cli import main
+runs = {{}}
+for argv in (["--help"], ["--version"], ["chat", "--help"], ["ocr", "--no-such-flag"], ["ask", "doc.pdf"]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    runs[" ".join(argv)] = [rc, out.getvalue(), err.getvalue()]
+print(json.dumps({{"runs": runs, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["heavy"] == []
+    runs = result["runs"]
+    assert runs["--help"][0] == 0 and "chat" in runs["--help"][1] and "--version" in runs["--help"][1]
+    assert runs["--version"][:2] == [0, "dsvl2 0.1.0\n"]
+    assert runs["chat --help"][0] == 0 and "--conversation" in runs["chat --help"][1]
+    assert runs["ocr --no-such-flag"][0] == 2 and "No such option" in runs["ocr --no-such-flag"][2]
+    assert runs["ask doc.pdf"][0] == 2 and "Missing argument" in runs["ask doc.pdf"][2]
+
+
+def test_package_api_is_lazy_and_complete():
+    code = ("import sys, dsvl2_cli; assert 'torch' not in sys.modules; "
+            "from dsvl2_cli import load, Token; "
+            "assert all(getattr(dsvl2_cli, n) is not None for n in dsvl2_cli.__all__); print(dsvl2_cli.load.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "dsvl2_cli.engine.runtime"
+
+
+def test_temperature_advice_in_help_matches_the_task_layer():
+    assert cli_options.TEMPERATURE_ADVICE == tasks.TEMPERATURE_ADVICE
+
+
+def _start(*args) -> tuple[subprocess.Popen, float]:
+    # A job started with `&` by a non-interactive shell inherits SIGINT ignored; give the child
+    # the default, as a terminal would.
+    proc = subprocess.Popen([sys.executable, "-c", ENTRY, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env(), cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stderr.readline() == b"started\n"
+    return proc, time.monotonic()
+
+
+def test_ctrl_c_at_any_moment_exits_130(ckpt_tiny):
+    """Interrupts during the imports, the model load and generation (the tiny checkpoint with
+    many tokens to go); all run side by side to keep the test short."""
+    args = ("chat", "-m", ckpt_tiny, "--dtype", "float32", "--max-tokens", "100000", "Hello")
+    delays = (0.05, 0.3, 1.0, 2.0)
+    procs = []
+    for delay in delays:
+        proc, t0 = _start(*args)
+        procs.append((delay, proc, t0))
+    pending = list(procs)
+    while pending:  # signal each at its moment after its own start
+        pending.sort(key=lambda p: p[2] + p[0])
+        delay, proc, t0 = pending.pop(0)
+        time.sleep(max(0.0, t0 + delay - time.monotonic()))
+        proc.send_signal(signal.SIGINT)
+    gen, _ = _start(*args)
+    first = gen.stdout.read(1)  # generating
+    gen.send_signal(signal.SIGINT)
+    for name, proc in [*((f"after {d} s", p) for d, p, _ in procs), ("while generating", gen)]:
+        out, err = proc.communicate(timeout=180)
+        err = err.decode()
+        assert proc.returncode == 130, (name, err[-2000:])
+        assert err.rstrip().endswith("interrupted") and "Traceback" not in err, (name, err[-2000:])
+    assert first  # it was interrupted while streaming its answer
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["chat", "--help"]])
+def test_help_from_python_m(argv):
+    proc = subprocess.run([sys.executable, "-m", "dsvl2_cli", *argv], capture_output=True, text=True, env=env(),
+                          timeout=120)
+    assert proc.returncode == 0 and "Usage" in proc.stdout and proc.stderr == ""
