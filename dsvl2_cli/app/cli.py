@@ -361,6 +361,7 @@ def serve(
     """Serve the model over HTTP with the OpenAI chat-completions API (for --server, curl, any
     OpenAI client), until Ctrl-C."""
     from . import serve as server
+    from .render import UI
 
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, quiet=quiet)
     ui = UI(quiet)

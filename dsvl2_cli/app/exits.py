@@ -45,21 +45,25 @@ def command(fn):
             raise typer.Exit(141) from None
         except Dsvl2Error:
             # e.g. a server's stream cut mid-answer: what was shown stays, on a finished line
-            with contextlib.suppress(Exception):
-                if UI.current is not None:
-                    UI.current.end_line()
+            _end_line()
             raise
     return wrapper
 
 
-def _interrupted() -> None:
-    """Flush what was generated, on a finished line, and say why the command stopped."""
+def _end_line() -> None:
+    """End a half-written answer line, if a command has written one."""
     # render.py (and its UI) is loaded only once a command has run; before that nothing is shown.
     render = sys.modules.get(f"{__package__}.render")
     ui = render.UI.current if render is not None else None
     with contextlib.suppress(Exception):
         if ui is not None:
             ui.end_line()
+
+
+def _interrupted() -> None:
+    """Flush what was generated, on a finished line, and say why the command stopped."""
+    _end_line()
+    with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.write("interrupted\n")
 
