@@ -31,16 +31,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColu
 from ..engine import hub, quant, runtime
 from ..errors import InputError
 from . import exits, tasks
-from .cli_options import (DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, NoStreamOpt, OcrFormat,
-                          PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, SystemOpt, TemperatureOpt, TopPOpt,
-                          options)
+from .cli_options import (DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, NoCacheOpt, NoStreamOpt,
+                          OcrFormat, PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, SystemOpt, TemperatureOpt,
+                          TopPOpt, options, prompt_store)
 from .conversation import read_conversation
 from .exits import UsageError
 from .inputs import chat_prompt, collect_sources, load_image_arg, load_images, read_stdin_bytes, split_images_and_prompt
 from .interactive import interactive_chat
 from .pdf import DEFAULT_DPI
 from .pictures import image_format
-from .render import UI, AnswerView, info_lines, print_json, render_answer, render_pages, warn_untiled
+from .render import (UI, AnswerView, cache_lines, cache_record, info_lines, print_json, render_answer, render_pages,
+                     warn_untiled)
 from .tasks import OCR_PROMPTS, Options
 
 
@@ -104,6 +105,7 @@ def chat(
              "(- reads it from stdin); image paths are relative to the file.")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     quantize: QuantizeOpt = None,
+    no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -111,7 +113,7 @@ def chat(
     """Ask about images: once, with a prompt; else an interactive chat (/help inside)."""
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet)
+                 quiet=quiet, no_cache=no_cache)
     ui = UI(quiet)
     if conversation is not None:
         if args or prompt is not None:
@@ -168,6 +170,7 @@ def ocr(
         "--skip-existing", help="With --out: skip pages whose file exists (resume a run).")] = False,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     quantize: QuantizeOpt = None,
+    no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -175,7 +178,7 @@ def ocr(
     """Read the text of images and PDF pages: to stdout with a header per page, or a file per page."""
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet)
+                 quiet=quiet, no_cache=no_cache)
     ui = UI(quiet)
     with contextlib.ExitStack() as stack:
         _stdin_once(files)
@@ -206,6 +209,7 @@ def ask(
     pages: PagesOpt = None, dpi: DpiOpt = DEFAULT_DPI, password: PasswordOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     quantize: QuantizeOpt = None,
+    no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -213,7 +217,7 @@ def ask(
     """Ask a question about document pages (best with 1 or 2 pages: those are tiled)."""
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet)
+                 quiet=quiet, no_cache=no_cache)
     ui = UI(quiet)
     if not question.strip():
         raise InputError("empty question; ask something about the pages")
@@ -246,13 +250,14 @@ def ground(
         "--save", dir_okay=False, show_default=False, help="Save the image with the boxes drawn (PNG, JPEG...).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     quantize: QuantizeOpt = None,
+    no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """Find things in an image and draw their boxes (referring-expression grounding)."""
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=False, json=json_,
-                 quiet=quiet)
+                 quiet=quiet, no_cache=no_cache)
     ui = UI(quiet)
     if not caption and not (what or "").strip():
         raise UsageError('say what to find, e.g. dsvl2 ground photo.jpg "the red cup", or use --caption')
@@ -339,6 +344,31 @@ def pull(model: Annotated[Optional[str], typer.Argument(
     ui.status(f"downloading {name} into the Hugging Face cache")
     path = hub.download_model(name)
     ui.line(str(path))
+
+
+# -------------------------------------------------------------------------------------- cache
+
+@app.command()
+@exits.command
+def cache(
+    action: Annotated[Optional[str], typer.Argument(
+        metavar="[clear]", show_default=False, help="clear: remove every saved prompt.")] = None,
+    json_: JsonOpt = False,
+):
+    """List the saved image prompts (entries, sizes, last use, total and cap), or clear them."""
+    ui = UI()
+    store = prompt_store()
+    if action is None:
+        if json_:
+            print_json(cache_record(store), ui)
+        else:
+            for line in cache_lines(store):
+                ui.line(line)
+    elif action == "clear":
+        entries, size = store.clear()
+        ui.line(f"removed {entries} saved prompt(s), {size:,} bytes, from {store.folder}")
+    else:
+        raise UsageError(f"unknown action {action!r}: use `dsvl2 cache` to list or `dsvl2 cache clear`")
 
 
 # ---------------------------------------------------------------------------------- entry point

@@ -13,6 +13,7 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 from rich.console import Console
@@ -61,8 +62,34 @@ def _fail(message: str) -> None:
         Text("error: ", style="bold red") + Text(" ".join(message.split())))
 
 
+@contextlib.contextmanager
+def _one_line_warnings():
+    """dsvl2's own warnings (warnings.warn in the library, e.g. a damaged prompt cache entry) as
+    one `warning: ...` line on stderr, like the CLI's other warnings; others as Python shows them."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package + os.sep):
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                Text("warning: ", style="bold yellow") + Text(" ".join(str(message).split())))
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def run(command, argv: list[str]) -> int:
     """Run a click command on `argv` and return its exit code; errors end as one line on stderr."""
+    with _one_line_warnings():
+        return _run(command, argv)
+
+
+def _run(command, argv: list[str]) -> int:
     if not argv:  # bare `dsvl2`: the help, on stderr, as the usage error it is
         with contextlib.redirect_stdout(sys.stderr):
             command.main(args=["--help"], prog_name="dsvl2", standalone_mode=False)

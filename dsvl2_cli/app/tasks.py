@@ -43,6 +43,7 @@ from ..engine import memory, quant, runtime
 from ..engine.chat import ChatSession
 from ..engine.generate import Done, Event, GenerationConfig, stream_generate
 from ..engine.processor import MAX_TILED_IMAGES, Prepared, user_message
+from ..engine.prompt_store import PromptStore
 from ..engine.sampling import SamplingParams
 from ..errors import Dsvl2Error
 from ..model.config import ModelConfig
@@ -75,10 +76,12 @@ class Options:
     stream: bool = True
     json: bool = False
     quiet: bool = False
+    prompt_store: PromptStore | None = None  # image prefixes saved across runs (None: --no-cache)
 
     def generation(self, task: str) -> GenerationConfig:
         sampling = SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
-        return GenerationConfig(max_tokens=self.max_tokens or MAX_TOKENS[task], sampling=sampling)
+        return GenerationConfig(max_tokens=self.max_tokens or MAX_TOKENS[task], sampling=sampling,
+                                prompt_store=self.prompt_store)
 
     def sampling_note(self) -> str | None:
         """A warning for a temperature the model card advises against (None when fine)."""
