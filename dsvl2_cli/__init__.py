@@ -7,8 +7,9 @@
 """
 
 from .app.images import load_image
-from .engine.generate import (Done, GenerationConfig, Prefilled, PromptCache, Result, Token, generate, generate_batch,
-                              stream_generate)
+from .engine.generate import (Done, GenerationConfig, Prefilled, Prefilling, PromptCache, Result, Token, generate,
+                              generate_batch, stream_generate)
+from .engine.prompt_store import PromptStore
 from .engine.processor import Message, user_message
 from .engine.runtime import VLModel, load
 from .engine.sampling import SamplingParams
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ContextTooLongError", "Done", "Dsvl2Error", "GenerationConfig", "ImageError", "InputError", "Message",
-    "ModelError", "Prefilled", "PromptCache", "PromptError", "Result", "SamplingParams", "Token", "VLModel",
+    "ModelError", "Prefilled", "Prefilling", "PromptCache", "PromptError", "PromptStore", "Result", "SamplingParams", "Token", "VLModel",
     "generate", "generate_batch", "load", "load_image", "stream_generate", "user_message",
 ]
