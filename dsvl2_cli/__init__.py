@@ -11,36 +11,30 @@ loads neither torch nor the engine.
 
 from __future__ import annotations
 
-import importlib
-
 __version__ = "0.1.0"
-
-# Public name -> the module that defines it.
-_EXPORTS = {
-    "load_image": ".app.images",
-    **dict.fromkeys(("Done", "GenerationConfig", "Prefilled", "PromptCache", "Result", "Token", "generate",
-                     "generate_batch", "stream_generate"), ".engine.generate"),
-    "Message": ".engine.processor", "user_message": ".engine.processor",
-    "VLModel": ".engine.runtime", "load": ".engine.runtime",
-    "SamplingParams": ".engine.sampling",
-    **dict.fromkeys(("ContextTooLongError", "Dsvl2Error", "ImageError", "InputError", "ModelError", "PromptError"),
-                    ".errors"),
-}
 
 __all__ = [
     "ContextTooLongError", "Done", "Dsvl2Error", "GenerationConfig", "ImageError", "InputError", "Message",
-    "ModelError", "Prefilled", "PromptCache", "PromptError", "Result", "SamplingParams", "Token", "VLModel",
-    "generate", "generate_batch", "load", "load_image", "stream_generate", "user_message",
+    "ModelError", "Prefilled", "Prefilling", "PromptCache", "PromptError", "PromptStore", "Result", "SamplingParams",
+    "Token", "VLModel", "generate", "generate_batch", "load", "load_image", "stream_generate", "user_message",
 ]
 
 
+def _public() -> dict:
+    """Every public name, from the modules that define them (imported here, on first use)."""
+    from . import errors
+    from .app import images
+    from .engine import generate, processor, prompt_store, runtime, sampling
+
+    sources = (errors, images, generate, processor, prompt_store, runtime, sampling)
+    return {name: getattr(module, name) for module in sources for name in __all__ if hasattr(module, name)}
+
+
 def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+    globals().update(_public())  # later lookups skip this function
+    return globals()[name]
 
 
 def __dir__() -> list[str]:

@@ -25,6 +25,8 @@ VARIABLES = (
     Variable("DSVL2_DEBUG", "", "1: errors show the Python traceback as well as the one-line message"),
     Variable("DSVL2_KERNELS", "1", "0: never build or use the native CPU kernels (torch everywhere)"),
     Variable("DSVL2_CACHE", "", "folder for dsvl2's caches (compiled kernels); default $XDG_CACHE_HOME/dsvl2"),
+    Variable("DSVL2_PROMPT_CACHE_BYTES", "2000000000", "most disk space for saved image prompts under $XDG_CACHE_HOME/dsvl2/"
+             "prompts, in bytes or with a K/M/G/T suffix (powers of 1024); least recently used go first"),
     Variable("DSVL2_BENCH_DIR", "~/.cache/dsvl2/bench", "where `dsvl2 bench` writes its synthetic checkpoints"),
     Variable("DSVL2_MEMORY_LIMIT", "", "cap on the memory dsvl2 plans to use, in bytes or with a K/M/G/T suffix "
              "(powers of 1024: 12G, 800M, 1.5G); the lower of this and what the machine has is used"),
@@ -62,6 +64,16 @@ def cache_dir() -> Path:
     """dsvl2's cache folder: $DSVL2_CACHE/dsvl2, else $XDG_CACHE_HOME/dsvl2, else ~/.cache/dsvl2."""
     base = _get("DSVL2_CACHE") or _get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "dsvl2"
+
+
+def prompt_cache_dir() -> Path:
+    """Where the persistent prompt cache keeps its entries: cache_dir()/prompts."""
+    return cache_dir() / "prompts"
+
+
+def prompt_cache_bytes() -> str:
+    """$DSVL2_PROMPT_CACHE_BYTES as given, stripped ("" when unset: the 2 GB default)."""
+    return _get("DSVL2_PROMPT_CACHE_BYTES").strip()
 
 
 def state_dir() -> Path:

@@ -81,3 +81,14 @@ def images_dir(tmp_path_factory) -> Path:
     for seed, (name, w, h) in enumerate(TEST_IMAGES):
         write_image(root / name, w, h, seed=seed)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _private_prompt_cache(monkeypatch, tmp_path):
+    """Model commands save image prompts by default: in-process tests keep them in a folder of
+    their own, never in the user's ~/.cache, one folder per test (tests of the cache itself put it back on
+    $XDG_CACHE_HOME with their own folder)."""
+    from dsvl2_cli import settings
+
+    folder = tmp_path / "prompt-cache"  # per test: one test's answers never reuse another's
+    monkeypatch.setattr(settings, "prompt_cache_dir", lambda: folder)

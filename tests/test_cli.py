@@ -193,7 +193,8 @@ def test_chat_scripted_interactive(monkeypatch, ckpt_tiny, images):
         "/quit",
         "never asked",
     ]) + "\n"
-    r = run(monkeypatch, "chat", *model_args(ckpt_tiny, 3), "-i", "--json", images["a"], input=script)
+    # --no-cache: after /reset the saved image prompt would be reused from disk
+    r = run(monkeypatch, "chat", *model_args(ckpt_tiny, 3), "--no-cache", "-i", "--json", images["a"], input=script)
     recs = r.json_lines
     assert len(recs) == 4, r.stderr
     assert [len(rec["images"]) for rec in recs] == [1, 1, 2, 1]

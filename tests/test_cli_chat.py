@@ -8,7 +8,7 @@ import dsvl2_cli
 from dsvl2_cli.app.images import load_image
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.engine.chat import ChatSession
-from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Token
+from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Prefilling, Token
 from dsvl2_cli.errors import ContextTooLongError
 
 
@@ -24,7 +24,8 @@ def pictures(tmp_path_factory):
 
 
 def events(session, text, images=()):
-    return list(session.ask(text, images))
+    """The answer's events after the prefill's progress (Prefilling, tested in test_prompt_reuse.py)."""
+    return [e for e in session.ask(text, images) if not isinstance(e, Prefilling)]
 
 
 def test_turns_accumulate_and_reuse_the_cache(vlm, pictures):

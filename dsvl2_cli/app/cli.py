@@ -39,7 +39,7 @@ from ..errors import InputError
 from ..settings import DEFAULT_MODEL
 from . import exits
 from .cli_options import (AllowPagingOpt, ApiKeyOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt,
-                          NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, ServerOpt,
+                          NoCacheOpt, NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, ServerOpt,
                           SystemOpt, TemperatureOpt, TopPOpt, options)
 from .exits import UsageError
 from .pdf import DEFAULT_DPI
@@ -149,7 +149,7 @@ def chat(
         help="Answer a conversation given exactly: a JSON file in the official message format "
              "(- reads it from stdin); image paths are relative to the file.")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
+    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
@@ -163,7 +163,7 @@ def chat(
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
                  max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet, server=server, api_key=api_key)
+                 quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
     ui = UI(quiet)
     if conversation is not None:
         if args or prompt is not None:
@@ -224,7 +224,7 @@ def ocr(
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --out: skip pages whose file exists (resume a run).")] = False,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
+    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
@@ -237,7 +237,7 @@ def ocr(
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
                  max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet, server=server, api_key=api_key)
+                 quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
     ui = UI(quiet)
     with contextlib.ExitStack() as stack:
         _stdin_once(files)
@@ -266,7 +266,7 @@ def ask(
                                             help="The question about them.")],
     pages: PagesOpt = None, dpi: DpiOpt = DEFAULT_DPI, password: PasswordOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
+    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
@@ -279,7 +279,7 @@ def ask(
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
                  max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet, server=server, api_key=api_key)
+                 quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
     ui = UI(quiet)
     if not question.strip():
         raise InputError("empty question; ask something about the pages")
@@ -310,7 +310,7 @@ def ground(
     save: Annotated[Optional[Path], typer.Option(
         "--save", dir_okay=False, show_default=False, help="Save the image with the boxes drawn (PNG, JPEG...).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False,
+    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
     server: ServerOpt = None, api_key: ApiKeyOpt = None,
@@ -324,7 +324,7 @@ def ground(
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
                  max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=False, json=json_,
-                 quiet=quiet, server=server, api_key=api_key)
+                 quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
     ui = UI(quiet)
     if not caption and not (what or "").strip():
         raise UsageError('say what to find, e.g. dsvl2 ground photo.jpg "the red cup", or use --caption')
@@ -463,6 +463,34 @@ def pull(model: Annotated[Optional[str], typer.Argument(
     ui.status(f"downloading {name} into the Hugging Face cache")
     path = hub.download_model(name, hub.PULL_LOCAL_FOLDER_HINT)
     ui.line(str(path))
+
+
+# -------------------------------------------------------------------------------------- cache
+
+@app.command()
+@exits.command
+def cache(
+    action: Annotated[Optional[str], typer.Argument(
+        metavar="[clear]", show_default=False, help="clear: remove every saved prompt.")] = None,
+    json_: JsonOpt = False,
+):
+    """List the saved image prompts (entries, sizes, last use, total and cap), or clear them."""
+    from .cli_options import prompt_store
+    from .render import UI, cache_lines, cache_record, print_json
+
+    ui = UI()
+    store = prompt_store()
+    if action is None:
+        if json_:
+            print_json(cache_record(store), ui)
+        else:
+            for line in cache_lines(store):
+                ui.line(line)
+    elif action == "clear":
+        entries, size = store.clear()
+        ui.line(f"removed {entries} saved prompt(s), {size:,} bytes, from {store.folder}")
+    else:
+        raise UsageError(f"unknown action {action!r}: use `dsvl2 cache` to list or `dsvl2 cache clear`")
 
 
 # ---------------------------------------------------------------------------------- entry point

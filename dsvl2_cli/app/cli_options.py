@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .. import settings
 from ..settings import DEFAULT_MODEL
 
 # tasks.TEMPERATURE_ADVICE, written out: tasks imports torch (test_cli checks that the two agree).
@@ -62,6 +63,9 @@ ServerOpt = Annotated[Optional[str], typer.Option(
 ApiKeyOpt = Annotated[Optional[str], typer.Option(
     "--api-key", metavar="KEY", show_default=False, rich_help_panel=_M,
     help="API key: sent to --server, or required by dsvl2 serve. Default: $DSVL2_API_KEY.")]
+NoCacheOpt = Annotated[bool, typer.Option(
+    "--no-cache", rich_help_panel=_M,
+    help="Neither read nor write the saved image prompts (dsvl2 cache lists them).")]
 PagesOpt = Annotated[Optional[str], typer.Option(
     "--pages", "-p", show_default=False, help="PDF pages: 1-3,7 or 5 or 2- (to the end). Default: all.")]
 DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF rendering resolution (pages are capped at 4096 px).")]
@@ -70,9 +74,23 @@ PasswordOpt = Annotated[Optional[str], typer.Option("--password", show_default=F
 
 
 def options(**kw):
-    """tasks.Options from a command's parameters (Typer gives enum members; Options holds their values)."""
+    """tasks.Options from a command's parameters (Typer gives enum members; Options holds their values).
+    A model command's `no_cache` decides whether its answers use the persistent prompt cache."""
     from .tasks import Options
 
     if isinstance(kw.get("dtype"), enum.Enum):
         kw["dtype"] = kw["dtype"].value
+    if "no_cache" in kw:
+        kw["prompt_store"] = None if kw.pop("no_cache") else prompt_store()
     return Options(**kw)
+
+
+def prompt_store():
+    """The persistent prompt cache in settings.prompt_cache_dir(), capped by
+    $DSVL2_PROMPT_CACHE_BYTES (a malformed value is a one-line error)."""
+    from ..engine.fit import parse_memory_size
+    from ..engine.prompt_store import DEFAULT_CAP_BYTES, PromptStore
+
+    text = settings.prompt_cache_bytes()
+    cap = parse_memory_size(text, "DSVL2_PROMPT_CACHE_BYTES") if text else DEFAULT_CAP_BYTES
+    return PromptStore(settings.prompt_cache_dir(), cap)

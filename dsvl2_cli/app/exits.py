@@ -14,6 +14,7 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 from rich.console import Console
@@ -79,6 +80,33 @@ def _fail(message: str) -> None:
         Text("error: ", style="bold red") + Text(" ".join(message.split())))
 
 
+@contextlib.contextmanager
+def _one_line_warnings():
+    """dsvl2's own warnings (warnings.warn in the library, e.g. a damaged prompt cache entry) as
+    one `warning: ...` line on stderr, like the CLI's other warnings; others as Python shows them."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package + os.sep):
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                Text("warning: ", style="bold yellow") + Text(" ".join(str(message).split())))
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
+def run(app: typer.Typer, argv: list[str]) -> int:
+    """Run a Typer app on `argv` and return its exit code; errors end as one line on stderr."""
+    with _one_line_warnings():
+        return _run(app, argv)
+
+
 def _out_of_memory(err: BaseException) -> str | None:
     """The one-line message of an out-of-memory error (an estimate off, another process growing),
     None for anything else. fit imports torch: only here, so that a CLI start need not."""
@@ -89,8 +117,7 @@ def _out_of_memory(err: BaseException) -> str | None:
     return describe_oom(err)
 
 
-def run(app: typer.Typer, argv: list[str]) -> int:
-    """Run a Typer app on `argv` and return its exit code; errors end as one line on stderr."""
+def _run(app: typer.Typer, argv: list[str]) -> int:
     try:
         command = typer.main.get_command(app)  # inside the try: Ctrl-C may come at any moment
         if not argv:  # bare `dsvl2`: the help, on stderr, as the usage error it is

@@ -12,7 +12,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 from rich.style import Style
 from rich.text import Text
 
-from ..engine.generate import Done, Token
+from ..engine.generate import Done, Prefilling, Token
 from .. import settings
 from .inputs import Source, isatty, write_atomic
 from .pictures import DrawBox, HalfBlockImage, colour, draw_boxes, encode_image, rgb
@@ -131,18 +131,20 @@ def render_answer(events: Iterable, ui: UI, view: AnswerView) -> Answer | PageFa
     """
     result = None
     ui.start_answer()
-    with _counting(ui, view) as tick:
+    with _counting(ui, view) as meter:
         count = 0
         for event in events:
             if isinstance(event, (Answer, PageFailed)):
                 result = event
                 break
-            if isinstance(event, PageStarted) and view.stream:
+            if isinstance(event, Prefilling):
+                meter.prefill(event)
+            elif isinstance(event, PageStarted) and view.stream:
                 ui.write(view.header)
                 ui.start_answer()
             elif isinstance(event, Token):
                 count += 1
-                tick(count)
+                meter.token(count)
                 if view.stream:
                     ui.answer_text(event.text)
     if isinstance(result, PageFailed):
@@ -189,20 +191,60 @@ def render_pages(events: Iterable[TaskEvent], sources: Sequence[Source], targets
     return failed
 
 
+def prefill_text(event: Prefilling, elapsed: float) -> str:
+    """e.g. "image tiles 4/10 · 6 s left", "prompt 512/1037 · 2 s left": the ETA from this
+    stage's pace so far (none before its first step is done)."""
+    what = "image tiles" if event.stage == "vision" else "prompt"
+    text = f"{what} {event.done}/{event.total}"
+    if 0 < event.done < event.total and elapsed > 0:
+        text += f" · {elapsed / event.done * (event.total - event.done):.0f} s left"
+    return text
+
+
+class _Meter:
+    """What `render_answer` shows while waiting: prefill progress (tiles, then prompt
+    positions) and then the token count, on the ocr bar or on a spinner until the text shows."""
+
+    def __init__(self, ui: UI, view: AnswerView, spin: Progress | None):
+        self.view, self.spin = view, spin
+        self.stage, self.t_stage = "", 0.0
+        if view.bar is not None:
+            bar, task = view.bar
+            self.base = next(t.description for t in bar.tasks if t.id == task)
+
+    def _describe(self, text: str) -> None:
+        if self.view.bar is not None:
+            bar, task = self.view.bar
+            bar.update(task, description=f"{self.base} · {text}" if text else self.base)
+        elif self.spin is not None:
+            self.spin.update(self.spin.task_ids[0], description=f"{self.view.waiting} · {text}" if text
+                             else self.view.waiting)
+
+    def prefill(self, event: Prefilling) -> None:
+        if event.stage != self.stage:
+            self.stage, self.t_stage = event.stage, time.perf_counter()
+        self._describe(prefill_text(event, time.perf_counter() - self.t_stage))
+
+    def token(self, n: int) -> None:
+        if self.view.bar is not None:
+            bar, task = self.view.bar
+            if self.stage:
+                self.stage = ""
+                self._describe("")
+            bar.update(task, tokens=n)
+        elif self.view.stream:
+            self.spin.stop()  # the answer starts: clear the spinner before stdout is written
+        else:
+            self._describe(f"{n} tokens")
+
+
 @contextlib.contextmanager
-def _counting(ui: UI, view: AnswerView) -> Iterator[Callable[[int], None]]:
-    """A callback for each token: the count on the ocr bar, else on a spinner until text shows."""
+def _counting(ui: UI, view: AnswerView) -> Iterator[_Meter]:
     if view.bar is not None:
-        bar, task = view.bar
-        yield lambda n: bar.update(task, tokens=n)
+        yield _Meter(ui, view, None)
         return
     with ui.spinner(view.waiting) as spin:
-        def tick(n: int) -> None:
-            if view.stream:
-                spin.stop()  # the answer starts: clear the spinner before stdout is written
-            else:
-                spin.update(spin.task_ids[0], description=f"{view.waiting} · {n} tokens")
-        yield tick
+        yield _Meter(ui, view, spin)
 
 
 def _ground_notes(answer: GroundAnswer, ui: UI, save: Path | None) -> None:
@@ -300,6 +342,26 @@ def show_boxes(ui: UI, img: Image.Image, drawn: Sequence[DrawBox], text: str) ->
         console.print(Text(text))
     for b, line in lines:
         console.print(Text("■ ", style=Style(color=rgb(b.colour))) + Text(line))
+
+
+def cache_record(store) -> dict:
+    """`dsvl2 cache --json`: the persistent prompt cache's folder, cap and entries (oldest use first)."""
+    entries = store.entries()
+    return {"folder": str(store.folder), "cap_bytes": store.cap_bytes,
+            "total_bytes": sum(size for _, size, _ in entries),
+            "entries": [{"name": path.name, "bytes": size,
+                         "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(used))}
+                        for path, size, used in entries]}
+
+
+def cache_lines(store) -> list[str]:
+    """`dsvl2 cache`: one line per saved prompt (most recently used first), then the total."""
+    record = cache_record(store)
+    lines = [f"{e['last_used'].replace('T', ' ')}  {_bytes(e['bytes']):>10}  {e['name']}"
+             for e in reversed(record["entries"])]
+    lines.append(f"{len(record['entries'])} saved prompt(s), {_bytes(record['total_bytes'])} of "
+                 f"{_bytes(record['cap_bytes'])} in {record['folder']}")
+    return lines
 
 
 def info_lines(facts: dict) -> list[str]:

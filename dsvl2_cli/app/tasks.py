@@ -59,6 +59,7 @@ from ..engine import fit, memory, quant, runtime
 from ..engine.chat import ChatSession
 from ..engine.generate import Done, Event, GenerationConfig, stream_generate
 from ..engine.processor import MAX_TILED_IMAGES, Message, Prepared, user_message
+from ..engine.prompt_store import PromptStore
 from ..engine.sampling import SamplingParams
 from ..engine.tokenizer import GROUNDING_TOKENS
 from ..errors import Dsvl2Error
@@ -93,6 +94,7 @@ class Options:
     stream: bool = True
     json: bool = False
     quiet: bool = False
+    prompt_store: PromptStore | None = None  # image prefixes saved across runs (None: --no-cache)
     server: str | None = None    # --server URL (else $DSVL2_SERVER): answer through that server
     api_key: str | None = None   # --api-key (else $DSVL2_API_KEY): sent to the server
 
@@ -105,7 +107,8 @@ class Options:
 
     def generation(self, task: str) -> GenerationConfig:
         sampling = SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
-        return GenerationConfig(max_tokens=self.max_tokens or MAX_TOKENS[task], sampling=sampling)
+        return GenerationConfig(max_tokens=self.max_tokens or MAX_TOKENS[task], sampling=sampling,
+                                prompt_store=self.prompt_store)
 
     def sampling_note(self) -> str | None:
         """A warning for a temperature the model card advises against (None when fine)."""

@@ -1,5 +1,6 @@
 """Generation in three layers (as mlx-lm): a step loop over the model, a stream of typed events
-(`Prefilled`, `Token`, `Done`), and `generate()` which joins the stream into its final `Done`.
+(`Prefilling` progress, `Prefilled`, `Token`, `Done`), and `generate()` which joins the stream
+into its final `Done`. Consumers ignore events they do not know.
 One decode step loop (`_decode`) serves a single sequence (batch 1) and `generate_batch`.
 
 - The prompt is prefilled in chunks of `prefill_chunk` positions (the reference's "incremental
@@ -7,6 +8,10 @@ One decode step loop (`_decode`) serves a single sequence (batch 1) and `generat
 - A `PromptCache` remembers which positions (token ids, and for image positions which image) its
   ModelCache holds, so a follow-up turn only prefills what is new; images already in the cache
   are not encoded again. A changed history truncates the cache at the first difference.
+- With `GenerationConfig.prompt_store` (prompt_store.py), a prompt's image prefix (everything up
+  to the last image's last token) is saved on disk after it is computed and loaded by a later
+  process with the same images and leading text. The prefill always cuts a chunk at the end of
+  that prefix, so a loaded prefix gives the very computations (and token ids) of a fresh run.
 - `generate_batch` runs independent prompts together, left-padded, with outputs equal to running
   them one by one.
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,13 +28,25 @@ import torch
 from ..errors import ContextTooLongError, Dsvl2Error
 from .cache import ModelCache
 from .processor import Prepared
-from .runtime import VLModel
+from .prompt_store import PromptStore
+from .runtime import TILE_BATCH, VLModel
 from .sampling import SamplingParams, make_generator, sample
 
 DEFAULT_PREFILL_CHUNK = 512
 
 
 # ------------------------------------------------------------------------------------ events
+
+@dataclass(frozen=True)
+class Prefilling:
+    """Prefill progress, yielded before the work starts and after each step: stage "vision"
+    counts image tiles through the vision tower (TILE_BATCH at a time), "prompt" counts the
+    prompt positions not reused through the language model (a chunk at a time)."""
+
+    stage: str  # "vision" | "prompt"
+    done: int
+    total: int
+
 
 @dataclass(frozen=True)
 class Prefilled:
@@ -73,7 +90,7 @@ class Done:
     stats: Stats
 
 
-Event = Prefilled | Token | Done
+Event = Prefilling | Prefilled | Token | Done
 
 
 # What generate() returns: the final event itself (the name predates the merge).
@@ -86,6 +103,7 @@ class GenerationConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prompt_store: PromptStore | None = None  # opt-in: image prefixes kept on disk across processes
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -165,26 +183,81 @@ def check_context(vlm: VLModel, prepared: Prepared) -> None:
     )
 
 
-def _prefill(vlm: VLModel, prepared: Prepared, pcache: PromptCache, chunk: int) -> tuple[torch.Tensor, int]:
-    """Bring the cache up to the whole prompt; return the last position's logits (1, V) and the
-    number of positions reused."""
+def image_prefix(prepared: Prepared) -> int:
+    """Positions up to the end of the last image's tokens (0 without images): what the prompt
+    store keeps, since a new question about the same images shares exactly these."""
+    spans = image_spans(prepared)
+    return spans[-1][1] if spans else 0
+
+
+def _chunks(start: int, total: int, prefix: int, chunk: int) -> list[tuple[int, int]]:
+    """[s, e) prefill chunks of positions start..total: `chunk` long, restarting at `prefix`, so
+    the positions after the image prefix are computed alike whether it was prefilled now or
+    loaded (the same matmul shapes, hence the same bits in any dtype)."""
+    cuts = [c for c in (prefix,) if start < c < total]
+    out, s = [], start
+    for end in [*cuts, total]:
+        for a in range(s, end, chunk):
+            out.append((a, min(a + chunk, end)))
+        s = end
+    return out
+
+
+def _encode(vlm: VLModel, images) -> Generator[Prefilling, None, torch.Tensor | None]:
+    """Adaptor outputs (N, 196, D) of `images`' tiles, TILE_BATCH at a time (as embed_prompt),
+    yielding progress between batches; None without images."""
+    if not images:
+        return None
+    pixels = torch.cat([img.pixel_values for img in images])
+    n, parts = pixels.shape[0], []
+    yield Prefilling("vision", 0, n)
+    for i in range(0, n, TILE_BATCH):
+        parts.append(vlm.model.encode_tiles(pixels[i:i + TILE_BATCH]))
+        yield Prefilling("vision", min(i + TILE_BATCH, n), n)
+    return torch.cat(parts)
+
+
+def _prefill_steps(vlm: VLModel, prepared: Prepared, pcache: PromptCache, chunk: int,
+                   store: PromptStore | None = None) -> Generator[Prefilling, None, tuple[torch.Tensor, int]]:
+    """Bring the cache up to the whole prompt, yielding Prefilling between tile batches and
+    chunks; return the last position's logits (1, V) and the number of positions reused."""
     keys = position_keys(prepared)
+    total = len(keys)
+    prefix = image_prefix(prepared)
     if pcache.cache is None:
         pcache.cache = vlm.new_cache(1)
     start = pcache.reusable(keys)
+    if store is not None and start < prefix < total:
+        saved = store.lookup(vlm, keys[:prefix])
+        if saved is not None:
+            pcache.cache, pcache.keys, start = saved, keys[:prefix], prefix
     pcache.cache.truncate(start)
     pcache.keys = pcache.keys[:start]
 
     # encode only the images whose tokens lie in the new part (earlier ones are cached)
     spans = image_spans(prepared)
     new_images = [img for img, (s, _) in zip(prepared.images, spans) if s >= start]
-    embeds = vlm.embed_prompt(prepared.input_ids[start:][None], prepared.image_mask[start:][None], new_images)
-    pcache.cache.reserve(prepared.input_ids.numel() + 1)
+    tiles = yield from _encode(vlm, new_images)
+    embeds = vlm.model.embed(prepared.input_ids[start:][None], prepared.image_mask[start:][None],
+                             grids=[img.grid for img in new_images], tiles=tiles)
+    pcache.cache.reserve(total + 1)
     logits = None
-    for s in range(0, embeds.shape[1], chunk):
-        logits = vlm.forward(embeds[:, s:s + chunk], pcache.cache, last_only=True)
+    yield Prefilling("prompt", 0, total - start)
+    for s, e in _chunks(start, total, prefix, chunk):
+        logits = vlm.forward(embeds[:, s - start:e - start], pcache.cache, last_only=True)
+        yield Prefilling("prompt", e - start, total - start)
     pcache.keys = keys
     return logits[:, -1], start
+
+
+def _prefill(vlm: VLModel, prepared: Prepared, pcache: PromptCache, chunk: int) -> tuple[torch.Tensor, int]:
+    """_prefill_steps without its progress (batching.py, tests)."""
+    steps = _prefill_steps(vlm, prepared, pcache, chunk)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 class _Sequence:
@@ -311,7 +384,8 @@ def stream_generate(vlm: VLModel, prepared: Prepared, config: GenerationConfig |
     pcache = prompt_cache if prompt_cache is not None else PromptCache()
     t0 = time.perf_counter()
 
-    logits, reused = _prefill(vlm, prepared, pcache, config.prefill_chunk)
+    store = config.prompt_store
+    logits, reused = yield from _prefill_steps(vlm, prepared, pcache, config.prefill_chunk, store)
     t_prefill = time.perf_counter()
     prompt_len = int(prepared.input_ids.numel())
     image_tokens = sum(img.num_tokens for img in prepared.images)
@@ -332,6 +406,10 @@ def stream_generate(vlm: VLModel, prepared: Prepared, config: GenerationConfig |
         yield tail
     stats = _stats(prompt_len, reused, image_tokens, len(seq.ids), t0, t_prefill, seq.first_at,
                    time.perf_counter(), pcache.nbytes)
+    prefix = image_prefix(prepared)
+    if store is not None and reused < prefix < prompt_len:
+        # saved after the answer, not before it: the first token does not wait for the disk
+        store.keep(vlm, prompt_keys[:prefix], pcache.cache)
     yield Done(seq.reason, seq.text, tuple(seq.ids), stats)
 
 

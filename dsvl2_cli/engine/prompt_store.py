@@ -95,6 +95,26 @@ class PromptStore:
     def __init__(self, folder: Path, cap_bytes: int = DEFAULT_CAP_BYTES):
         self.folder = Path(folder)
         self.cap_bytes = cap_bytes
+        self._models: dict[tuple, str] = {}  # (folder, quantization) -> model id, read once per process
+
+    # ------------------------------------------------------------ for generation
+
+    def key_for(self, vlm, keys: Sequence) -> EntryKey:
+        """The entry key of a loaded model (runtime.VLModel) and prefix position keys. Experts
+        quantized while loading compute differently from the same folder: part of the model id."""
+        quant = vlm.quantization
+        ident = (str(vlm.path), repr(quant))
+        if ident not in self._models:
+            self._models[ident] = model_fingerprint(vlm.path) + (f"+{quant.method}/{quant.group_size}" if quant else "")
+        return EntryKey(self._models[ident], str(vlm.dtype), vlm.device.type, tuple(keys))
+
+    def lookup(self, vlm, keys: Sequence) -> ModelCache | None:
+        """The saved cache of prefix `keys` for `vlm`, ready to extend, or None."""
+        return self.load(self.key_for(vlm, keys), lambda: vlm.new_cache(1), vlm.device)
+
+    def keep(self, vlm, keys: Sequence, cache: ModelCache) -> Path | None:
+        """Save the first len(keys) positions of `cache` as the prefix `keys` of `vlm`."""
+        return self.save(self.key_for(vlm, keys), cache)
 
     # ------------------------------------------------------------------ reading
 

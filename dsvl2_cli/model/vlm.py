@@ -69,17 +69,20 @@ class DeepseekVL2(nn.Module):
         pixel_values: torch.Tensor | None = None,
         grids: Sequence[tuple[int, int]] = (),
         tile_batch: int | None = None,
+        tiles: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> input embeddings (B, T, D), image tokens filled in prompt order.
 
         `pixel_values` holds every image's tiles (global view first, then its local tiles),
         images in order across the whole batch; `grids` their (tiles wide, tiles high).
+        `tiles`: those tiles already encoded (encode_tiles), instead of pixel_values.
         """
         ids = input_ids.to(self.device)
         embeds = self.language.model.embed_tokens(ids)  # (B, T, D)
         if not grids:
             return embeds
-        tiles = self.encode_tiles(pixel_values, tile_batch)
+        if tiles is None:
+            tiles = self.encode_tiles(pixel_values, tile_batch)
         rows, start = [], 0
         for n_w, n_h in grids:
             count = 1 + n_w * n_h
