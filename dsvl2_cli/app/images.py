@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -118,6 +119,9 @@ def _read_source(source: ImageSource) -> tuple[str, bytes]:
     raise ImageError(f"cannot open an image from a {type(source).__name__}; pass a path, bytes or a binary file")
 
 
+WAIT_NOTICE_S = 0.5  # a FIFO whose writer has not come by then gets a notice on stderr
+
+
 def stat_path(name: str) -> os.stat_result:
     """os.stat of a path the user gave, or an ImageError that says what is wrong with it."""
     try:
@@ -131,35 +135,31 @@ def stat_path(name: str) -> os.stat_result:
 
 
 def read_fifo(path: str | Path, name: str, error: type[Exception] = ImageError) -> bytes:
-    """All of a FIFO's or pipe's input. When nothing writes to it yet, say so on stderr (once)
-    before waiting, so that `dsvl2 ocr my.fifo` with no writer is not a silent hang."""
+    """All of a FIFO's or pipe's input. Opening a FIFO waits for a writer; when none has come
+    within half a second, say so on stderr (once), so that `dsvl2 ocr my.fifo` with no writer is
+    not a silent hang. (A non-blocking probe cannot tell "no writer yet" from "a writer came and
+    went", so the open itself is the rendezvous, as for `cat`.)"""
+    timer = threading.Timer(WAIT_NOTICE_S, lambda: (sys.stderr.write(f"waiting for input on {name} ...\n"),
+                                                    sys.stderr.flush()))
+    timer.daemon = True
+    timer.start()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # returns at once, writer or not
-        try:
-            try:
-                first = os.read(fd, 1 << 16)
-            except BlockingIOError:  # a writer, with nothing written yet
-                first = b""
-            else:
-                if not first:  # end of input at once: no writer (yet); a blocking open waits for one
-                    sys.stderr.write(f"waiting for input on {name} ...\n")
-                    sys.stderr.flush()
-                    os.close(fd)
-                    fd = os.open(path, os.O_RDONLY)
-            os.set_blocking(fd, True)
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                return first + read_capped(fh, name, error, already=len(first))
-        finally:
-            os.close(fd)
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise error(f"{name}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        timer.cancel()
+    with fh:
+        try:
+            return read_capped(fh, name, error)
+        except OSError as exc:
+            raise error(f"{name}: cannot read ({exc.strerror or exc})") from None
 
 
-def read_capped(stream: BinaryIO, name: str, error: type[Exception] = ImageError, already: int = 0) -> bytes:
-    """All of a stream that has no size (pipe, FIFO, stdin), refused above MAX_STREAM_BYTES
-    (`already`: bytes of it read before)."""
-    data = stream.read(MAX_STREAM_BYTES + 1 - already)
-    if data is not None and len(data) + already > MAX_STREAM_BYTES:
+def read_capped(stream: BinaryIO, name: str, error: type[Exception] = ImageError) -> bytes:
+    """All of a stream that has no size (pipe, FIFO, stdin), refused above MAX_STREAM_BYTES."""
+    data = stream.read(MAX_STREAM_BYTES + 1)
+    if data is not None and len(data) > MAX_STREAM_BYTES:
         raise error(f"{name}: more than {MAX_STREAM_BYTES:,} bytes of input; refused (no image or PDF is that "
                     "large)")
     return data
