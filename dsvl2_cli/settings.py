@@ -25,6 +25,10 @@ VARIABLES = (
     Variable("DSVL2_DEBUG", "", "1: errors show the Python traceback as well as the one-line message"),
     Variable("DSVL2_KERNELS", "1", "0: never build or use the native CPU kernels (torch everywhere)"),
     Variable("DSVL2_CACHE", "", "folder for dsvl2's caches (compiled kernels); default $XDG_CACHE_HOME/dsvl2"),
+    Variable("DSVL2_MMAP", "1", "0: CPU loads copy every weight out of the files instead of mapping a converted "
+             "layout (written once per model and dtype) in place"),
+    Variable("DSVL2_MMAP_DIR", "", "folder for the converted layouts that CPU loads map; default <cache>/mapped "
+             "(the cache folder as for DSVL2_CACHE)"),
     Variable("DSVL2_BENCH_DIR", "~/.cache/dsvl2/bench", "where `dsvl2 bench` writes its synthetic checkpoints"),
     Variable("DSVL2_MEMORY_LIMIT", "", "cap on the memory dsvl2 plans to use, in bytes or with a K/M/G/T suffix "
              "(powers of 1024: 12G, 800M, 1.5G); the lower of this and what the machine has is used"),
@@ -62,6 +66,16 @@ def cache_dir() -> Path:
     """dsvl2's cache folder: $DSVL2_CACHE/dsvl2, else $XDG_CACHE_HOME/dsvl2, else ~/.cache/dsvl2."""
     base = _get("DSVL2_CACHE") or _get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "dsvl2"
+
+
+def mmap_enabled() -> bool:
+    return _get("DSVL2_MMAP").strip() != "0"
+
+
+def mapped_dir() -> Path:
+    """Where the memory-mapped layouts live: $DSVL2_MMAP_DIR, else <cache_dir()>/mapped."""
+    given = _get("DSVL2_MMAP_DIR").strip()
+    return Path(given).expanduser() if given else cache_dir() / "mapped"
 
 
 def state_dir() -> Path:
