@@ -27,6 +27,10 @@ VARIABLES = (
     Variable("DSVL2_CACHE", "", "folder for dsvl2's caches (compiled kernels); default $XDG_CACHE_HOME/dsvl2"),
     Variable("DSVL2_PROMPT_CACHE_BYTES", "2000000000", "most disk space for saved image prompts under $XDG_CACHE_HOME/dsvl2/"
              "prompts, in bytes or with a K/M/G/T suffix (powers of 1024); least recently used go first"),
+    Variable("DSVL2_MMAP", "1", "0: CPU loads copy every weight out of the files instead of mapping a converted "
+             "layout (written once per model and dtype) in place"),
+    Variable("DSVL2_MMAP_DIR", "", "folder for the converted layouts that CPU loads map; default <cache>/mapped "
+             "(the cache folder as for DSVL2_CACHE)"),
     Variable("DSVL2_BENCH_DIR", "~/.cache/dsvl2/bench", "where `dsvl2 bench` writes its synthetic checkpoints"),
     Variable("DSVL2_MEMORY_LIMIT", "", "cap on the memory dsvl2 plans to use, in bytes or with a K/M/G/T suffix "
              "(powers of 1024: 12G, 800M, 1.5G); the lower of this and what the machine has is used"),
@@ -74,6 +78,16 @@ def prompt_cache_dir() -> Path:
 def prompt_cache_bytes() -> str:
     """$DSVL2_PROMPT_CACHE_BYTES as given, stripped ("" when unset: the 2 GB default)."""
     return _get("DSVL2_PROMPT_CACHE_BYTES").strip()
+
+
+def mmap_enabled() -> bool:
+    return _get("DSVL2_MMAP").strip() != "0"
+
+
+def mapped_dir() -> Path:
+    """Where the memory-mapped layouts live: $DSVL2_MMAP_DIR, else <cache_dir()>/mapped."""
+    given = _get("DSVL2_MMAP_DIR").strip()
+    return Path(given).expanduser() if given else cache_dir() / "mapped"
 
 
 def state_dir() -> Path:

@@ -38,6 +38,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mapped_layouts(tmp_path_factory):
+    """CPU loads write mapped layouts (engine/mapped.py): into the session's tmp, not ~/.cache."""
+    os.environ["DSVL2_MMAP_DIR"] = str(tmp_path_factory.mktemp("mapped"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def ckpt_tiny(tmp_path_factory) -> Path:
     """tiny-like: plain MHA, softmax greedy router, single model.safetensors."""

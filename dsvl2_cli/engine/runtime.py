@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import settings
 from ..errors import Dsvl2Error, ModelError
 from ..model.config import ModelConfig
 from ..model.language import rope_table
 from ..model.vlm import DeepseekVL2
-from . import fast, hub, memory, quant
+from . import fast, hub, mapped, memory, quant
 from .cache import ModelCache, new_model_cache
 from .processor import Message, Prepared, PreparedImage, Processor, ProcessorSettings
 from .quant import QuantSpec
@@ -72,12 +73,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                on_progress: Callable[[int, int], None] | None = None,
-               quantize: str | None = None) -> DeepseekVL2:
+               quantize: str | None = None, mmap: bool | None = None) -> DeepseekVL2:
     """Strict-check the checkpoint against `cfg`, then build the model and fill its weights.
 
     quantize: None (as the folder is: float, or its pre-quantized method), "none", "int8", "int4"
     or "nf4" (routed experts quantized as each layer is read; a pre-quantized folder only loads
     with its own method).
+    mmap: None (settings: DSVL2_MMAP, on by default) or a bool. On CPU with float experts the
+    weights are views of a memory-mapped converted layout (engine/mapped.py); otherwise copied.
     """
     folder_spec = quant.read_spec(model_dir)
     spec = quant.choose_spec(quantize, folder_spec, str(model_dir))
@@ -92,8 +95,12 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
     reader = TensorReader(infos)
+    use_mmap = settings.mmap_enabled() if mmap is None else mmap
     try:
-        load_into(model, reader, cfg, dtype, device, on_progress, experts=experts)
+        # Quantized experts are built while reading (their packed buffers): they stay on the copy path.
+        if not (use_mmap and device.type == "cpu" and experts is None and
+                mapped.load_mapped(model, model_dir, reader, cfg, dtype, on_progress)):
+            load_into(model, reader, cfg, dtype, device, on_progress, experts=experts)
     finally:
         reader.close()
     lm = cfg.language
@@ -181,6 +188,7 @@ def load(
     memory_check: bool = True,
     allow_paging: bool = False,
     on_fit: Callable[[Fit], None] | None = None,
+    mmap: bool | None = None,
 ) -> VLModel:
     """Load a DeepSeek-VL2 checkpoint from a folder or a Hugging Face id (default: tiny).
 
@@ -196,6 +204,8 @@ def load(
     memory_check=False skips the check ("auto" still plans, and never refuses). on_fit receives
     the verdict (fit.Fit: the plan, its note and warning); without it a warning goes to
     `warnings.warn`.
+    mmap: on CPU, use the weights in place from a memory-mapped converted layout, written once per
+    model and dtype (None: DSVL2_MMAP, default on); False copies them out of the files.
     """
     auto = quantize is not None and str(quantize).lower() == "auto"
     if not auto:
@@ -218,5 +228,5 @@ def load(
         raise ModelError(f"{resolved.path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {cfg.language.vocab_size}; tokenizer and weights do not belong together")
     processor = Processor(tokenizer, ProcessorSettings.from_model_dir(resolved.path))
-    weights = load_model(resolved.path, cfg, dt, dev, on_progress, quantize)
+    weights = load_model(resolved.path, cfg, dt, dev, on_progress, quantize, mmap)
     return VLModel(resolved.name, resolved.path, resolved.source, cfg, weights, tokenizer, processor)

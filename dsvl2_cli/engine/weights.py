@@ -9,7 +9,9 @@
                        kv_b_proj split for MLA. Peak memory is the model plus one layer's experts.
                        An `experts` hook may build each MoE layer's routed-experts module instead
                        (quantization: quant.py). The model owns its memory: no tensor aliases the
-                       memory-mapped files, which are let go of as loading proceeds.
+                       memory-mapped files, which are let go of as loading proceeds. (On CPU,
+                       engine/mapped.py streams `build_params` into a converted layout once and
+                       maps that instead: the weights are then the mapping's pages.)
 """
 
 from __future__ import annotations
@@ -285,11 +287,29 @@ def load_into(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, dt
             on_progress(done, len(params))
 
 
+ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")  # kept float32 (routing)
+
+
+def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype parameter `name` is held in when the model computes in `dtype`."""
+    return torch.float32 if name.endswith(ROUTER_SUFFIXES) else dtype
+
+
+def build_params(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, dtype: torch.dtype):
+    """(name, tensor) for every parameter of a meta-device `model`, one at a time, exactly as
+    `load_into` would set it on CPU (the mapped-layout writer streams these to its file)."""
+    recipes = _recipes(cfg)
+    for name, param in model.named_parameters():
+        yield name, _load_param(name, param, reader, recipes, dtype, torch.device("cpu"))
+        if reader.bytes_read > RELEASE_BYTES:
+            reader.close()
+
+
 def _load_param(name, param, reader, recipes, dtype, device) -> torch.Tensor:
     raw, from_file = _build_tensor(name, reader, recipes)
     if tuple(raw.shape) != tuple(param.shape):  # our own invariant, after the strict check
         raise WeightsError(f"{name}: built shape {list(raw.shape)} but the model needs {list(param.shape)}")
-    if param.dtype == torch.float32 and (name.endswith(".gate.weight") or name.endswith("correction_bias")):
+    if name.endswith(ROUTER_SUFFIXES):  # float32, from weights rounded to the model dtype (not the bias)
         tensor = raw.to(dtype).float() if name.endswith(".gate.weight") else raw.float()
     else:
         tensor = raw.to(dtype)

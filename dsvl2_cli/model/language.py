@@ -30,7 +30,10 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # The weight always comes from a checkpoint: an empty one skips nn.Embedding's normal_ init,
+        # which on the meta device goes through torch._refs and imports torch._dynamo (1-6 s of a load).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -44,9 +47,12 @@ class LanguageModel(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         rope_dim = cfg.qk_rope_head_dim if cfg.use_mla else cfg.head_dim
-        # Angles, not cos/sin, so the table can be rebuilt on any device after meta init.
-        self.register_buffer("rope_angles", rope_table(rope_dim, cfg.max_position_embeddings, cfg.rope_theta),
-                             persistent=False)
+        # Angles, not cos/sin, so the table can be rebuilt on any device after meta init. Built on
+        # meta (the engine's load) it is an empty placeholder the engine fills: computing it there
+        # runs Python meta kernels that import torch._dynamo (seconds of a load).
+        shape = (cfg.max_position_embeddings, rope_dim)
+        angles = torch.empty(shape) if torch.empty(0).is_meta else rope_table(rope_dim, *shape[:1], cfg.rope_theta)
+        self.register_buffer("rope_angles", angles, persistent=False)
 
     def forward(
         self,

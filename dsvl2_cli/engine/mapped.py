@@ -1,0 +1,230 @@
+"""Memory-mapped loading (the llama.cpp / gpt-fast anchor): the weights are used in place.
+
+Our modules do not hold the checkpoint's tensors as they are in the file (routed experts are
+stacked into (E, 2M, D) and (E, D, M), gate/up are fused, MLA's kv_b_proj is split into w_kb and
+w_vb, and the dtype may change), so the file's pages cannot be our parameters. The first CPU
+load of a model in a dtype therefore writes a "mapped layout": one safetensors file holding every
+parameter exactly as the model holds it, streamed one parameter at a time (peak memory: one
+layer's experts, as the copy path). Every later load maps that file copy-on-write
+(`UntypedStorage.from_file(shared=False)`, MAP_PRIVATE) and sets each parameter to a view of the
+mapping: nothing is copied, the pages stay in the page cache, and a second process on the same
+model shares them. Nothing writes into weights (the native kernels only read them).
+
+An entry is `<mapped_dir>/<model fingerprint>-<dtype>.safetensors` (a rewritten source file has
+another fingerprint, so another entry; an older entry of the same folder and dtype is removed when
+the new one is written) and `.done.json`, its completion record, written after the data file is
+renamed into place. Before any page is mapped the entry must pass cheap strict checks: the record
+names this source and dtype, the file's size is the record's and the layout's, its header is byte
+for byte the header this model's parameter table implies (names, shapes, dtypes, 64-byte aligned
+offsets), and a BLAKE2b of the header and of 64 sampled 4 KiB data pages matches the record. A
+truncated file is caught by its size (a mapped read past the end of a file is SIGBUS, not an
+error), a foreign or rewritten header by the header; a same-size rewrite of tensor bytes outside
+the sampled pages is not detected (hashing every byte would cost a full read of the file at every
+load). Any failed check rebuilds the entry from the source with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import settings
+from ..errors import WeightsError
+from ..model.config import ModelConfig
+from .prompt_store import model_fingerprint
+from .weights import TensorReader, build_params, param_dtype
+
+FORMAT = "dsvl2-mapped-layout"
+VERSION = "1"
+ALIGN = 64  # every tensor starts on a 64-byte boundary (element alignment, and whole cache lines)
+SAMPLES, SAMPLE_BYTES = 64, 4096
+HEADER_LIMIT = 100_000_000
+ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+DISK_MARGIN = 1 << 30  # leave at least this much free after writing an entry
+
+Table = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def param_table(model: torch.nn.Module, dtype: torch.dtype) -> Table:
+    """Our parameter name -> (shape, dtype) as the model holds it: the expected header."""
+    return {n: (tuple(p.shape), param_dtype(n, dtype)) for n, p in model.named_parameters()}
+
+
+def entry_paths(model_dir: Path, dtype: torch.dtype) -> tuple[Path, Path]:
+    stem = f"{model_fingerprint(model_dir)}-{ST_DTYPES[dtype].lower()}"
+    folder = settings.mapped_dir()
+    return folder / f"{stem}.safetensors", folder / f"{stem}.done.json"
+
+
+def _layout(table: Table, source: str) -> tuple[bytes, list[tuple[str, int, int]], int]:
+    """The exact header bytes, (name, file offset, nbytes) per tensor, and the file's size.
+    Gaps before aligned tensors are filled by U8 "__pad__.N" tensors: safetensors allows no holes."""
+    entries, spans, pos, pads = {}, [], 0, 0
+    for name, (shape, dt) in table.items():
+        if pos % ALIGN:
+            gap = ALIGN - pos % ALIGN
+            entries[f"__pad__.{pads}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [pos, pos + gap]}
+            pads, pos = pads + 1, pos + gap
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+        entries[name] = {"dtype": ST_DTYPES[dt], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        spans.append((name, pos, nbytes))
+        pos += nbytes
+    meta = {"format": FORMAT, "version": VERSION, "source": source}
+    header = json.dumps({"__metadata__": meta, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % ALIGN)  # data starts aligned too (trailing spaces are valid)
+    base = 8 + len(header)
+    return header, [(n, base + off, nb) for n, off, nb in spans], base + pos
+
+
+def _digest(path: Path, header_len: int, size: int) -> str:
+    """BLAKE2b of the header and of SAMPLES evenly spread data pages, read with pread (never the
+    mapping: a short file gives short reads, not SIGBUS)."""
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        h.update(os.pread(f.fileno(), 8 + header_len, 0))
+        span = max(size - 8 - header_len - SAMPLE_BYTES, 0)
+        for i in range(SAMPLES):
+            h.update(os.pread(f.fileno(), SAMPLE_BYTES, 8 + header_len + span * i // max(SAMPLES - 1, 1)))
+    return h.hexdigest()
+
+
+def write_entry(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, dtype: torch.dtype,
+                data_path: Path, record_path: Path, source: str,
+                on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Stream every parameter of the meta `model`, as built from `reader`, into a mapped layout.
+    Temporary file + fsync + rename, then the completion record: a reader never sees half an entry."""
+    header, spans, size = _layout(param_table(model, dtype), source)
+    folder = data_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(header).to_bytes(8, "little") + header)
+            for done, ((name, tensor), (span_name, offset, nbytes)) in enumerate(
+                    zip(build_params(model, reader, cfg, dtype), spans, strict=True), 1):
+                if name != span_name or tensor.numel() * tensor.element_size() != nbytes:
+                    raise WeightsError(f"{name}: built tensor does not fit the mapped layout (internal error)")
+                f.write(b"\0" * (offset - f.tell()))
+                f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+                del tensor
+                if on_progress is not None:
+                    on_progress(done, len(spans))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, data_path)
+        record = {"format": FORMAT, "version": VERSION, "source": source, "dtype": ST_DTYPES[dtype],
+                  "size": size, "digest": _digest(data_path, len(header), size)}
+        _write_atomic(record_path, json.dumps(record).encode())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _remove_stale(folder, data_path, source, ST_DTYPES[dtype])
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_stale(folder: Path, keep: Path, source: str, st_dtype: str) -> None:
+    """Entries of the same source folder and dtype under an older fingerprint are dead weight (GBs)."""
+    for rec in folder.glob("*.done.json"):
+        if rec.name == keep.name.removesuffix(".safetensors") + ".done.json":
+            continue
+        try:
+            old = json.loads(rec.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(old, dict) and old.get("source") == source and old.get("dtype") == st_dtype:
+            with contextlib.suppress(OSError):
+                (folder / (rec.name.removesuffix(".done.json") + ".safetensors")).unlink()
+                rec.unlink()
+
+
+def check_entry(data_path: Path, record_path: Path, table: Table, source: str, dtype: torch.dtype
+                ) -> tuple[list[tuple[str, int, int]], int] | str:
+    """The tensor spans and file size of a sound entry, or why it cannot be mapped (a few words)."""
+    if not data_path.is_file() or not record_path.is_file():
+        return "missing"
+    header, spans, size = _layout(table, source)
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        on_disk = data_path.stat().st_size
+        with data_path.open("rb") as f:
+            head_len = int.from_bytes(f.read(8), "little")
+            found = f.read(min(head_len, HEADER_LIMIT))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return f"unreadable ({err})"
+    if not isinstance(record, dict) or {k: record.get(k) for k in ("format", "version", "source", "dtype")} != \
+            {"format": FORMAT, "version": VERSION, "source": source, "dtype": ST_DTYPES[dtype]}:
+        return "its completion record is for another model or version"
+    if on_disk != size or record.get("size") != size:
+        return f"it is {on_disk} bytes, the layout needs {size} (truncated or rewritten)"
+    if found != header:
+        return "its header does not match this model's parameters"
+    if record.get("digest") != _digest(data_path, len(header), size):
+        return "its contents do not match its completion record"
+    return spans, size
+
+
+def map_entry(model: torch.nn.Module, data_path: Path, spans, size: int, table: Table) -> None:
+    """Set every parameter of the meta `model` to a view of one private mapping of the file."""
+    storage = torch.UntypedStorage.from_file(str(data_path), shared=False, nbytes=size)
+    for name, offset, _ in spans:
+        shape, dt = table[name]
+        elem = torch.empty((), dtype=dt).element_size()
+        t = torch.empty(0, dtype=dt).set_(storage, offset // elem, shape, _contiguous_strides(shape))
+        module_name, _, attr = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for dim in reversed(shape):
+        strides.append(acc)
+        acc *= dim
+    return tuple(reversed(strides))
+
+
+def load_mapped(model: torch.nn.Module, model_dir: Path, reader: TensorReader, cfg: ModelConfig,
+                dtype: torch.dtype, on_progress: Callable[[int, int], None] | None = None) -> bool:
+    """Fill the meta `model` from its mapped layout, writing (or rebuilding) the entry first if
+    needed. False (the caller copies instead) when the dtype has no entry or there is no room."""
+    if dtype not in ST_DTYPES:
+        return False
+    data_path, record_path = entry_paths(model_dir, dtype)
+    source, table = str(Path(model_dir).resolve()), param_table(model, dtype)
+    checked = check_entry(data_path, record_path, table, source, dtype)
+    if isinstance(checked, str):
+        if checked != "missing":
+            warnings.warn(f"{data_path}: mapped layout not used ({checked}); rebuilding it from {model_dir}",
+                          stacklevel=2)
+        for p in (record_path, data_path):  # the record first: a half-removed entry is never "complete"
+            with contextlib.suppress(OSError):
+                p.unlink()
+        need = _layout(table, source)[2]
+        data_path.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(data_path.parent).free < need + DISK_MARGIN:
+            warnings.warn(f"{data_path.parent}: no room for the {need / 1e9:.1f} GB mapped layout; "
+                          "copying the weights instead (set DSVL2_MMAP_DIR to a folder with room)", stacklevel=2)
+            return False
+        write_entry(model, reader, cfg, dtype, data_path, record_path, source, on_progress)
+        checked = check_entry(data_path, record_path, table, source, dtype)
+        if isinstance(checked, str):
+            raise WeightsError(f"{data_path}: the mapped layout just written fails its check ({checked})")
+    map_entry(model, data_path, *checked, table)
+    return True
