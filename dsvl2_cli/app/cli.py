@@ -31,9 +31,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColu
 from ..engine import hub, quant, runtime
 from ..errors import InputError
 from . import exits, tasks
-from .cli_options import (DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, NoStreamOpt, OcrFormat,
-                          PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, SystemOpt, TemperatureOpt, TopPOpt,
-                          options)
+from . import pages as select_pages
+from .cli_options import (BatchOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTilesOpt, MaxTokensOpt, ModelOpt,
+                          NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, SystemOpt,
+                          TemperatureOpt, TopPOpt, options)
 from .conversation import read_conversation
 from .exits import UsageError
 from .inputs import chat_prompt, collect_sources, load_image_arg, load_images, read_stdin_bytes, split_images_and_prompt
@@ -166,6 +167,7 @@ def ocr(
         "--prompt", "-P", show_default=False, help="Your own prompt instead of the OCR prompt of --format.")] = None,
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --out: skip pages whose file exists (resume a run).")] = False,
+    max_tiles: MaxTilesOpt = None, batch: BatchOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     quantize: QuantizeOpt = None,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
@@ -186,10 +188,15 @@ def ocr(
             ui.status(f"skipping {skipped} page(s) already in {out}")
         if not sources:
             return
+        text = prompt or OCR_PROMPTS[fmt.value]
+        tasks.preflight(hub.resolve(opts.model).path, text, 1, opts, "ocr", max_tiles)  # refuse before loading
         _note_sampling(opts, ui)
         vlm = open_model(opts, ui)
-        events = tasks.read_pages(vlm, sources, prompt or OCR_PROMPTS[fmt.value], opts)
-        failed = render_pages(events, sources, targets, ui, stream=opts.stream, as_json=opts.json)
+        batch = batch or tasks.default_ocr_batch(vlm, len(sources))
+        if batch > 1:
+            ui.status(f"reading {batch} pages at a time (--batch 1: one at a time, streaming)")
+        events = tasks.read_pages(vlm, sources, text, opts, max_tiles=max_tiles, batch=batch)
+        failed = render_pages(events, sources, targets, ui, stream=opts.stream and batch == 1, as_json=opts.json)
     if failed:
         raise typer.Exit(1)
 
@@ -204,30 +211,55 @@ def ask(
     question: Annotated[str, typer.Argument(metavar="QUESTION", show_default=False,
                                             help="The question about them.")],
     pages: PagesOpt = None, dpi: DpiOpt = DEFAULT_DPI, password: PasswordOpt = None,
+    max_tiles: MaxTilesOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     quantize: QuantizeOpt = None,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Ask a question about document pages (best with 1 or 2 pages: those are tiled)."""
+    """Ask a question about document pages. Without --pages, the pages that best match the
+    question (by their text) are chosen and read at full detail."""
     opts = options(model=model, device=device, dtype=dtype, quantize=quantize, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet)
     ui = UI(quiet)
     if not question.strip():
         raise InputError("empty question; ask something about the pages")
+    vlm = selection = None
     with contextlib.ExitStack() as stack:
         _stdin_once(files)
         sources = collect_sources(files, pages, dpi, password, ui.warn, stack)
+        if pages is None and select_pages.selectable(sources):
+            selection, vlm = _choose_pages(sources, question, opts, ui)
+            sources = list(selection.chosen)
+            ui.status(selection.note())
         note = tasks.ask_note(len(sources))
         if note:
             ui.warn(note)
         images = [src.image() for src in sources]
-    _note_sampling(opts, ui)
-    vlm = open_model(opts, ui)
-    render_answer(tasks.ask(vlm, images, question, opts), ui,
+    if vlm is None:
+        tasks.preflight(hub.resolve(opts.model).path, question, images, opts, "chat", max_tiles)  # refuse before loading
+        _note_sampling(opts, ui)
+        vlm = open_model(opts, ui)
+    render_answer(tasks.ask(vlm, images, question, opts, max_tiles=max_tiles, selection=selection), ui,
                   AnswerView(stream=opts.stream, json=opts.json, waiting="reading the pages"))
+
+
+def _choose_pages(sources, question: str, opts: Options, ui: UI):
+    """ask without --pages: rank the pages by their text layer; pages without one are read by
+    OCR first (the model loads for that, and is returned for the answer; else None)."""
+    texts = [src.text() for src in sources]
+    scanned = select_pages.scanned_pages(texts)
+    vlm = None
+    if scanned:
+        _note_sampling(opts, ui)
+        vlm = open_model(opts, ui)
+        ui.status(f"{len(scanned)} page(s) without a text layer: reading them to find the answer's pages")
+        batch = tasks.default_ocr_batch(vlm, len(scanned))
+        for i, text in zip(scanned, tasks.ocr_texts(vlm, [sources[i] for i in scanned], batch=batch)):
+            texts[i] = text
+    return select_pages.select_pages(question, sources, texts, len(scanned)), vlm
 
 
 # ------------------------------------------------------------------------------------- ground

@@ -41,11 +41,12 @@ from PIL import Image
 from ..engine import facts as model_facts
 from ..engine import memory, quant, runtime
 from ..engine.chat import ChatSession
-from ..engine.generate import Done, Event, GenerationConfig, stream_generate
+from ..engine.generate import Done, Event, GenerationConfig, generate_batch, stream_generate
 from ..engine.processor import MAX_TILED_IMAGES, Prepared, user_message
 from ..engine.sampling import SamplingParams
 from ..errors import Dsvl2Error
 from ..model.config import ModelConfig
+from . import budget, pages
 from .grounding import Box, caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
 from .inputs import Source, image_origin, output_paths
 
@@ -150,7 +151,14 @@ class PageFailed:
         return message if message.startswith(self.source.input) else f"{self.source.title}: {message}"
 
 
-TaskEvent = Event | Answer | PageStarted | PageFailed
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know before the answer (a lowered tiling): one warning line."""
+
+    message: str
+
+
+TaskEvent = Event | Answer | PageStarted | PageFailed | Notice
 
 
 def answer_record(vlm, done: Done, prepared: Prepared, images: Sequence[Image.Image]) -> dict:
@@ -177,14 +185,22 @@ def answer_record(vlm, done: Done, prepared: Prepared, images: Sequence[Image.Im
     }
 
 
-def _generate(vlm, prepared: Prepared, images: Sequence[Image.Image], config: GenerationConfig
-              ) -> Iterator[Event | Answer]:
+def _generate(vlm, prepared: Prepared, images: Sequence[Image.Image], config: GenerationConfig,
+              plan: budget.Plan | None = None) -> Iterator[Event | Answer]:
     done = None
     for event in stream_generate(vlm, prepared, config):
         if isinstance(event, Done):
             done = event
         yield event
-    yield Answer(done, answer_record(vlm, done, prepared, images))
+    yield _answer(vlm, done, prepared, images, plan)
+
+
+def _answer(vlm, done: Done, prepared: Prepared, images: Sequence[Image.Image], plan: budget.Plan | None) -> Answer:
+    record = answer_record(vlm, done, prepared, images)
+    if plan is not None:
+        for entry, full in zip(record["images"], plan.full_grids):
+            entry["full_grid"] = list(full)  # what full detail would have used; "grid" is what was used
+    return Answer(done, record)
 
 
 # -------------------------------------------------------------------------------------- tasks
@@ -212,10 +228,62 @@ def ask_note(pages: int) -> str | None:
     return untiled_note(pages, "pages", "ask about 1 or 2 pages at a time (e.g. --pages 3 or --pages 3-4) for detail")
 
 
-def ask(vlm, images: Sequence[Image.Image], question: str, opts: Options) -> Iterator[Event | Answer]:
-    """One question about document pages (or any images), all in one prompt."""
-    prepared = vlm.prepare([user_message(question, list(images))], system=opts.system)
-    yield from _generate(vlm, prepared, images, opts.generation("chat"))
+def ask(vlm, images: Sequence[Image.Image], question: str, opts: Options, *, max_tiles: int | None = None,
+        selection: pages.Selection | None = None) -> Iterator[Event | Answer | Notice]:
+    """One question about document pages (or any images), all in one prompt, planned so that
+    the prompt and the answer fit the context (budget.plan; a Notice when tiling was lowered).
+    The record adds "pages" (each image's page, prompt order) and, when the pages were chosen
+    by pages.select_pages, "page_selection"."""
+    config = opts.generation("chat")
+    plan = yield from _planned(vlm, question, images, opts, config, max_tiles)
+    for event in _generate(vlm, plan.prepared, images, config, plan):
+        if isinstance(event, Answer):
+            event.record["pages"] = [image_origin(img).page for img in images]
+            if selection is not None:
+                event.record["page_selection"] = selection.as_json()
+        yield event
+
+
+# ---------------------------------------------------------------------------- page selection
+
+def ocr_texts(vlm, sources: Sequence[Source], *, batch: int = 1, cache: pages.PageTextCache | None = None
+              ) -> list[str]:
+    """The OCR text of `sources` (scanned pages), from the cache where this model read them
+    before; the rest read now (plain-text prompt, greedy) and stored."""
+    cache = cache or pages.PageTextCache()
+    prompt = OCR_PROMPTS["text"]
+    model_id = f"{vlm.name}|{getattr(vlm, 'path', '')}|{getattr(vlm, 'dtype', '')}"
+    keys = [cache.key(model_id, prompt, src.image()) for src in sources]
+    texts = [cache.get(k) for k in keys]
+    missing = [i for i, t in enumerate(texts) if t is None]
+    results = {}
+    for event in read_pages(vlm, [sources[i] for i in missing], prompt, Options(), batch=batch):
+        if isinstance(event, (Answer, PageFailed)):
+            results[len(results)] = event
+    for slot, i in enumerate(missing):
+        result = results.get(slot)
+        texts[i] = result.text if isinstance(result, Answer) else ""
+        if isinstance(result, Answer):
+            cache.put(keys[i], texts[i])
+    return [t or "" for t in texts]
+
+
+def image_title(img: Image.Image) -> str:
+    """How warnings name an image: its file, and page for a PDF page."""
+    origin = image_origin(img)
+    name = origin.input or "image"
+    return name if origin.page is None else f"{name} page {origin.page}"
+
+
+def _planned(vlm, text: str, images: Sequence[Image.Image], opts: Options, config: GenerationConfig,
+             max_tiles: int | None) -> Iterator[Notice]:
+    """Plan the prompt (a generator so that the Notice goes out with the events); returns the Plan."""
+    plan = budget.loaded_planner(vlm).plan([user_message(text, list(images))], system=opts.system,
+                                           answer_budget=config.max_tokens, max_tiles=max_tiles)
+    note = plan.note([image_title(img) for img in images])
+    if note:
+        yield Notice(note)
+    return plan
 
 
 def ground_prompt(what: str | None, caption: bool) -> str:
@@ -275,18 +343,105 @@ def ocr_targets(sources: list[Source], out: Path | None, ext: str, skip_existing
     return [sources[i] for i in keep], [targets[i] for i in keep], len(sources) - len(keep)
 
 
-def read_pages(vlm, sources: Sequence[Source], prompt: str, opts: Options) -> Iterator[TaskEvent]:
+def read_pages(vlm, sources: Sequence[Source], prompt: str, opts: Options, *, max_tiles: int | None = None,
+               batch: int = 1) -> Iterator[TaskEvent]:
     """ocr: read every source in order. Per page: PageStarted, its generation events and its
-    Answer; or, for a page that cannot be loaded, prepared or read, a PageFailed (the loop goes on)."""
+    Answer; or, for a page that cannot be loaded, prepared or read, a PageFailed (the loop goes on).
+    Each page is planned to fit the context with its answer (a Notice when the tiling changes
+    from the previous page's). With `batch` > 1, pages are read `batch` at a time through
+    generate_batch: each page's PageStarted and Answer come, in page order, when its batch is
+    done (no Token events); greedy answers equal one-by-one reading."""
     config = opts.generation("ocr")
+    last_note = None
+    if batch > 1:
+        yield from _read_batched(vlm, sources, prompt, opts, config, max_tiles, batch)
+        return
     for src in sources:
         try:
             img = src.image()
-            prepared = vlm.prepare([user_message(prompt, [img])], system=opts.system)
+            plan = None
+            for notice in _planned_page(vlm, prompt, img, opts, config, max_tiles):
+                if isinstance(notice, budget.Plan):
+                    plan = notice
+                elif notice.message != last_note:
+                    last_note = notice.message
+                    yield notice
             yield PageStarted(src)
-            yield from _generate(vlm, prepared, [img], config)
+            yield from _generate(vlm, plan.prepared, [img], config, plan)
         except Dsvl2Error as err:
             yield PageFailed(src, err)
+
+
+def _planned_page(vlm, prompt, img, opts, config, max_tiles) -> Iterator[Notice | budget.Plan]:
+    """A page's Notice (if any) then its Plan; the note names no page so that a document of
+    like pages warns once."""
+    plan = budget.loaded_planner(vlm).plan([user_message(prompt, [img])], system=opts.system,
+                                           answer_budget=config.max_tokens, max_tiles=max_tiles)
+    note = plan.note(["each page" if image_origin(img).page else image_title(img)])
+    if note:
+        yield Notice(note)
+    yield plan
+
+
+def _read_batched(vlm, sources, prompt, opts, config, max_tiles, batch) -> Iterator[TaskEvent]:
+    last_note = None
+    for start in range(0, len(sources), batch):
+        group = sources[start:start + batch]
+        ready: list[tuple[Source, Image.Image, budget.Plan] | PageFailed] = []
+        for src in group:
+            try:
+                img = src.image()
+                plan = None
+                for item in _planned_page(vlm, prompt, img, opts, config, max_tiles):
+                    if isinstance(item, budget.Plan):
+                        plan = item
+                    elif item.message != last_note:
+                        last_note = item.message
+                        yield item
+                ready.append((src, img, plan))
+            except Dsvl2Error as err:
+                ready.append(PageFailed(src, err))
+        runs = [r for r in ready if not isinstance(r, PageFailed)]
+        try:
+            dones = iter(generate_batch(vlm, [plan.prepared for _, _, plan in runs], config))
+        except Dsvl2Error as err:  # the batch as a whole could not run: every page of it failed
+            dones, ready = iter(()), [r if isinstance(r, PageFailed) else PageFailed(r[0], err) for r in ready]
+        for item in ready:
+            if isinstance(item, PageFailed):
+                yield item
+                continue
+            src, img, plan = item
+            yield PageStarted(src)
+            yield _answer(vlm, next(dones), plan.prepared, [img], plan)
+
+
+OCR_BATCH_CPU, OCR_BATCH_GPU = 4, 8  # decoding reads the weights once per step for every row
+
+
+def default_ocr_batch(vlm, pages: int) -> int:
+    """ocr's --batch when not given: 4 pages at a time on CPU, 8 on a GPU (decoding is bound by
+    memory bandwidth, so rows decoded together share each step's weight reads), no more than
+    the pages, and 1 when memory is short: each row needs a cache for the whole context, and
+    twice that is kept free for the batch's prefill activations."""
+    from ..engine import fit  # memory figures: only ocr needs them
+
+    lm = vlm.config.language
+    row = 2 * lm.cache_values_per_token() * lm.num_hidden_layers * vlm.dtype.itemsize * lm.max_position_embeddings
+    free = fit.available_memory(vlm.device).bytes
+    want = OCR_BATCH_GPU if vlm.device.type == "cuda" else OCR_BATCH_CPU
+    return max(1, min(want, pages, free // max(row, 1)))
+
+
+def preflight(model_dir: Path, text: str, images: Sequence[Image.Image] | int, opts: Options, task: str,
+              max_tiles: int | None = None) -> budget.Plan:
+    """Plan a prompt from the model folder's processor files alone, before any weights load, so
+    that a prompt that cannot fit even untiled is refused first (ContextTooLongError). `images`
+    may be a count: untiled 1x1 stand-ins, the smallest an image can be (ocr, before its pages
+    render)."""
+    if isinstance(images, int):
+        images = [Image.new("RGB", (1, 1)) for _ in range(images)]
+    return budget.planner_for(model_dir).plan([user_message(text, list(images))], system=opts.system,
+                                              answer_budget=opts.generation(task).max_tokens, max_tiles=max_tiles)
 
 
 def chat_session(vlm, opts: Options, images: Sequence[Image.Image] = ()) -> ChatSession:
