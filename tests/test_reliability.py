@@ -110,9 +110,9 @@ def seen_by_model(monkeypatch):
     seen: list[Image.Image] = []
     real = processor.preprocess_image
 
-    def spy(img, settings, tiling):
+    def spy(img, settings, tiling, max_tiles=None):
         seen.append(img.copy())
-        return real(img, settings, tiling)
+        return real(img, settings, tiling, max_tiles)
 
     monkeypatch.setattr(processor, "preprocess_image", spy)
     return seen
