@@ -7,6 +7,8 @@ answers: what they check is the prompt each command plans and what it prints, no
 
 from __future__ import annotations
 
+import json
+
 import pymupdf
 import pytest
 from PIL import Image
@@ -292,3 +294,29 @@ def test_default_batch_follows_memory(vlm32, monkeypatch):
     assert tasks.default_ocr_batch(vlm32, 2) == 2
     monkeypatch.setattr(fit, "available_memory", lambda device: fit.Available(1, "test", {}))
     assert tasks.default_ocr_batch(vlm32, 50) == 1
+
+
+# ------------------------------------------------------------------------------------ formats
+
+def test_format_json_gives_a_record_per_page_with_boxes(monkeypatch, ckpt_tiny, tmp_path):
+    pdf = text_pdf(tmp_path / "doc.pdf", ["a", "b"], size=(200, 250))
+    answers = {1: "<|ref|>Total<|/ref|><|det|>[[0, 0, 999, 499]]<|/det|> 120 EUR", 2: "plain words"}
+    Generations(monkeypatch, text=lambda n: answers[n])
+    out = tmp_path / "out"
+    r = run(monkeypatch, "ocr", *model_args(ckpt_tiny), "--dpi", "72", "--batch", "1", "-f", "json", "--out", out, pdf)
+    assert r.code == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["doc-p001.json", "doc-p002.json"]
+    first, second = (json.loads((out / f"doc-p00{i}.json").read_text()) for i in (1, 2))
+    assert first["page"] == 1 and first["text"] == "Total 120 EUR"
+    assert [b["xyxy"] for b in first["boxes"]] == [[0, 0, 200, 125]] and first["boxes"][0]["label"] == "Total"
+    assert second["boxes"] == [] and second["text"] == "plain words"
+    assert tasks.OCR_PROMPTS["json"] in tasks.OCR_PROMPTS.values()
+
+
+def test_format_markdown_keeps_the_models_tables(monkeypatch, ckpt_tiny, tmp_path):
+    table = "| item | price |\n|---|---|\n| tea | 3 |"
+    Generations(monkeypatch, text=lambda n: table)
+    pdf = text_pdf(tmp_path / "doc.pdf", ["a"], size=(200, 250))
+    r = run(monkeypatch, "ocr", *model_args(ckpt_tiny), "--dpi", "72", "-f", "markdown", "--out", tmp_path / "o", pdf)
+    assert r.code == 0, r.stderr
+    assert (tmp_path / "o" / "doc-p001.md").read_text() == table + "\n"

@@ -162,7 +162,9 @@ def ocr(
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", file_okay=False, show_default=False,
         help="Write one file per page into this folder (NAME-p001.txt, ...) instead of stdout.")] = None,
-    fmt: Annotated[OcrFormat, typer.Option("--format", "-f", help="Plain text or Markdown.")] = OcrFormat.text,
+    fmt: Annotated[OcrFormat, typer.Option(
+        "--format", "-f", help="Plain text, Markdown (tables kept as Markdown tables), or json: one record per "
+                               "page with boxes where the model grounds its text.")] = OcrFormat.text,
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-P", show_default=False, help="Your own prompt instead of the OCR prompt of --format.")] = None,
     skip_existing: Annotated[bool, typer.Option(
@@ -196,7 +198,10 @@ def ocr(
         if batch > 1:
             ui.status(f"reading {batch} pages at a time (--batch 1: one at a time, streaming)")
         events = tasks.read_pages(vlm, sources, text, opts, max_tiles=max_tiles, batch=batch)
-        failed = render_pages(events, sources, targets, ui, stream=opts.stream and batch == 1, as_json=opts.json)
+        as_json = opts.json or fmt is OcrFormat.json
+        if fmt is OcrFormat.json:
+            events = tasks.with_boxes(events)
+        failed = render_pages(events, sources, targets, ui, stream=opts.stream and batch == 1, as_json=as_json)
     if failed:
         raise typer.Exit(1)
 

@@ -21,6 +21,7 @@ class Dtype(str, enum.Enum):
 class OcrFormat(str, enum.Enum):
     text = "text"
     markdown = "markdown"
+    json = "json"
 
 
 _M, _G = "Model", "Generation"

@@ -56,6 +56,10 @@ OCR_PROMPTS = {
             "keeping the line breaks. Output only the text.",
     "markdown": "Convert this page to Markdown: keep its headings, lists, tables and emphasis, and write out "
                 "all of its text in reading order. Output only the Markdown.",
+    # <|grounding|> asks the model to tie what it names to boxes (as in grounded captions);
+    # --format json keeps them per page where it does.
+    "json": "<|grounding|>Read all the text in this image and write it out exactly as it appears, in reading "
+            "order, keeping the line breaks.",
 }
 MAX_TOKENS = {"chat": 1024, "ocr": 2048, "ground": 1024}
 
@@ -327,7 +331,23 @@ def _in_pixels(box: Box, w: int, h: int) -> PixelBox:
 
 def ocr_extension(fmt: str, as_json: bool) -> str:
     """The file extension of ocr's per-page output files for --format `fmt` (or --json)."""
-    return "json" if as_json else ("md" if fmt == "markdown" else "txt")
+    return "json" if as_json or fmt == "json" else ("md" if fmt == "markdown" else "txt")
+
+
+def with_boxes(events: Iterator[TaskEvent]) -> Iterator[TaskEvent]:
+    """ocr --format json: each page's record gains "boxes" (pixels of the page, as ground's),
+    "problems" and "raw" where the model grounded what it read; "text" is then without tags."""
+    for event in events:
+        if isinstance(event, Answer):
+            raw = event.done.text.strip()
+            result = parse_grounding(raw)
+            w, h = event.record["images"][0]["size"]
+            event.record.update(text=result.text if result.boxes else event.record["text"], raw=raw,
+                                problems=result.problems, boxes=[
+                                    {"label": b.label, "box_999": list(b.box_999), "xyxy": list(px),
+                                     "xywh": list(to_xywh(px))}
+                                    for b in result.boxes for px in [to_pixels(b, w, h)]])
+        yield event
 
 
 def ocr_targets(sources: list[Source], out: Path | None, ext: str, skip_existing: bool = False
