@@ -136,6 +136,13 @@ def test_a_prompt_that_cannot_fit_untiled_is_refused_with_its_numbers(planner):
     assert "lower --max-tokens to at most" in message
 
 
+def test_many_pages_are_refused_with_a_count(planner):
+    pages_ = [_page(page=i) for i in range(1, 11)]  # 10 pages: untiled, 421 tokens each
+    with pytest.raises(ContextTooLongError) as err:
+        planner.plan([user_message("What?", pages_)], system=None, answer_budget=1024)
+    assert "10 images untiled 4210" in str(err.value) and "fewer images (--pages)" in str(err.value)
+
+
 def test_ask_warns_once_with_the_grids_and_reports_them(monkeypatch, ckpt_tiny, tmp_path):
     """The README's `ask invoice.pdf ... --pages 1-2` on two A4 pages at the default --max-tokens."""
     pdf = text_pdf(tmp_path / "invoice.pdf", ["Invoice", "Total due: 120 EUR"])

@@ -110,9 +110,13 @@ def plan(processor: Processor, messages: Sequence[Message], *, system: str | Non
 
 def _refuse(text: int, image_tokens: list[int], answer_budget: int, context: int) -> None:
     prompt = text + sum(image_tokens)
-    images = f"images {' + '.join(map(str, image_tokens))} untiled, " if image_tokens else ""
+    if len(image_tokens) > 4:  # 30 pages: a count, not thirty numbers
+        images = f"{len(image_tokens)} images untiled {sum(image_tokens)}, "
+    else:
+        images = f"images {' + '.join(map(str, image_tokens))} untiled, " if image_tokens else ""
     room = context - prompt
-    advice = (f"lower --max-tokens to at most {room}" if room > 0 else "use fewer images or a shorter text")
+    fewer = "fewer images (--pages)" if image_tokens else "a shorter text"
+    advice = f"lower --max-tokens to at most {room}, or use {fewer}" if room > 0 else f"use {fewer}"
     raise ContextTooLongError(
         f"prompt is {prompt} tokens ({images}text {text}) and the answer may take {answer_budget}, but the context "
         f"holds {context} in all; {advice}")
