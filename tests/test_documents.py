@@ -169,6 +169,19 @@ def test_ocr_of_an_a4_page_fits_its_2048_token_answer(monkeypatch, ckpt_tiny, tm
     assert rec["usage"]["prompt_tokens"] + 2048 <= CONTEXT
 
 
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_ocr_of_like_pages_warns_once(monkeypatch, ckpt_tiny, tmp_path, batch):
+    pdf = text_pdf(tmp_path / "doc.pdf", ["one", "two", "three"])
+    Generations(monkeypatch)
+    r = run(monkeypatch, "ocr", "-m", ckpt_tiny, "--dtype", "float32", "--max-tokens", "2500", "--batch", batch,
+            "--json", pdf)
+    assert r.code == 0, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1 and "each page 3x3 -> " in warnings[0] and "2500-token answer" in warnings[0]
+    assert all(rec["usage"]["prompt_tokens"] + 2500 <= CONTEXT for rec in r.json_lines)
+    assert [rec["page"] for rec in r.json_lines] == [1, 2, 3]
+
+
 def test_max_tiles_option(monkeypatch, ckpt_tiny, tmp_path):
     pdf = text_pdf(tmp_path / "page.pdf", ["Some text"])
     Generations(monkeypatch)

@@ -191,7 +191,8 @@ def ocr(
         if not sources:
             return
         text = prompt or OCR_PROMPTS[fmt.value]
-        tasks.preflight(hub.resolve(opts.model).path, text, 1, opts, "ocr", max_tiles)  # refuse before loading
+        tasks.preflight(hub.resolve(opts.model).path, text, 1, opts, "ocr", max_tiles,  # refuse before loading
+                        name=sources[0].title if len(sources) == 1 else "every page")
         _note_sampling(opts, ui)
         vlm = open_model(opts, ui)
         batch = batch or tasks.default_ocr_batch(vlm, len(sources))

@@ -44,7 +44,7 @@ from ..engine.chat import ChatSession
 from ..engine.generate import Done, Event, GenerationConfig, generate_batch, stream_generate
 from ..engine.processor import MAX_TILED_IMAGES, Prepared, user_message
 from ..engine.sampling import SamplingParams
-from ..errors import Dsvl2Error
+from ..errors import ContextTooLongError, Dsvl2Error
 from ..model.config import ModelConfig
 from . import budget, pages
 from .grounding import Box, caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
@@ -372,52 +372,47 @@ def read_pages(vlm, sources: Sequence[Source], prompt: str, opts: Options, *, ma
     generate_batch: each page's PageStarted and Answer come, in page order, when its batch is
     done (no Token events); greedy answers equal one-by-one reading."""
     config = opts.generation("ocr")
-    last_note = None
+    plan_page = _page_planner(vlm, prompt, opts, config, max_tiles)
     if batch > 1:
-        yield from _read_batched(vlm, sources, prompt, opts, config, max_tiles, batch)
+        yield from _read_batched(vlm, sources, plan_page, config, batch)
         return
     for src in sources:
         try:
-            img = src.image()
-            plan = None
-            for notice in _planned_page(vlm, prompt, img, opts, config, max_tiles):
-                if isinstance(notice, budget.Plan):
-                    plan = notice
-                elif notice.message != last_note:
-                    last_note = notice.message
-                    yield notice
+            img, plan, notice = plan_page(src)
+            if notice:
+                yield notice
             yield PageStarted(src)
             yield from _generate(vlm, plan.prepared, [img], config, plan)
         except Dsvl2Error as err:
             yield PageFailed(src, err)
 
 
-def _planned_page(vlm, prompt, img, opts, config, max_tiles) -> Iterator[Notice | budget.Plan]:
-    """A page's Notice (if any) then its Plan; the note names no page so that a document of
-    like pages warns once."""
-    plan = budget.loaded_planner(vlm).plan([user_message(prompt, [img])], system=opts.system,
-                                           answer_budget=config.max_tokens, max_tiles=max_tiles)
-    note = plan.note(["each page" if image_origin(img).page else image_title(img)])
-    if note:
-        yield Notice(note)
-    yield plan
+def _page_planner(vlm, prompt: str, opts: Options, config: GenerationConfig, max_tiles: int | None):
+    """src -> (its image, its Plan, a Notice or None). A PDF page's note says "each page" and
+    is given only when it differs from the last one, so a document of like pages warns once."""
+    planner, last = budget.loaded_planner(vlm), [None]
+
+    def plan_page(src: Source) -> tuple[Image.Image, budget.Plan, Notice | None]:
+        img = src.image()
+        plan = planner.plan([user_message(prompt, [img])], system=opts.system, answer_budget=config.max_tokens,
+                            max_tiles=max_tiles)
+        note = plan.note(["each page" if src.page else src.title])
+        fresh = note is not None and note != last[0]
+        last[0] = note or last[0]
+        return img, plan, Notice(note) if fresh else None
+
+    return plan_page
 
 
-def _read_batched(vlm, sources, prompt, opts, config, max_tiles, batch) -> Iterator[TaskEvent]:
-    last_note = None
+def _read_batched(vlm, sources: Sequence[Source], plan_page, config: GenerationConfig, batch: int
+                  ) -> Iterator[TaskEvent]:
     for start in range(0, len(sources), batch):
-        group = sources[start:start + batch]
         ready: list[tuple[Source, Image.Image, budget.Plan] | PageFailed] = []
-        for src in group:
+        for src in sources[start:start + batch]:
             try:
-                img = src.image()
-                plan = None
-                for item in _planned_page(vlm, prompt, img, opts, config, max_tiles):
-                    if isinstance(item, budget.Plan):
-                        plan = item
-                    elif item.message != last_note:
-                        last_note = item.message
-                        yield item
+                img, plan, notice = plan_page(src)
+                if notice:
+                    yield notice
                 ready.append((src, img, plan))
             except Dsvl2Error as err:
                 ready.append(PageFailed(src, err))
@@ -426,7 +421,7 @@ def _read_batched(vlm, sources, prompt, opts, config, max_tiles, batch) -> Itera
             dones = iter(generate_batch(vlm, [plan.prepared for _, _, plan in runs], config))
         except Dsvl2Error as err:  # the batch as a whole could not run: every page of it failed
             dones, ready = iter(()), [r if isinstance(r, PageFailed) else PageFailed(r[0], err) for r in ready]
-        for item in ready:
+        for item in ready:  # page order, failures in their place
             if isinstance(item, PageFailed):
                 yield item
                 continue
@@ -453,15 +448,20 @@ def default_ocr_batch(vlm, pages: int) -> int:
 
 
 def preflight(model_dir: Path, text: str, images: Sequence[Image.Image] | int, opts: Options, task: str,
-              max_tiles: int | None = None) -> budget.Plan:
+              max_tiles: int | None = None, name: str | None = None) -> budget.Plan:
     """Plan a prompt from the model folder's processor files alone, before any weights load, so
     that a prompt that cannot fit even untiled is refused first (ContextTooLongError). `images`
     may be a count: untiled 1x1 stand-ins, the smallest an image can be (ocr, before its pages
-    render)."""
+    render). `name` (the first input) prefixes a refusal."""
     if isinstance(images, int):
         images = [Image.new("RGB", (1, 1)) for _ in range(images)]
-    return budget.planner_for(model_dir).plan([user_message(text, list(images))], system=opts.system,
-                                              answer_budget=opts.generation(task).max_tokens, max_tiles=max_tiles)
+    try:
+        return budget.planner_for(model_dir).plan([user_message(text, list(images))], system=opts.system,
+                                                  answer_budget=opts.generation(task).max_tokens, max_tiles=max_tiles)
+    except ContextTooLongError as err:
+        if name is None:
+            raise
+        raise ContextTooLongError(f"{name}: {err}") from None  # what it was refused for
 
 
 def chat_session(vlm, opts: Options, images: Sequence[Image.Image] = ()) -> ChatSession:
