@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("shipping terms warranty returns contact order delivery invoice payment schedule account "
-         "reference customer address support hours parts labour").split()
+WORDS = ["shipping", "terms", "warranty", "returns", "contact", "order", "delivery", "invoice", "payment", "schedule",
+         "account", "reference", "customer", "address", "support", "hours", "parts", "labour"]
 
 
 def make_pdf(path: Path, pages: int, answer_page: int | None = None) -> Path:

@@ -287,6 +287,9 @@ def test_batched_ocr_prints_pages_in_order(monkeypatch, ckpt_tiny, tmp_path):
     assert r.stdout == (f"==> {pdf} page 1 <==\ntext 1\n\n==> {pdf} page 2 <==\ntext 2\n\n"
                         f"==> {pdf} page 3 <==\ntext 3\n")
     assert gen.batches == 2 and gen.streamed == 0
+    Generations(monkeypatch, text=lambda n: f"text {n}")
+    r = run(monkeypatch, "ocr", *model_args(ckpt_tiny), "--dpi", "36", "--batch", "2", "--json", pdf)
+    assert [(rec["page"], rec["text"]) for rec in r.json_lines] == [(1, "text 1"), (2, "text 2"), (3, "text 3")]
 
 
 def test_interrupted_batched_run_leaves_whole_pages_and_resumes(monkeypatch, ckpt_tiny, tmp_path):
