@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from dsvl2_cli.app import tasks
+from dsvl2_cli.app import budget, tasks
 from dsvl2_cli.app.inputs import Source, image_origin, tag
 from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
 from dsvl2_cli.errors import InputError
@@ -32,6 +32,23 @@ class FakeModel:
         self.prompts.append(messages[-1].content)
         n = len(messages[-1].images)
         return SimpleNamespace(images=[SimpleNamespace(grid=(2, 1), num_tokens=7)] * n, num_image_tokens=[7] * n)
+
+
+class FakePlanner:
+    """budget planning for FakeModel: the prompt as FakeModel prepares it, always fitting."""
+
+    def __init__(self, vlm):
+        self.vlm = vlm
+
+    def plan(self, messages, *, system, answer_budget, max_tiles=None):
+        prepared = self.vlm.prepare(messages, system=system)
+        grids = tuple(img.grid for img in prepared.images)
+        return budget.Plan(prepared, grids, grids, answer_budget, 4096)
+
+
+@pytest.fixture(autouse=True)
+def _fake_planning(monkeypatch):
+    monkeypatch.setattr(budget, "loaded_planner", FakePlanner)
 
 
 def answering(text: str):
@@ -90,10 +107,12 @@ def test_answer_record_keys_usage_and_provenance(answer_is):
     imgs = [tag(Image.new("RGB", (8, 6)), "a.png"), tag(Image.new("RGB", (5, 5)), "b.png")]
     *_, answer = tasks.ask(FakeModel(), imgs, "What is it?", tasks.Options())
     r = answer.record
-    assert list(r) == ["model", "input", "page", "images", "text", "finish_reason", "usage", "timings", "token_ids"]
+    assert list(r) == ["model", "input", "page", "images", "text", "finish_reason", "usage", "timings", "token_ids",
+                       "pages"]
+    assert r["pages"] == [None, None]
     assert r["input"] is None and r["page"] is None  # two files: neither is "the" input
-    assert r["images"] == [{"input": "a.png", "page": None, "size": [8, 6], "grid": [2, 1], "tokens": 7},
-                           {"input": "b.png", "page": None, "size": [5, 5], "grid": [2, 1], "tokens": 7}]
+    assert r["images"] == [{"input": "a.png", "page": None, "size": [8, 6], "grid": [2, 1], "tokens": 7, "full_grid": [2, 1]},
+                           {"input": "b.png", "page": None, "size": [5, 5], "grid": [2, 1], "tokens": 7, "full_grid": [2, 1]}]
     assert r["text"] == "a cat" and r["token_ids"] == [1, 2]
     assert r["usage"] == {"prompt_tokens": 10, "cached_tokens": 0, "image_tokens": [7, 7], "generated_tokens": 2}
     assert image_origin(imgs[0]).as_json() == {"input": "a.png", "page": None, "size": [8, 6]}

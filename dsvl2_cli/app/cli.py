@@ -38,9 +38,9 @@ from .. import __version__
 from ..errors import InputError
 from ..settings import DEFAULT_MODEL
 from . import exits
-from .cli_options import (AllowPagingOpt, ApiKeyOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt,
-                          NoCacheOpt, NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt, QuantizeOpt, QuietOpt, SeedOpt, ServerOpt,
-                          SystemOpt, TemperatureOpt, TopPOpt, options)
+from .cli_options import (AllowPagingOpt, ApiKeyOpt, BatchOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTilesOpt,
+                          MaxTokensOpt, ModelOpt, NoCacheOpt, NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt,
+                          QuantizeOpt, QuietOpt, SeedOpt, ServerOpt, SystemOpt, TemperatureOpt, TopPOpt, options)
 from .exits import UsageError
 from .pdf import DEFAULT_DPI
 
@@ -218,11 +218,14 @@ def ocr(
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", file_okay=False, show_default=False,
         help="Write one file per page into this folder (NAME-p001.txt, ...) instead of stdout.")] = None,
-    fmt: Annotated[OcrFormat, typer.Option("--format", "-f", help="Plain text or Markdown.")] = OcrFormat.text,
+    fmt: Annotated[OcrFormat, typer.Option(
+        "--format", "-f", help="Plain text, Markdown (tables kept as Markdown tables), or json: one record per "
+                               "page with boxes where the model grounds its text.")] = OcrFormat.text,
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-P", show_default=False, help="Your own prompt instead of the OCR prompt of --format.")] = None,
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --out: skip pages whose file exists (resume a run).")] = False,
+    max_tiles: MaxTilesOpt = None, batch: BatchOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
@@ -230,6 +233,7 @@ def ocr(
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
     """Read the text of images and PDF pages: to stdout with a header per page, or a file per page."""
+    from ..engine import hub
     from . import tasks
     from .inputs import collect_sources
     from .render import UI, render_pages
@@ -248,9 +252,21 @@ def ocr(
             ui.status(f"skipping {skipped} page(s) already in {out}")
         if not sources:
             return
+        text = prompt or tasks.OCR_PROMPTS[fmt.value]
+        if not opts.server_url():  # a prompt that cannot fit even untiled is refused before loading
+            tasks.preflight(hub.resolve(opts.model).path, text, 1, opts, "ocr", max_tiles,
+                            name=sources[0].title if len(sources) == 1 else "every page")
         _note_sampling(opts, ui)
-        events = tasks.read_pages(open_backend(opts, ui), sources, prompt or tasks.OCR_PROMPTS[fmt.value], opts)
-        failed = render_pages(events, sources, targets, ui, stream=opts.stream, as_json=opts.json)
+        backend = open_backend(opts, ui)
+        local = isinstance(backend, tasks.LocalBackend)
+        batch = batch or (tasks.default_ocr_batch(backend.vlm, len(sources)) if local else 1)
+        if batch > 1:
+            ui.status(f"reading {batch} pages at a time (--batch 1: one at a time, streaming)")
+        events = tasks.read_pages(backend, sources, text, opts, max_tiles=max_tiles, batch=batch)
+        as_json = opts.json or fmt is OcrFormat.json
+        if fmt is OcrFormat.json:
+            events = tasks.with_boxes(events)
+        failed = render_pages(events, sources, targets, ui, stream=opts.stream and batch == 1, as_json=as_json)
     if failed:
         raise typer.Exit(1)
 
@@ -265,13 +281,17 @@ def ask(
     question: Annotated[str, typer.Argument(metavar="QUESTION", show_default=False,
                                             help="The question about them.")],
     pages: PagesOpt = None, dpi: DpiOpt = DEFAULT_DPI, password: PasswordOpt = None,
+    max_tiles: MaxTilesOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
     quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
 ):
-    """Ask a question about document pages (best with 1 or 2 pages: those are tiled)."""
+    """Ask a question about document pages. Without --pages, the pages that best match the
+    question (by their text) are chosen and read at full detail."""
+    from ..engine import hub
+    from . import pages as select_pages
     from . import tasks
     from .inputs import collect_sources
     from .render import UI, AnswerView, render_answer
@@ -283,16 +303,46 @@ def ask(
     ui = UI(quiet)
     if not question.strip():
         raise InputError("empty question; ask something about the pages")
+    backend = selection = None
     with contextlib.ExitStack() as stack:
         _stdin_once(files)
         sources = collect_sources(files, pages, dpi, password, ui.warn, stack)
+        if pages is None and select_pages.selectable(sources):
+            selection, backend = _choose_pages(sources, question, opts, ui)
+            sources = list(selection.chosen)
+            ui.status(selection.note())
         note = tasks.ask_note(len(sources))
         if note:
             ui.warn(note)
         images = [src.image() for src in sources]
-    _note_sampling(opts, ui)
-    render_answer(tasks.ask(open_backend(opts, ui), images, question, opts), ui,
+    if backend is None:
+        if not opts.server_url():  # a prompt that cannot fit even untiled is refused before loading
+            tasks.preflight(hub.resolve(opts.model).path, question, images, opts, "chat", max_tiles)
+        _note_sampling(opts, ui)
+        backend = open_backend(opts, ui)
+    render_answer(tasks.ask(backend, images, question, opts, max_tiles=max_tiles, selection=selection), ui,
                   AnswerView(stream=opts.stream, json=opts.json, waiting="reading the pages"))
+
+
+def _choose_pages(sources, question: str, opts: Options, ui: UI):
+    """ask without --pages: rank the pages by their text layer; pages without one are read by
+    OCR first (the model loads, or the server is asked, for that, and is returned for the
+    answer; else None)."""
+    from . import pages as select_pages
+    from . import tasks
+
+    texts = [src.text() for src in sources]
+    scanned = select_pages.scanned_pages(texts)
+    backend = None
+    if scanned:
+        _note_sampling(opts, ui)
+        backend = open_backend(opts, ui)
+        ui.status(f"{len(scanned)} page(s) without a text layer: reading them to find the answer's pages")
+        local = isinstance(backend, tasks.LocalBackend)
+        batch = tasks.default_ocr_batch(backend.vlm, len(scanned)) if local else 1
+        for i, text in zip(scanned, tasks.ocr_texts(backend, [sources[i] for i in scanned], batch=batch)):
+            texts[i] = text
+    return select_pages.select_pages(question, sources, texts, len(scanned)), backend
 
 
 # ------------------------------------------------------------------------------------- ground

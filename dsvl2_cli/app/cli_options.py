@@ -26,6 +26,7 @@ class Dtype(str, enum.Enum):
 class OcrFormat(str, enum.Enum):
     text = "text"
     markdown = "markdown"
+    json = "json"
 
 
 _M, _G = "Model", "Generation"
@@ -69,6 +70,12 @@ NoCacheOpt = Annotated[bool, typer.Option(
 PagesOpt = Annotated[Optional[str], typer.Option(
     "--pages", "-p", show_default=False, help="PDF pages: 1-3,7 or 5 or 2- (to the end). Default: all.")]
 DpiOpt = Annotated[int, typer.Option("--dpi", help="PDF rendering resolution (pages are capped at 4096 px).")]
+MaxTilesOpt = Annotated[Optional[int], typer.Option(
+    "--max-tiles", min=1, max=9, show_default=False,
+    help="Most local tiles per image (1-9): less detail, more room in the context. Default: as many as fit.")]
+BatchOpt = Annotated[Optional[int], typer.Option(
+    "--batch", min=1, show_default=False,
+    help="Pages read together (1: one at a time, streaming). Default: 4 on CPU, 8 on a GPU, less when memory is short.")]
 PasswordOpt = Annotated[Optional[str], typer.Option("--password", show_default=False,
                                                     help="Password of an encrypted PDF.")]
 

@@ -69,6 +69,7 @@ class Source:
     page: int | None
     load: Callable[[], Image.Image]
     page_count: int = 1
+    text: Callable[[], str] | None = None  # a PDF page's text layer (page selection ranks by it)
 
     def image(self) -> Image.Image:
         return tag(self.load(), self.input, self.page)
@@ -164,7 +165,8 @@ def collect_sources(files: list[str], pages: str | None, dpi: int, password: str
             any_pdf = True
             doc = stack.enter_context(PdfDocument(data if data is not None else arg, password, name=arg))
             for p in doc.pages(pages):
-                sources.append(Source(arg, p, functools.partial(doc.render, p, dpi), doc.page_count))
+                sources.append(Source(arg, p, functools.partial(doc.render, p, dpi), doc.page_count,
+                                      functools.partial(doc.text, p)))
         else:
             sources.append(Source(arg, None, functools.partial(load_image_arg, arg, warn, data)))
     if pages is not None and not any_pdf:

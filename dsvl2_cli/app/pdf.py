@@ -198,6 +198,14 @@ class PdfDocument:
         return img
 
 
+    def text(self, page: int) -> str:
+        """Page `page`'s text layer ("" for a scanned page, or one whose text cannot be read)."""
+        try:
+            return self._doc.load_page(page - 1).get_text()
+        except Exception:  # noqa: BLE001 - a damaged page: treated as having no text layer
+            return ""
+
+
 def _ends_like_a_pdf(source: str | Path | bytes) -> bool:
     """Whether the file's last KiB holds the %%EOF marker every complete PDF ends with."""
     try:

@@ -27,7 +27,7 @@ from ..engine.generate import Done, Prefilling, Token
 from .. import settings
 from .inputs import Source, isatty, write_atomic
 from .pictures import DrawBox, HalfBlockImage, colour, draw_boxes, encode_image, rgb
-from .tasks import Answer, GroundAnswer, PageFailed, PageStarted, TaskEvent, untiled_note
+from .tasks import Answer, GroundAnswer, Notice, PageFailed, PageStarted, TaskEvent, untiled_note
 
 
 # ------------------------------------------------------------------------------- terminal output
@@ -139,6 +139,8 @@ def render_answer(events: Iterable, ui: UI, view: AnswerView) -> Answer | PageFa
                 break
             if isinstance(event, Prefilling):
                 meter.prefill(event)
+            elif isinstance(event, Notice):
+                ui.warn(event.message)
             elif isinstance(event, PageStarted) and view.stream:
                 ui.write(view.header)
                 ui.start_answer()

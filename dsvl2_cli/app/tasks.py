@@ -2,13 +2,9 @@
 engine/runtime.VLModel, or a server's with --server), and info's facts about a model that is not
 loaded.
 
-A `Backend` has a `name` and two steps: `prepare(messages, system) -> Prompt` and
-`answer(prompt, config, keep_special=) -> Iterator[Event]` (Prefilled, Token..., Done).
-`LocalBackend` runs the engine (prepare = the processor's token ids and image layout, so a prompt
-too long fails before anything runs); `RemoteBackend` sends the messages to an OpenAI-compatible
-server (app/client.RemoteModel). A task accepts a VLModel too (wrapped in a LocalBackend). Chat
-is a ChatSession either way: the local one keeps its prompt cache, the remote one
-(`RemoteChatSession`) sends the whole conversation each turn (the server reuses its own cache).
+A task accepts a Backend (backends.py) or a VLModel (wrapped in a LocalBackend). On a local model
+`ask` and `ocr` plan each prompt to fit the context with its answer (documents.py, budget.py),
+and ocr reads pages in batches; on a server the server tiles and batches.
 
 What each task asks the model (OCR_PROMPTS; grounding prompts come from grounding.py), how long
 its answers may be (MAX_TOKENS), and what comes back: every task is a generator of the engine's
@@ -22,7 +18,8 @@ The JSON record of an answer (`answer_record`; `--json` prints one per line):
      "input": str | null,           # the file answered about ("-" for stdin); null for none or several
      "page": int | null,            # its 1-based PDF page; null for an image or several images
      "images": [{"input": str, "page": int | null, "size": [w, h],
-                 "grid": [wide, high], "tokens": int}],   # every image in the prompt
+                 "grid": [wide, high], "tokens": int,     # every image in the prompt
+                 "full_grid": [wide, high]}],             # ask, ocr: the grid at full detail
      "text": str,                   # the answer, surrounding whitespace stripped
      "finish_reason": "eos" | "length" | "stop" | "context",
      "usage": {"prompt_tokens": int, "cached_tokens": int, "image_tokens": [int, ...],  # per image
@@ -41,256 +38,50 @@ ground: the same keys, plus
      "problems": [str, ...],        # what in the answer could not be read as boxes
      "raw": str                     # the answer with its special tokens (<|ref|>, <|det|>, ...)
    where "text" is the answer without tags and box lists.
+ask adds "pages" (each image's page, prompt order) and, when the pages were chosen by their text,
+"page_selection": {"method": "bm25", "ocr_pages", "scores": [{"input", "page", "score"}]};
+ocr --format json adds "boxes", "problems" and "raw" as ground does.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 from PIL import Image
 
-from .. import settings
 from ..engine import facts as model_facts
 from ..engine import fit, memory, quant, runtime
 from ..engine.chat import ChatSession
-from ..engine.generate import Done, Event, GenerationConfig, stream_generate
-from ..engine.processor import MAX_TILED_IMAGES, Message, Prepared, user_message
-from ..engine.prompt_store import PromptStore
-from ..engine.sampling import SamplingParams
-from ..engine.tokenizer import GROUNDING_TOKENS
+from ..engine.generate import Done, Event, GenerationConfig
+from ..engine.processor import MAX_TILED_IMAGES, user_message
 from ..errors import Dsvl2Error
 from ..model.config import ModelConfig
+from . import documents, pages
+from .backends import Backend, LocalBackend, Prompt, RemoteBackend, RemoteChatSession, as_backend
+from .documents import default_ocr_batch, preflight
 from .grounding import Box, caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
 from .inputs import Source, image_origin, output_paths
+from .results import (MAX_TOKENS, OCR_PROMPTS, TEMPERATURE_ADVICE, Answer, GroundAnswer, Notice, Options, PageFailed,
+                      PageStarted, PixelBox, TaskEvent, answer_record, answer_with_plan, untiled_note)
 
-TEMPERATURE_ADVICE = 0.7  # the model card: higher temperatures degrade quality
-OCR_PROMPTS = {
-    "text": "Read all the text in this image and write it out exactly as it appears, in reading order, "
-            "keeping the line breaks. Output only the text.",
-    "markdown": "Convert this page to Markdown: keep its headings, lists, tables and emphasis, and write out "
-                "all of its text in reading order. Output only the Markdown.",
-}
-MAX_TOKENS = {"chat": 1024, "ocr": 2048, "ground": 1024}
-
-
-@dataclass
-class Options:
-    """The options every model command shares: which model, how to sample, how to answer."""
-
-    model: str | None = None
-    device: str = "auto"
-    dtype: str = "bfloat16"
-    quantize: str | None = None  # also "auto": check_memory chooses
-    allow_paging: bool = False  # load even when the plan does not fit (a warning instead)
-    max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    system: str | None = None
-    stream: bool = True
-    json: bool = False
-    quiet: bool = False
-    prompt_store: PromptStore | None = None  # image prefixes saved across runs (None: --no-cache)
-    server: str | None = None    # --server URL (else $DSVL2_SERVER): answer through that server
-    api_key: str | None = None   # --api-key (else $DSVL2_API_KEY): sent to the server
-
-    def server_url(self) -> str:
-        """The server to use ("" = a local model)."""
-        return (self.server or "").strip().rstrip("/") or settings.server_url()
-
-    def server_key(self) -> str | None:
-        return self.api_key or settings.api_key() or None
-
-    def generation(self, task: str) -> GenerationConfig:
-        sampling = SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
-        return GenerationConfig(max_tokens=self.max_tokens or MAX_TOKENS[task], sampling=sampling,
-                                prompt_store=self.prompt_store)
-
-    def sampling_note(self) -> str | None:
-        """A warning for a temperature the model card advises against (None when fine)."""
-        if self.temperature > TEMPERATURE_ADVICE:
-            return (f"temperature {self.temperature:g} is above {TEMPERATURE_ADVICE}, where the model card says "
-                    "quality degrades")
-        return None
-
-
-def untiled_note(n: int, what: str = "images", advice: str = "") -> str:
-    """Why detail is lost with more than MAX_TILED_IMAGES images in one prompt."""
-    return (f"{n} {what}: with more than {MAX_TILED_IMAGES} images the model sees each at 384x384 without "
-            f"tiling, so small text and detail are lost; {advice or f'use at most {MAX_TILED_IMAGES} for detail'}")
-
-
-# ------------------------------------------------------------------------------------ results
-
-@dataclass(frozen=True)
-class Answer:
-    """One finished answer: the engine's Done event and the JSON record built from it."""
-
-    done: Done
-    record: dict
-
-    @property
-    def text(self) -> str:
-        return self.record["text"]
-
-
-@dataclass(frozen=True)
-class PixelBox:
-    """A grounding box in the image's pixels, with its place in the answer."""
-
-    label: str
-    box_999: tuple[int, int, int, int]
-    xyxy: tuple[int, int, int, int]
-    ref_index: int  # which distinct label, in order of appearance
-
-
-@dataclass(frozen=True)
-class GroundAnswer(Answer):
-    """An answer with boxes: `text` without tags and box lists, `raw` with them."""
-
-    image: Image.Image | None = None
-    boxes: tuple[PixelBox, ...] = ()
-    problems: tuple[str, ...] = ()
-    raw: str = ""
-    caption: bool = False  # a grounded caption: its text matters as much as its boxes
-
-
-@dataclass(frozen=True)
-class PageStarted:
-    """ocr: the page is loaded and its prompt prepared; its generation events follow."""
-
-    source: Source
-
-
-@dataclass(frozen=True)
-class PageFailed:
-    """ocr: the page could not be read; the loop goes on with the next one."""
-
-    source: Source
-    error: Dsvl2Error
-
-    @property
-    def message(self) -> str:
-        """The error, naming the page unless it already starts with the file's name."""
-        message = str(self.error)
-        return message if message.startswith(self.source.input) else f"{self.source.title}: {message}"
-
-
-TaskEvent = Event | Answer | PageStarted | PageFailed
-
-
-def answer_record(vlm, done: Done, prepared: Prepared | None, images: Sequence[Image.Image]) -> dict:
-    """The JSON object of one answer (schema above); `prepared` None: a server's answer, whose
-    image layout is unknown here."""
-    st = done.stats
-    entries = [image_origin(img).as_json() for img in images]
-    for entry in entries:
-        entry.update(grid=None, tokens=None)
-    for entry, prepared_image in zip(entries, prepared.images if prepared is not None else ()):
-        entry["grid"] = list(prepared_image.grid)  # local tiles (wide, high); [1, 1] when untiled
-        entry["tokens"] = prepared_image.num_tokens
-    image_tokens = list(prepared.num_image_tokens) if prepared is not None else [None] * len(images)
-    inputs = {e["input"] for e in entries}
-    return {
-        "model": vlm.name,
-        "input": entries[0]["input"] if len(inputs) == 1 else None,
-        "page": entries[0]["page"] if len(entries) == 1 else None,
-        "images": entries,
-        "text": done.text.strip(),
-        "finish_reason": done.finish_reason,
-        "usage": {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.reused_tokens,
-                  "image_tokens": image_tokens, "generated_tokens": st.generated_tokens},
-        "timings": {"time_to_first_token_s": round(st.time_to_first_token, 4),
-                    "prefill_tokens_per_s": round(st.prefill_tokens_per_second, 2),
-                    "decode_tokens_per_s": round(st.decode_tokens_per_second, 2)},
-        "token_ids": list(done.token_ids),
-    }
-
-
-# ----------------------------------------------------------------------------------- backends
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt ready to answer: the messages, and locally the processor's token ids and layout."""
-
-    messages: tuple[Message, ...]
-    system: str | None
-    prepared: Prepared | None = None  # None on a server: it builds the prompt itself
-
-
-class Backend(Protocol):
-    """What a task runs on (module docstring)."""
-
-    name: str
-
-    def prepare(self, messages: Sequence[Message], system: str | None) -> Prompt: ...
-
-    def answer(self, prompt: Prompt, config: GenerationConfig, *, keep_special: bool = False
-               ) -> Iterator[Event]: ...
-
-
-class LocalBackend:
-    """A loaded model (VLModel): the engine's prepare and stream_generate."""
-
-    def __init__(self, vlm):
-        self.vlm = vlm
-        self.name = vlm.name
-
-    def prepare(self, messages: Sequence[Message], system: str | None) -> Prompt:
-        return Prompt(tuple(messages), system, self.vlm.prepare(list(messages), system=system))
-
-    def answer(self, prompt: Prompt, config: GenerationConfig, *, keep_special: bool = False) -> Iterator[Event]:
-        # keep_special needs nothing here: the local decoder always keeps the grounding tokens
-        return stream_generate(self.vlm, prompt.prepared, config)
-
-
-# The model's special tokens (<|User|>, <｜end▁of▁sentence｜>, <image>...): what a server keeps
-# when asked to keep special tokens, of which the local text keeps only the grounding ones.
-_SPECIAL = re.compile(r"<\|[^|<>\s]{1,40}\|>|<｜[^｜<>]{1,40}｜>|<image>")
-
-
-def _local_specials_only(text: str) -> str:
-    return _SPECIAL.sub(lambda m: m.group(0) if m.group(0) in GROUNDING_TOKENS else "", text)
-
-
-class RemoteBackend:
-    """A model behind an OpenAI-compatible server (`client.RemoteModel`, or anything with its
-    `name` and `stream`). Nothing is prepared here: the server tiles and tokenizes."""
-
-    def __init__(self, remote):
-        self.remote = remote
-        self.name = remote.name  # asks the server now: an unreachable one fails before any work
-
-    def prepare(self, messages: Sequence[Message], system: str | None) -> Prompt:
-        return Prompt(tuple(messages), system)
-
-    def answer(self, prompt: Prompt, config: GenerationConfig, *, keep_special: bool = False) -> Iterator[Event]:
-        """The server's events. keep_special: ask for the special tokens (vLLM drops the grounding
-        tags otherwise), then drop all but the grounding tags from the final text, as locally."""
-        for event in self.remote.stream(list(prompt.messages), prompt.system, config,
-                                        skip_special_tokens=not keep_special):
-            if keep_special and isinstance(event, Done):
-                event = replace(event, text=_local_specials_only(event.text))
-            yield event
-
-
-def as_backend(model) -> Backend:
-    """A Backend as it is; a loaded model (VLModel) in a LocalBackend."""
-    return model if isinstance(model, (LocalBackend, RemoteBackend)) else LocalBackend(model)
+__all__ = [  # the task layer's names, wherever they are defined
+    "MAX_TOKENS", "OCR_PROMPTS", "TEMPERATURE_ADVICE", "Answer", "Backend", "GroundAnswer", "LocalBackend",
+    "Notice", "Options", "PageFailed", "PageStarted", "PixelBox", "Prompt", "RemoteBackend", "RemoteChatSession",
+    "TaskEvent", "answer_record", "as_backend", "ask", "ask_note", "chat_session", "chat_turn", "check_memory",
+    "default_ocr_batch", "ground", "ground_prompt", "grounded", "model_info", "ocr_extension", "ocr_targets",
+    "ocr_texts", "preflight", "read_pages", "untiled_note", "with_boxes",
+]
 
 
 def _generate(backend: Backend, prompt: Prompt, images: Sequence[Image.Image], config: GenerationConfig,
-              keep_special: bool = False) -> Iterator[Event | Answer]:
+              keep_special: bool = False, plan=None) -> Iterator[Event | Answer]:
     done = None
     for event in backend.answer(prompt, config, keep_special=keep_special):
         if isinstance(event, Done):
             done = event
         yield event
-    yield Answer(done, answer_record(backend, done, prompt.prepared, images))
+    yield answer_with_plan(backend, done, prompt.prepared, images, plan)
 
 
 # -------------------------------------------------------------------------------------- tasks
@@ -321,11 +112,47 @@ def ask_note(pages: int) -> str | None:
     return untiled_note(pages, "pages", "ask about 1 or 2 pages at a time (e.g. --pages 3 or --pages 3-4) for detail")
 
 
-def ask(model, images: Sequence[Image.Image], question: str, opts: Options) -> Iterator[Event | Answer]:
-    """One question about document pages (or any images), all in one prompt."""
+def ask(model, images: Sequence[Image.Image], question: str, opts: Options, *, max_tiles: int | None = None,
+        selection: pages.Selection | None = None) -> Iterator[Event | Answer | Notice]:
+    """One question about document pages (or any images), all in one prompt; on a local model
+    planned so that the prompt and the answer fit the context (a Notice when tiling was lowered).
+    The record adds "pages" (each image's page, prompt order) and, when the pages were chosen
+    by pages.select_pages, "page_selection"."""
+    backend, config = as_backend(model), opts.generation("chat")
+    message = user_message(question, list(images))
+    plan = None
+    if isinstance(backend, LocalBackend):
+        plan = yield from documents.plan_prompt(backend.vlm, question, images, opts, config, max_tiles)
+        prompt = Prompt((message,), opts.system, plan.prepared)
+    else:
+        prompt = backend.prepare([message], opts.system)
+    for event in _generate(backend, prompt, images, config, plan=plan):
+        if isinstance(event, Answer):
+            event.record["pages"] = [image_origin(img).page for img in images]
+            if selection is not None:
+                event.record["page_selection"] = selection.as_json()
+        yield event
+
+
+def ocr_texts(model, sources: Sequence[Source], *, batch: int = 1, cache: pages.PageTextCache | None = None
+              ) -> list[str]:
+    """The OCR text of `sources` (scanned pages), from the cache where this model read them
+    before; the rest read now (plain-text prompt, greedy) and stored."""
     backend = as_backend(model)
-    prompt = backend.prepare([user_message(question, list(images))], opts.system)
-    yield from _generate(backend, prompt, images, opts.generation("chat"))
+    cache = cache or pages.PageTextCache()
+    prompt = OCR_PROMPTS["text"]
+    vlm = getattr(backend, "vlm", None)
+    model_id = f"{backend.name}|{getattr(vlm, 'path', '')}|{getattr(vlm, 'dtype', '')}"
+    keys = [cache.key(model_id, prompt, src.image()) for src in sources]
+    texts = [cache.get(k) for k in keys]
+    missing = [i for i, t in enumerate(texts) if t is None]
+    results = [e for e in read_pages(backend, [sources[i] for i in missing], prompt, Options(), batch=batch)
+               if isinstance(e, (Answer, PageFailed))]
+    for i, result in zip(missing, results):
+        texts[i] = result.text if isinstance(result, Answer) else ""
+        if isinstance(result, Answer):
+            cache.put(keys[i], texts[i])
+    return [t or "" for t in texts]
 
 
 def ground_prompt(what: str | None, caption: bool) -> str:
@@ -370,7 +197,23 @@ def _in_pixels(box: Box, w: int, h: int) -> PixelBox:
 
 def ocr_extension(fmt: str, as_json: bool) -> str:
     """The file extension of ocr's per-page output files for --format `fmt` (or --json)."""
-    return "json" if as_json else ("md" if fmt == "markdown" else "txt")
+    return "json" if as_json or fmt == "json" else ("md" if fmt == "markdown" else "txt")
+
+
+def with_boxes(events: Iterator[TaskEvent]) -> Iterator[TaskEvent]:
+    """ocr --format json: each page's record gains "boxes" (pixels of the page, as ground's),
+    "problems" and "raw" where the model grounded what it read; "text" is then without tags."""
+    for event in events:
+        if isinstance(event, Answer):
+            raw = event.done.text.strip()
+            result = parse_grounding(raw)
+            w, h = event.record["images"][0]["size"]
+            event.record.update(text=result.text if result.boxes else event.record["text"], raw=raw,
+                                problems=result.problems, boxes=[
+                                    {"label": b.label, "box_999": list(b.box_999), "xyxy": list(px),
+                                     "xywh": list(to_xywh(px))}
+                                    for b in result.boxes for px in [to_pixels(b, w, h)]])
+        yield event
 
 
 def ocr_targets(sources: list[Source], out: Path | None, ext: str, skip_existing: bool = False
@@ -386,16 +229,37 @@ def ocr_targets(sources: list[Source], out: Path | None, ext: str, skip_existing
     return [sources[i] for i in keep], [targets[i] for i in keep], len(sources) - len(keep)
 
 
-def read_pages(model, sources: Sequence[Source], prompt: str, opts: Options) -> Iterator[TaskEvent]:
+def read_pages(model, sources: Sequence[Source], prompt: str, opts: Options, *, max_tiles: int | None = None,
+               batch: int = 1) -> Iterator[TaskEvent]:
     """ocr: read every source in order. Per page: PageStarted, its generation events and its
-    Answer; or, for a page that cannot be loaded, prepared or read, a PageFailed (the loop goes on)."""
+    Answer; or, for a page that cannot be loaded, prepared or read, a PageFailed (the loop goes on).
+    On a local model each page is planned to fit the context with its answer (a Notice when the
+    tiling changes from the previous page's), and with `batch` > 1 pages are read `batch` at a
+    time through generate_batch: each page's PageStarted and Answer come, in page order, when
+    its batch is done (no Token events); greedy answers equal one-by-one reading."""
     backend, config = as_backend(model), opts.generation("ocr")
+    if not isinstance(backend, LocalBackend):  # the server plans, tiles and batches itself
+        for src in sources:
+            try:
+                img = src.image()
+                ready = backend.prepare([user_message(prompt, [img])], opts.system)
+                yield PageStarted(src)
+                yield from _generate(backend, ready, [img], config)
+            except Dsvl2Error as err:
+                yield PageFailed(src, err)
+        return
+    plan_page = documents.page_planner(backend.vlm, prompt, opts, config, max_tiles)
+    if batch > 1:
+        yield from documents.read_batched(backend.vlm, sources, plan_page, config, batch)
+        return
     for src in sources:
         try:
-            img = src.image()
-            ready = backend.prepare([user_message(prompt, [img])], opts.system)
+            img, plan, notice = plan_page(src)
+            if notice:
+                yield notice
             yield PageStarted(src)
-            yield from _generate(backend, ready, [img], config)
+            ready = Prompt((user_message(prompt, [img]),), opts.system, plan.prepared)
+            yield from _generate(backend, ready, [img], config, plan=plan)
         except Dsvl2Error as err:
             yield PageFailed(src, err)
 
@@ -405,17 +269,6 @@ def chat_session(model, opts: Options, images: Sequence[Image.Image] = ()) -> Ch
     kind = RemoteChatSession if isinstance(model, RemoteBackend) else ChatSession
     vlm = model.vlm if isinstance(model, LocalBackend) else model
     return kind(vlm, system=opts.system, config=opts.generation("chat"), images=images)
-
-
-class RemoteChatSession(ChatSession):
-    """A ChatSession whose answers come from a server (`vlm` is a RemoteBackend): each turn sends
-    the whole conversation; the prompt cache is the server's. Its `last_prepared` is a Prompt."""
-
-    def _prepare(self, messages: Sequence[Message]) -> Prompt:
-        return self.vlm.prepare(messages, self.system)
-
-    def _generate(self, prepared: Prompt) -> Iterator[Event]:
-        return self.vlm.answer(prepared, self.config)
 
 
 def check_memory(resolved, opts: Options) -> fit.Fit:

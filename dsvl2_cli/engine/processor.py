@@ -96,8 +96,14 @@ def _read_optional_json(path: Path) -> dict | None:
     return data
 
 
-def select_tiling(width: int, height: int, candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The candidate (w, h) that keeps the most of the image's resolution, then wastes least."""
+def select_tiling(width: int, height: int, candidates: Sequence[tuple[int, int]],
+                  max_tiles: int | None = None, tile: int = 384) -> tuple[int, int]:
+    """The candidate (w, h) that keeps the most of the image's resolution, then wastes least;
+    with `max_tiles`, among the candidates of at most that many `tile`-sized tiles (a context
+    budget trades detail for room; one tile always remains)."""
+    if max_tiles is not None:
+        allowed = [(w, h) for w, h in candidates if (w // tile) * (h // tile) <= max_tiles]
+        candidates = allowed or [(tile, tile)]
     best, best_eff, best_waste = None, -1, math.inf
     for w, h in candidates:
         scale = min(w / width, h / height)
@@ -129,12 +135,24 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return raw.view(h, w, 3).permute(2, 0, 1)
 
 
-def preprocess_image(img: Image.Image, settings: ProcessorSettings, tiling: bool) -> PreparedImage:
+def tiling_grid(size: tuple[int, int], settings: ProcessorSettings, tiling: bool = True,
+                max_tiles: int | None = None) -> tuple[int, int]:
+    """(tiles_w, tiles_h) an image of `size` gets: (1, 1) untiled, else the chosen candidate."""
+    S = settings.image_size
+    if not tiling:
+        return 1, 1
+    w, h = select_tiling(*size, settings.candidate_resolutions, max_tiles, S)
+    return w // S, h // S
+
+
+def preprocess_image(img: Image.Image, settings: ProcessorSettings, tiling: bool,
+                     max_tiles: int | None = None) -> PreparedImage:
     """Global view padded to S x S, local view padded to the chosen tiling and cut into S x S tiles."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     S = settings.image_size
-    best_w, best_h = select_tiling(*img.size, settings.candidate_resolutions) if tiling else (S, S)
+    grid_w, grid_h = tiling_grid(img.size, settings, tiling, max_tiles)
+    best_w, best_h = grid_w * S, grid_h * S
     tiles_w, tiles_h = best_w // S, best_h // S
     color = settings.pad_color
     global_view = _to_tensor(ImageOps.pad(img, (S, S), color=color))            # (3, S, S)
@@ -225,8 +243,15 @@ class Processor:
     def from_dir(cls, model_dir: str | Path) -> "Processor":
         return cls(Tokenizer.from_dir(model_dir), ProcessorSettings.from_model_dir(model_dir))
 
-    def prepare(self, messages: Sequence[Message], *, system: str | None = None) -> Prepared:
+    def prepare(self, messages: Sequence[Message], *, system: str | None = None,
+                max_tiles: int | Sequence[int | None] | None = None) -> Prepared:
+        """`max_tiles`: the most local tiles per image (one number for all, or one per image in
+        prompt order; None = the reference's full choice), for prompts planned to a budget."""
         turns, system_text = _check_conversation(messages, system)
+        n_images = sum(len(m.images) for m in turns)
+        caps = list(max_tiles) if isinstance(max_tiles, Sequence) else [max_tiles] * n_images
+        if len(caps) != n_images:
+            raise PromptError(f"max_tiles gives {len(caps)} limit(s) for {n_images} image(s)")
         tiling = sum(len(m.images) for m in turns) <= MAX_TILED_IMAGES
         tok = self.tokenizer
         ids: list[int] = [tok.bos_id]
@@ -256,7 +281,7 @@ class Processor:
             for j, piece in enumerate(pieces):
                 add_text(piece)
                 if j < len(pieces) - 1:
-                    prepared = preprocess_image(msg.images[j], self.settings, tiling)
+                    prepared = preprocess_image(msg.images[j], self.settings, tiling, caps[len(images)])
                     images.append(prepared)
                     ids.extend([tok.image_id] * prepared.num_tokens)
                     mask.extend([True] * prepared.num_tokens)

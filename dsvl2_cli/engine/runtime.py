@@ -140,8 +140,9 @@ class VLModel:
     def device(self) -> torch.device:
         return self.model.device
 
-    def prepare(self, messages: Sequence[Message], *, system: str | None = None) -> Prepared:
-        return self.processor.prepare(messages, system=system)
+    def prepare(self, messages: Sequence[Message], *, system: str | None = None,
+                max_tiles: int | Sequence[int | None] | None = None) -> Prepared:
+        return self.processor.prepare(messages, system=system, max_tiles=max_tiles)
 
     def new_cache(self, batch: int = 1, pad: torch.Tensor | None = None) -> ModelCache:
         """An empty cache for `batch` rows; pad (B,) int64: left-padding positions per row."""

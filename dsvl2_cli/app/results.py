@@ -1,0 +1,178 @@
+"""The task layer's vocabulary: the options every model command shares, what each task asks and
+how long it may answer, the typed results the tasks yield (Answer, GroundAnswer, PageStarted,
+PageFailed, Notice) and the JSON record of an answer (its schema: tasks.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .. import settings
+from ..engine.generate import Done, Event, GenerationConfig
+from ..engine.processor import MAX_TILED_IMAGES, Prepared
+from ..engine.prompt_store import PromptStore
+from ..engine.sampling import SamplingParams
+from ..errors import Dsvl2Error
+from .inputs import Source, image_origin
+
+TEMPERATURE_ADVICE = 0.7  # the model card: higher temperatures degrade quality
+OCR_PROMPTS = {
+    "text": "Read all the text in this image and write it out exactly as it appears, in reading order, "
+            "keeping the line breaks. Output only the text.",
+    "markdown": "Convert this page to Markdown: keep its headings, lists, tables and emphasis, and write out "
+                "all of its text in reading order. Output only the Markdown.",
+}
+MAX_TOKENS = {"chat": 1024, "ocr": 2048, "ground": 1024}
+
+
+@dataclass
+class Options:
+    """The options every model command shares: which model, how to sample, how to answer."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    quantize: str | None = None  # also "auto": check_memory chooses
+    allow_paging: bool = False  # load even when the plan does not fit (a warning instead)
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    system: str | None = None
+    stream: bool = True
+    json: bool = False
+    quiet: bool = False
+    prompt_store: PromptStore | None = None  # image prefixes saved across runs (None: --no-cache)
+    server: str | None = None    # --server URL (else $DSVL2_SERVER): answer through that server
+    api_key: str | None = None   # --api-key (else $DSVL2_API_KEY): sent to the server
+
+    def server_url(self) -> str:
+        """The server to use ("" = a local model)."""
+        return (self.server or "").strip().rstrip("/") or settings.server_url()
+
+    def server_key(self) -> str | None:
+        return self.api_key or settings.api_key() or None
+
+    def generation(self, task: str) -> GenerationConfig:
+        sampling = SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        return GenerationConfig(max_tokens=self.max_tokens or MAX_TOKENS[task], sampling=sampling,
+                                prompt_store=self.prompt_store)
+
+    def sampling_note(self) -> str | None:
+        """A warning for a temperature the model card advises against (None when fine)."""
+        if self.temperature > TEMPERATURE_ADVICE:
+            return (f"temperature {self.temperature:g} is above {TEMPERATURE_ADVICE}, where the model card says "
+                    "quality degrades")
+        return None
+
+
+def untiled_note(n: int, what: str = "images", advice: str = "") -> str:
+    """Why detail is lost with more than MAX_TILED_IMAGES images in one prompt."""
+    return (f"{n} {what}: with more than {MAX_TILED_IMAGES} images the model sees each at 384x384 without "
+            f"tiling, so small text and detail are lost; {advice or f'use at most {MAX_TILED_IMAGES} for detail'}")
+
+
+# ------------------------------------------------------------------------------------ results
+
+@dataclass(frozen=True)
+class Answer:
+    """One finished answer: the engine's Done event and the JSON record built from it."""
+
+    done: Done
+    record: dict
+
+    @property
+    def text(self) -> str:
+        return self.record["text"]
+
+
+@dataclass(frozen=True)
+class PixelBox:
+    """A grounding box in the image's pixels, with its place in the answer."""
+
+    label: str
+    box_999: tuple[int, int, int, int]
+    xyxy: tuple[int, int, int, int]
+    ref_index: int  # which distinct label, in order of appearance
+
+
+@dataclass(frozen=True)
+class GroundAnswer(Answer):
+    """An answer with boxes: `text` without tags and box lists, `raw` with them."""
+
+    image: Image.Image | None = None
+    boxes: tuple[PixelBox, ...] = ()
+    problems: tuple[str, ...] = ()
+    raw: str = ""
+    caption: bool = False  # a grounded caption: its text matters as much as its boxes
+
+
+@dataclass(frozen=True)
+class PageStarted:
+    """ocr: the page is loaded and its prompt prepared; its generation events follow."""
+
+    source: Source
+
+
+@dataclass(frozen=True)
+class PageFailed:
+    """ocr: the page could not be read; the loop goes on with the next one."""
+
+    source: Source
+    error: Dsvl2Error
+
+    @property
+    def message(self) -> str:
+        """The error, naming the page unless it already starts with the file's name."""
+        message = str(self.error)
+        return message if message.startswith(self.source.input) else f"{self.source.title}: {message}"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know before the answer (a lowered tiling): one warning line."""
+
+    message: str
+
+
+TaskEvent = Event | Answer | PageStarted | PageFailed | Notice
+
+
+def answer_record(vlm, done: Done, prepared: Prepared | None, images: Sequence[Image.Image]) -> dict:
+    """The JSON object of one answer (schema above); `prepared` None: a server's answer, whose
+    image layout is unknown here."""
+    st = done.stats
+    entries = [image_origin(img).as_json() for img in images]
+    for entry in entries:
+        entry.update(grid=None, tokens=None)
+    for entry, prepared_image in zip(entries, prepared.images if prepared is not None else ()):
+        entry["grid"] = list(prepared_image.grid)  # local tiles (wide, high); [1, 1] when untiled
+        entry["tokens"] = prepared_image.num_tokens
+    image_tokens = list(prepared.num_image_tokens) if prepared is not None else [None] * len(images)
+    inputs = {e["input"] for e in entries}
+    return {
+        "model": vlm.name,
+        "input": entries[0]["input"] if len(inputs) == 1 else None,
+        "page": entries[0]["page"] if len(entries) == 1 else None,
+        "images": entries,
+        "text": done.text.strip(),
+        "finish_reason": done.finish_reason,
+        "usage": {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.reused_tokens,
+                  "image_tokens": image_tokens, "generated_tokens": st.generated_tokens},
+        "timings": {"time_to_first_token_s": round(st.time_to_first_token, 4),
+                    "prefill_tokens_per_s": round(st.prefill_tokens_per_second, 2),
+                    "decode_tokens_per_s": round(st.decode_tokens_per_second, 2)},
+        "token_ids": list(done.token_ids),
+    }
+
+
+def answer_with_plan(model, done: Done, prepared: Prepared | None, images: Sequence[Image.Image], plan=None) -> Answer:
+    """The Answer of `done`; with a budget Plan, each image's record also says the grid full
+    detail would have used ("full_grid"; "grid" is what was used)."""
+    record = answer_record(model, done, prepared, images)
+    if plan is not None:
+        for entry, full in zip(record["images"], plan.full_grids):
+            entry["full_grid"] = list(full)
+    return Answer(done, record)
