@@ -14,7 +14,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
-from dsvl2_cli.app import cli, tasks
+from dsvl2_cli.app import backends, cli, tasks
 from dsvl2_cli.app.pictures import colour
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
@@ -360,7 +360,7 @@ def fake_answer(monkeypatch):
         yield Token(ids[0], "")
         yield Done("eos", GROUNDED, ids, Stats(int(prepared.input_ids.numel()), 0, 421, len(ids), 0.1, 1e3, 50.0, 0))
 
-    monkeypatch.setattr(tasks, "stream_generate", fake)
+    monkeypatch.setattr(backends, "stream_generate", fake)
 
 
 def test_ground_json_and_save(monkeypatch, ckpt_tiny, tmp_path, fake_answer):
@@ -403,13 +403,13 @@ def test_ground_plain_text_lists_boxes(monkeypatch, ckpt_tiny, images, fake_answ
 
 def test_ground_caption_prompt(monkeypatch, ckpt_tiny, images):
     seen = {}
-    real = tasks.stream_generate
+    real = backends.stream_generate
 
     def spy(vlm, prepared, config=None, prompt_cache=None):
         seen["text"] = vlm.tokenizer.decode(prepared.input_ids[~prepared.image_mask].tolist())
         return real(vlm, prepared, config, prompt_cache)
 
-    monkeypatch.setattr(tasks, "stream_generate", spy)
+    monkeypatch.setattr(backends, "stream_generate", spy)
     r = run(monkeypatch, "ground", *model_args(ckpt_tiny, 4), "--caption", images["a"])
     assert r.code == 0, r.stderr
     assert "<|grounding|>Describe the image in detail." in seen["text"]

@@ -2,7 +2,7 @@
 selection for ask (app/pages.py: BM25 over text layers, OCR of scanned pages kept in the cache),
 and batched OCR (--batch: page order, resumption, batch == one by one in float32).
 
-Most CLI tests replace the generation (tasks.stream_generate / tasks.generate_batch) with canned
+Most CLI tests replace the generation (backends.stream_generate / documents.generate_batch) with canned
 answers: what they check is the prompt each command plans and what it prints, not random tokens."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from PIL import Image
 from test_cli import _isolated, assert_one_line_error, model_args, run  # noqa: F401 - fixture
 from test_reliability import answer_events
 
-from dsvl2_cli.app import budget, cli, pages, tasks
+from dsvl2_cli import settings
+from dsvl2_cli.app import backends, budget, cli, documents, pages, tasks
 from dsvl2_cli.app.inputs import Source, tag
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.engine import runtime
@@ -40,8 +41,8 @@ class Generations:
     def __init__(self, monkeypatch, text=lambda n: "page text", interrupt_at_batch: int | None = None):
         self.streamed, self.batched, self.batches, self.prompts = 0, 0, 0, []
         self.text, self.interrupt_at_batch = text, interrupt_at_batch
-        monkeypatch.setattr(tasks, "stream_generate", self.stream)
-        monkeypatch.setattr(tasks, "generate_batch", self.batch)
+        monkeypatch.setattr(backends, "stream_generate", self.stream)
+        monkeypatch.setattr(documents, "generate_batch", self.batch)
 
     def stream(self, vlm, prepared, config=None, prompt_cache=None):
         self.streamed += 1
@@ -250,7 +251,7 @@ def test_scanned_pages_are_read_once_and_their_text_kept(monkeypatch, ckpt_tiny,
     assert r.code == 0, r.stderr
     assert gen.streamed + gen.batched == 3  # two scanned pages read, then the answer
     assert r.json_lines[0]["page_selection"]["ocr_pages"] == 2 and r.json_lines[0]["pages"] == [1]
-    assert len(list((tmp_path / "cache").rglob("*.txt"))) == 2
+    assert len(list(settings.prompt_cache_dir().glob("page-text/*.txt"))) == 2  # kept with the prompt cache
     gen2 = Generations(monkeypatch)
     r = run(monkeypatch, "ask", *args)
     assert r.code == 0, r.stderr
@@ -313,7 +314,7 @@ def test_default_batch_follows_memory(vlm32, monkeypatch):
 
     plenty = fit.Available(2**40, "test", {})
     monkeypatch.setattr(fit, "available_memory", lambda device: plenty)
-    assert tasks.default_ocr_batch(vlm32, 50) == tasks.OCR_BATCH_CPU
+    assert tasks.default_ocr_batch(vlm32, 50) == documents.OCR_BATCH_CPU
     assert tasks.default_ocr_batch(vlm32, 2) == 2
     monkeypatch.setattr(fit, "available_memory", lambda device: fit.Available(1, "test", {}))
     assert tasks.default_ocr_batch(vlm32, 50) == 1

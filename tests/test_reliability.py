@@ -42,7 +42,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_cli import _isolated, assert_clean, assert_one_line_error, model_args, run  # noqa: F401 - fixture
 
-from dsvl2_cli.app import cli, tasks
+from dsvl2_cli.app import backends, cli, tasks
 from dsvl2_cli.app import images as images_module
 from dsvl2_cli.app.pdf import MAX_SIDE
 from dsvl2_cli.dev.synthetic import write_image
@@ -129,9 +129,9 @@ def answer_events(vlm, prepared, text: str):
 
 
 def fake_model_answer(monkeypatch, text: str) -> None:
-    """Make every generation through tasks.stream_generate answer `text` (the model's forward pass
+    """Make every generation through backends.stream_generate answer `text` (the model's forward pass
     is not what these tests are about; the fixture model's answers are random tokens anyway)."""
-    monkeypatch.setattr(tasks, "stream_generate",
+    monkeypatch.setattr(backends, "stream_generate",
                         lambda vlm, prepared, config=None, prompt_cache=None: answer_events(vlm, prepared, text))
 
 
@@ -840,7 +840,7 @@ def test_prompt_image_placeholder_count_mismatch(monkeypatch, ckpt_tiny, tmp_pat
 # ================================================================================== output
 
 def _interrupt_on_call(monkeypatch, n: int, partial: str = "") -> None:
-    """tasks.stream_generate: whole answers ("page text"), except the n-th call yields `partial`
+    """backends.stream_generate: whole answers ("page text"), except the n-th call yields `partial`
     then Ctrl-C."""
     calls = {"n": 0}
 
@@ -853,12 +853,12 @@ def _interrupt_on_call(monkeypatch, n: int, partial: str = "") -> None:
             raise KeyboardInterrupt
         yield from answer_events(vlm, prepared, "page text")
 
-    monkeypatch.setattr(tasks, "stream_generate", gen)
+    monkeypatch.setattr(backends, "stream_generate", gen)
 
 
 def test_output_out_files_are_atomic_when_interrupted(monkeypatch, ckpt_tiny, three_pages, tmp_path):
     """Ctrl-C while page 2 is being read: exit 130, page 1's file complete, no page-2 file, no temp."""
-    real = tasks.stream_generate
+    real = backends.stream_generate
     _interrupt_on_call(monkeypatch, 2, "half of page two")
     out = tmp_path / "out"
     r = run(monkeypatch, "ocr", *model_args(ckpt_tiny, 3), "--dpi", "36", "--batch", "1", "--out", out, three_pages)
@@ -867,7 +867,7 @@ def test_output_out_files_are_atomic_when_interrupted(monkeypatch, ckpt_tiny, th
     assert files_in(out) == ["three-p001.txt"] and leftovers(out) == []
     assert (out / "three-p001.txt").read_text() == "page text\n"
     # the run resumes where it stopped (with the real model this time)
-    monkeypatch.setattr(tasks, "stream_generate", real)
+    monkeypatch.setattr(backends, "stream_generate", real)
     r = run(monkeypatch, "ocr", *model_args(ckpt_tiny, 3), "--dpi", "36", "--out", out, "--skip-existing", three_pages)
     assert r.code == 0, r.stderr
     assert files_in(out) == ["three-p001.txt", "three-p002.txt", "three-p003.txt"] and leftovers(out) == []

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from dsvl2_cli.app import budget, tasks
+from dsvl2_cli.app import backends, budget, tasks
 from dsvl2_cli.app.inputs import Source, image_origin, tag
 from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
 from dsvl2_cli.errors import InputError
@@ -61,7 +61,7 @@ def answering(text: str):
 
 @pytest.fixture
 def answer_is(monkeypatch):
-    return lambda text: monkeypatch.setattr(tasks, "stream_generate", answering(text))
+    return lambda text: monkeypatch.setattr(backends, "stream_generate", answering(text))
 
 
 def test_tasks_need_no_terminal_libraries():

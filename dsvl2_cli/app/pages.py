@@ -8,7 +8,7 @@ scanned page, its OCR), and only the best are asked about, at full detail.
 Ranking is Okapi BM25 (Robertson and Zaragoza, "The Probabilistic Relevance Framework: BM25 and
 Beyond", 2009), written out here in a few lines: no ranking library is installed, and BM25 over
 a few dozen pages is a dozen lines of arithmetic that need no index. The OCR text of scanned
-pages is kept in dsvl2's cache folder (`page-text/`), keyed by the model and the page's pixels,
+pages is kept in the prompt cache folder (`prompts/page-text/`), keyed by the model and the page's pixels,
 so a second question about the same document does not OCR it again.
 """
 
@@ -82,7 +82,7 @@ class PageTextCache:
     """OCR text of scanned pages on disk: one UTF-8 file per (model, dtype, prompt, page pixels)."""
 
     def __init__(self, folder: Path | None = None):
-        self.folder = folder or settings.cache_dir() / "page-text"
+        self.folder = folder or settings.prompt_cache_dir() / "page-text"
 
     def key(self, model_id: str, prompt: str, img) -> str:
         h = hashlib.blake2b(digest_size=20)

@@ -23,6 +23,10 @@ OCR_PROMPTS = {
             "keeping the line breaks. Output only the text.",
     "markdown": "Convert this page to Markdown: keep its headings, lists, tables and emphasis, and write out "
                 "all of its text in reading order. Output only the Markdown.",
+    # <|grounding|> asks the model to tie what it names to boxes (as in grounded captions);
+    # --format json keeps them per page where it does.
+    "json": "<|grounding|>Read all the text in this image and write it out exactly as it appears, in reading "
+            "order, keeping the line breaks.",
 }
 MAX_TOKENS = {"chat": 1024, "ocr": 2048, "ground": 1024}
 
