@@ -1,4 +1,5 @@
-"""The `dsvl2` command line: chat, ocr, ask, ground, serve, info, pull.
+"""The `dsvl2` command line: chat, ocr, ask and ground here; serve, info, quantize, bench, pull and
+cache in cli_admin.py, registered on the same app.
 
 A thin layer: parse the command line, call the library, show the result (render.py). Stdout
 carries only the answer, so pipes work; status, progress, timings and warnings go to stderr.
@@ -36,8 +37,7 @@ import typer
 
 from .. import __version__
 from ..errors import InputError
-from ..settings import DEFAULT_MODEL
-from . import exits
+from . import cli_admin, exits
 from .cli_options import (AllowPagingOpt, ApiKeyOpt, BatchOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTilesOpt,
                           MaxTokensOpt, ModelOpt, NoCacheOpt, NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt,
                           QuantizeOpt, QuietOpt, SeedOpt, ServerOpt, SystemOpt, TemperatureOpt, TopPOpt, options)
@@ -387,160 +387,7 @@ def ground(
                   AnswerView(stream=False, json=opts.json, waiting="looking", save=save))
 
 
-# -------------------------------------------------------------------------------------- serve
-
-@app.command()
-@exits.command
-def serve(
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 for every interface.")
-                    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
-    api_key: ApiKeyOpt = None,
-    allow_remote_images: Annotated[bool, typer.Option(
-        "--allow-remote-images", help="Fetch http(s) image URLs (else only data: URLs are accepted).")] = False,
-    cache_bytes: Annotated[int, typer.Option(
-        "--cache-bytes", min=0, help="Memory for the prompt caches that requests share (bytes).")] = 1 << 30,
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most requests decoding together.")] = 8,
-    log_level: Annotated[str, typer.Option(
-        "--log-level", metavar="LEVEL", help="uvicorn's log: warning, info (one line per request), debug.")
-                         ] = "warning",
-    quiet: QuietOpt = False,
-):
-    """Serve the model over HTTP with the OpenAI chat-completions API (for --server, curl, any
-    OpenAI client), until Ctrl-C."""
-    from . import serve as server
-    from .render import UI
-
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, quiet=quiet)
-    ui = UI(quiet)
-    settings = server.ServeSettings(host=host, port=port, api_key=api_key or opts.server_key() or "",
-                                    allow_remote_images=allow_remote_images, cache_bytes=cache_bytes,
-                                    max_batch=max_batch, log_level=log_level)
-    server.require_extra()
-    server.check_bind(settings)  # a taken port fails now, not after the model loaded
-    warning = server.exposure_warning(settings)
-    if warning:
-        ui.warn(warning)
-    vlm = open_model(opts, ui)
-    ui.status(f"serving {vlm.name} at {server.base_url(settings)}/v1 (OpenAI-compatible; Ctrl-C stops)")
-    server.run(vlm, settings)
-
-
-# --------------------------------------------------------------------------------- info, pull
-
-@app.command()
-@exits.command
-def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-         quantize: QuantizeOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False):
-    """Show the resolved model and its architecture (reads config.json; loads no weights)."""
-    from ..engine import hub
-    from . import tasks
-    from .render import UI, info_lines, print_json
-
-    ui = UI(quiet)
-    resolved = hub.resolve_local(model)  # info never downloads gigabytes
-    facts = tasks.model_info(resolved, options(dtype=dtype).dtype, device, quantize)
-    if json_:
-        print_json(facts, ui)
-        return
-    for line in info_lines(facts):
-        ui.line(line)
-
-
-@app.command()
-@exits.command
-def quantize(
-    src: Annotated[str, typer.Argument(metavar="SRC", help="Model folder or Hugging Face id to quantize.")],
-    dst: Annotated[Path, typer.Argument(metavar="DST", help="New folder to write (must not exist or be empty).")],
-    method: Annotated[str, typer.Option("--method", metavar="int4|nf4|int8",
-                                        help="How to store the routed experts.")] = "int4",
-    group_size: Annotated[Optional[int], typer.Option("--group-size", min=32, show_default=False,
-                                                      help="Values per scale (default: int4 128, nf4 64).")] = None,
-    quiet: QuietOpt = False,
-):
-    """Write a pre-quantized copy of a model: routed experts packed, the rest unchanged; it loads
-    directly (`-m DST`) and says in its config.json how it is quantized."""
-    from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn
-
-    from ..engine import hub, quant
-    from .render import UI
-
-    ui = UI(quiet)
-    resolved = hub.resolve(src)
-    progress = ui.progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with progress:
-        task = progress.add_task(f"quantizing {resolved.name} ({method})", total=None)
-        out = quant.quantize_folder(resolved.path, dst, method, group_size,
-                                    on_progress=lambda done, total: progress.update(task, completed=done, total=total))
-    ui.status(f"wrote {out}")
-    ui.line(str(out))
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
-@exits.command
-def bench(ctx: typer.Context):
-    """Measure speed and memory at the real model shapes, with synthetic weights (no download);
-    `dsvl2 bench --help` lists its options."""
-    from ..dev import bench as bench_module
-
-    raise typer.Exit(bench_module.main(ctx.args))
-
-
-@app.command()
-@exits.command
-def pull(model: Annotated[Optional[str], typer.Argument(
-            metavar="MODEL", show_default=False,
-            help=f"Hugging Face id (default: $DSVL2_MODEL, else {DEFAULT_MODEL}).")] = None,
-         quiet: QuietOpt = False):
-    """Download a model into the Hugging Face cache (safetensors, JSON and tokenizer files only)."""
-    from ..engine import hub
-    from .render import UI
-
-    ui = UI(quiet)
-    name = hub.requested(model)
-    folder = hub.local_folder(name)
-    if folder is not None:
-        ui.status(f"{name} is a local folder; nothing to download")
-        ui.line(str(folder))
-        return
-    hub.check_repo_id(name)
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    ui.status(f"downloading {name} into the Hugging Face cache")
-    path = hub.download_model(name, hub.PULL_LOCAL_FOLDER_HINT)
-    ui.line(str(path))
-
-
-# -------------------------------------------------------------------------------------- cache
-
-@app.command()
-@exits.command
-def cache(
-    action: Annotated[Optional[str], typer.Argument(
-        metavar="[clear]", show_default=False, help="clear: remove every saved prompt.")] = None,
-    json_: JsonOpt = False,
-):
-    """List the saved image prompts (entries, sizes, last use, total and cap), or clear them."""
-    from .cli_options import prompt_store
-    from .render import UI, cache_lines, cache_record, print_json
-
-    ui = UI()
-    store = prompt_store()
-    if action is None:
-        if json_:
-            print_json(cache_record(store), ui)
-        else:
-            for line in cache_lines(store):
-                ui.line(line)
-    elif action == "clear":
-        entries, size = store.clear()
-        ui.line(f"removed {entries} saved prompt(s), {size:,} bytes, from {store.folder}")
-    else:
-        raise UsageError(f"unknown action {action!r}: use `dsvl2 cache` to list or `dsvl2 cache clear`")
+cli_admin.register(app, open_model=lambda opts, ui: open_model(opts, ui))  # serve, info, pull, quantize, bench, cache
 
 
 # ---------------------------------------------------------------------------------- entry point
