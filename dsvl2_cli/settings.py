@@ -24,7 +24,8 @@ VARIABLES = (
     Variable("DSVL2_MODEL", DEFAULT_MODEL, "the model when -m/--model is not given (a folder or a Hugging Face id)"),
     Variable("DSVL2_DEBUG", "", "1: errors show the Python traceback as well as the one-line message"),
     Variable("DSVL2_KERNELS", "1", "0: never build or use the native CPU kernels (torch everywhere)"),
-    Variable("DSVL2_CACHE", "", "folder for dsvl2's caches (compiled kernels); default $XDG_CACHE_HOME/dsvl2"),
+    Variable("DSVL2_CACHE", "", "base folder of dsvl2's caches in place of $XDG_CACHE_HOME: compiled kernels, saved "
+             "prompts and mapped weights go under $DSVL2_CACHE/dsvl2"),
     Variable("DSVL2_PROMPT_CACHE_BYTES", "2000000000", "most disk space for saved image prompts under $XDG_CACHE_HOME/dsvl2/"
              "prompts, in bytes or with a K/M/G/T suffix (powers of 1024); least recently used go first"),
     Variable("DSVL2_MMAP", "1", "0: CPU loads copy every weight out of the files instead of mapping a converted "

@@ -20,7 +20,7 @@ from serving import REPO, Server, free_port
 from test_cli import ANSWER_KEYS, _cached_load_weights, assert_clean, assert_one_line_error, model_args, run
 from test_client import Recorded
 
-from dsvl2_cli.app import cli, serve, tasks
+from dsvl2_cli.app import backends, cli, serve, tasks
 from dsvl2_cli.app.protocol import ServeSettings
 from dsvl2_cli.dev.synthetic import write_image
 
@@ -100,7 +100,7 @@ def test_ground_asks_the_server_for_special_tokens(monkeypatch, recorded, photo)
 
 def test_specials_other_than_grounding_tags_are_dropped():
     text = "<|ref|>a<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|><|User|>x<｜end▁of▁sentence｜><image>"
-    assert tasks._local_specials_only(text) == "<|ref|>a<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>x"
+    assert backends._local_specials_only(text) == "<|ref|>a<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>x"
 
 
 def test_unreachable_server_is_one_line(monkeypatch, photo):

@@ -240,7 +240,7 @@ def test_image_bomb_huge_header_allocates_nothing(ckpt_tiny, tmp_path):
     script = f"""
 import resource, sys
 from PIL import Image
-from dsvl2_cli.app import cli
+from dsvl2_cli.app import cli, render, tasks  # the CLI imports these lazily: load them before the limit
 vm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + 512 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
 try:
@@ -930,7 +930,7 @@ def test_output_closed_stdout_pipe_ends_quietly(ckpt_tiny, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSVL2_")}
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "dsvl2_cli", "ocr", "-m", str(ckpt_tiny), "--dtype", "float32",
-                             "--max-tokens", "4", "--dpi", "36", str(pdf)],
+                             "--max-tokens", "4", "--dpi", "36", "--batch", "1", str(pdf)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     first = proc.stdout.read(1)
     proc.stdout.close()

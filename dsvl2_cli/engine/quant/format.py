@@ -81,10 +81,12 @@ class QuantSpec:
 def read_spec(model_dir: str | os.PathLike) -> QuantSpec | None:
     """The quantization a model folder's config.json declares (None for a float checkpoint)."""
     path = Path(model_dir) / "config.json"
+    if not path.is_file():  # the same messages as ModelConfig.from_dir, whichever reads it first
+        raise ModelError(f"{path}: not found; a DeepSeek-VL2 model folder needs its config.json")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ModelError(f"{path}: cannot be read ({err})") from None
+        raise ModelError(f"{path}: not valid JSON ({err}); re-download the model") from None
     entry = raw.get(CONFIG_KEY) if isinstance(raw, dict) else None
     if entry is None:
         return None
