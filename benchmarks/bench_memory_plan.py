@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -36,13 +35,9 @@ QUESTION = "What is in this picture?"
 
 
 def peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from dsvl2_cli.dev.bench import peak_rss_bytes  # VmHWM, the one definition
+
+    return peak_rss_bytes()
 
 
 def current_rss() -> int:
