@@ -38,7 +38,8 @@ def _isolated(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(cli, "load_weights", _cached_load_weights)
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("DSVL2_MODEL", "DSVL2_DEBUG", "NO_COLOR", "FORCE_COLOR"):
+    for var in ("DSVL2_MODEL", "DSVL2_DEBUG", "DSVL2_SERVER", "DSVL2_API_KEY", "DSVL2_MEMORY_LIMIT",
+                "DSVL2_PROMPT_CACHE_BYTES", "NO_COLOR", "FORCE_COLOR"):  # a user's settings must not steer the tests
         monkeypatch.delenv(var, raising=False)
 
 
