@@ -184,11 +184,15 @@ def grounded(vlm, answer: Answer, image: Image.Image, caption: bool = False) -> 
     w, h = image.size
     boxes = tuple(_in_pixels(b, w, h) for b in result.boxes)
     record = dict(answer.record)
-    record.update(text=result.text, image_size=[w, h], problems=result.problems, raw=raw, boxes=[
-        {"label": b.label, "box_999": list(b.box_999), "xyxy": list(b.xyxy), "xywh": list(to_xywh(b.xyxy))}
-        for b in boxes])
+    record.update(text=result.text, image_size=[w, h], problems=result.problems, raw=raw, boxes=_box_records(boxes))
     return GroundAnswer(answer.done, record, image=image, boxes=boxes, problems=tuple(result.problems), raw=raw,
                         caption=caption)
+
+
+def _box_records(boxes: Sequence[PixelBox]) -> list[dict]:
+    """The JSON "boxes" of a grounded answer (ground, ocr --format json)."""
+    return [{"label": b.label, "box_999": list(b.box_999), "xyxy": list(b.xyxy), "xywh": list(to_xywh(b.xyxy))}
+            for b in boxes]
 
 
 def _in_pixels(box: Box, w: int, h: int) -> PixelBox:
@@ -208,11 +212,9 @@ def with_boxes(events: Iterator[TaskEvent]) -> Iterator[TaskEvent]:
             raw = event.done.text.strip()
             result = parse_grounding(raw)
             w, h = event.record["images"][0]["size"]
-            event.record.update(text=result.text if result.boxes else event.record["text"], raw=raw,
-                                problems=result.problems, boxes=[
-                                    {"label": b.label, "box_999": list(b.box_999), "xyxy": list(px),
-                                     "xywh": list(to_xywh(px))}
-                                    for b in result.boxes for px in [to_pixels(b, w, h)]])
+            boxes = [_in_pixels(b, w, h) for b in result.boxes]
+            event.record.update(text=result.text if boxes else event.record["text"], raw=raw,
+                                problems=result.problems, boxes=_box_records(boxes))
         yield event
 
 
