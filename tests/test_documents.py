@@ -39,7 +39,7 @@ class Generations:
     """Canned generation for both paths, counting prompts: one-by-one (stream) and batched."""
 
     def __init__(self, monkeypatch, text=lambda n: "page text", interrupt_at_batch: int | None = None):
-        self.streamed, self.batched, self.batches, self.prompts = 0, 0, 0, []
+        self.streamed, self.batched, self.batches, self.prompts, self.max_tokens = 0, 0, 0, [], []
         self.text, self.interrupt_at_batch = text, interrupt_at_batch
         monkeypatch.setattr(backends, "stream_generate", self.stream)
         monkeypatch.setattr(documents, "generate_batch", self.batch)
@@ -47,10 +47,12 @@ class Generations:
     def stream(self, vlm, prepared, config=None, prompt_cache=None):
         self.streamed += 1
         self.prompts.append(prepared)
+        self.max_tokens.append(config.max_tokens)
         yield from answer_events(vlm, prepared, self.text(len(self.prompts)))
 
-    def batch(self, vlm, prompts, config=None):
+    def batch(self, vlm, prompts, config=None, max_tokens=None):
         self.batches += 1
+        self.max_tokens.extend(max_tokens or [config.max_tokens] * len(prompts))
         if self.batches == self.interrupt_at_batch:
             raise KeyboardInterrupt
         out = []
@@ -161,13 +163,29 @@ def test_ask_warns_once_with_the_grids_and_reports_them(monkeypatch, ckpt_tiny, 
     assert gen.streamed == 1
 
 
-def test_ocr_of_an_a4_page_fits_its_2048_token_answer(monkeypatch, ckpt_tiny, tmp_path):
+def test_ocr_of_an_a4_page_keeps_full_detail_at_the_default_budget(monkeypatch, ckpt_tiny, tmp_path):
+    """3x3 (2074 tokens) + 2048 overflows 4096 by 26: the default budget gives way, not the tiles."""
     pdf = text_pdf(tmp_path / "page.pdf", ["Some text"])
-    Generations(monkeypatch)
+    gen = Generations(monkeypatch)
     r = run(monkeypatch, "ocr", "-m", ckpt_tiny, "--dtype", "float32", "--json", pdf)
     assert r.code == 0, r.stderr
     (rec,) = r.json_lines
-    assert rec["usage"]["prompt_tokens"] + 2048 <= CONTEXT
+    assert rec["images"][0]["grid"] == rec["images"][0]["full_grid"] == [3, 3]
+    assert not [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    budget_ = rec["answer_budget"]
+    assert 2048 - 2048 // 8 <= budget_ < 2048 and rec["usage"]["prompt_tokens"] + budget_ == CONTEXT
+    assert gen.max_tokens == [budget_]  # what generation was asked for: the answer ends by "length", not "context"
+
+
+def test_an_explicit_budget_is_kept_whole(planner):
+    page = [user_message("Read.", [_page()])]
+    flexible = planner.plan(page, system=None, answer_budget=2100, flexible=True)  # 2027 + 2100 > 4096
+    fixed = planner.plan(page, system=None, answer_budget=2100)
+    assert flexible.grids == ((3, 3),) and flexible.answer_budget == CONTEXT - flexible.prompt_tokens < 2100
+    assert fixed.grids != ((3, 3),) and fixed.answer_budget == 2100
+    # a default budget gives at most an eighth: two pages still lose tiles, with at most 1024 left
+    two = planner.plan([user_message("Q?", [_page(), _page(page=2)])], system=None, answer_budget=1024, flexible=True)
+    assert two.reduced and 896 <= two.answer_budget <= 1024 and two.prompt_tokens + two.answer_budget <= CONTEXT
 
 
 @pytest.mark.parametrize("batch", ["1", "2"])

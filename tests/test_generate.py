@@ -1,5 +1,7 @@
 """Generation engine equivalences on all three fixture families."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
@@ -132,6 +134,18 @@ def test_batch_equals_one_by_one(vlm):
     single = [generate(vlm, p, config) for p in prompts]
     assert [r.token_ids for r in batch] == [r.token_ids for r in single]
     assert [r.finish_reason for r in batch] == [r.finish_reason for r in single]
+
+
+def test_batch_rows_keep_their_own_answer_budgets(vlm):
+    """ocr plans a budget per page: each row stops at its own, as it would alone."""
+    prompts = [prompt(vlm, "Describe this image.", [picture(640, 480, seed=5)]),
+               vlm.prepare([user_message("Just text, no image here at all.", [])])]
+    config = GenerationConfig(max_tokens=6)
+    batch = generate_batch(vlm, prompts, config, max_tokens=[2, 5])
+    single = [generate(vlm, p, replace(config, max_tokens=m)) for p, m in zip(prompts, [2, 5])]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in single]
+    assert [r.finish_reason for r in batch] == [r.finish_reason for r in single]
+    assert len(batch[0].token_ids) <= 2 and len(batch[1].token_ids) <= 5
 
 
 def test_mla_cache_bytes_per_token(models, shared_dir):

@@ -40,7 +40,7 @@ class FakePlanner:
     def __init__(self, vlm):
         self.vlm = vlm
 
-    def plan(self, messages, *, system, answer_budget, max_tiles=None):
+    def plan(self, messages, *, system, answer_budget, max_tiles=None, flexible=False):
         prepared = self.vlm.prepare(messages, system=system)
         grids = tuple(img.grid for img in prepared.images)
         return budget.Plan(prepared, grids, grids, answer_budget, 4096)
@@ -108,8 +108,8 @@ def test_answer_record_keys_usage_and_provenance(answer_is):
     *_, answer = tasks.ask(FakeModel(), imgs, "What is it?", tasks.Options())
     r = answer.record
     assert list(r) == ["model", "input", "page", "images", "text", "finish_reason", "usage", "timings", "token_ids",
-                       "pages"]
-    assert r["pages"] == [None, None]
+                       "answer_budget", "pages"]
+    assert r["pages"] == [None, None] and r["answer_budget"] == tasks.MAX_TOKENS["chat"]
     assert r["input"] is None and r["page"] is None  # two files: neither is "the" input
     assert r["images"] == [{"input": "a.png", "page": None, "size": [8, 6], "grid": [2, 1], "tokens": 7, "full_grid": [2, 1]},
                            {"input": "b.png", "page": None, "size": [5, 5], "grid": [2, 1], "tokens": 7, "full_grid": [2, 1]}]

@@ -8,6 +8,10 @@ step (its next candidate layout with fewer tiles, chosen as the reference choose
 the largest image shrinks first, so detail is taken where there is most of it. A prompt that
 does not fit even with every image untiled (one tile each) is refused with its numbers.
 
+A default answer budget (no --max-tokens) gives way to detail first, by up to an eighth: one A4
+page at 3x3 (2074 tokens) keeps its nine tiles with a 2022-token OCR answer instead of losing
+three tiles to keep the last 26 tokens of a 2048 budget. A budget the user set is kept whole.
+
 Planning needs only the processor (tokenizer + processor settings, no weights): `planner_for`
 builds one from a model folder, so a hopeless prompt is refused before the model loads.
 """
@@ -59,9 +63,9 @@ class Planner:
     context: int
 
     def plan(self, messages: Sequence[Message], *, system: str | None, answer_budget: int,
-             max_tiles: int | None = None) -> Plan:
+             max_tiles: int | None = None, flexible: bool = False) -> Plan:
         return plan(self.processor, messages, system=system, answer_budget=answer_budget, context=self.context,
-                    max_tiles=max_tiles)
+                    max_tiles=max_tiles, flexible=flexible)
 
 
 def planner_for(model_dir: str | Path) -> Planner:
@@ -80,11 +84,16 @@ def _grid(g: tuple[int, int]) -> str:
     return f"{g[0]}x{g[1]}"
 
 
+FLEXIBLE_SHARE = 8  # a default answer budget may shrink by budget // 8 to keep full detail
+
+
 def plan(processor: Processor, messages: Sequence[Message], *, system: str | None, answer_budget: int,
-         context: int, max_tiles: int | None = None) -> Plan:
+         context: int, max_tiles: int | None = None, flexible: bool = False) -> Plan:
     """The prompt of `messages` at the most detail that leaves `answer_budget` tokens of the
-    `context` for the answer, each image at most `max_tiles` tiles (None: no cap). Raises
-    ContextTooLongError when even untiled images leave too little room."""
+    `context` for the answer, each image at most `max_tiles` tiles (None: no cap). `flexible`
+    (the budget is a default): the answer may get as little as 7/8 of it where that keeps more
+    tiles; the Plan's answer_budget is then what is left of the context, at most the default.
+    Raises ContextTooLongError when even untiled images leave too little room."""
     prepared = processor.prepare(messages, system=system, max_tiles=max_tiles)
     settings = processor.settings
     side = settings.tokens_per_tile_side
@@ -97,15 +106,16 @@ def plan(processor: Processor, messages: Sequence[Message], *, system: str | Non
     def total() -> int:
         return text + sum(image_token_count(w, h, side) for w, h in grids)
 
-    while total() + answer_budget > context:
+    least = answer_budget - answer_budget // FLEXIBLE_SHARE if flexible else answer_budget
+    while total() + least > context:
         shrinkable = [i for i, (w, h) in enumerate(grids) if w * h > 1]
         if not tiling or not shrinkable:
-            _refuse(text, [image_token_count(w, h, side) for w, h in grids], answer_budget, context)
+            _refuse(text, [image_token_count(w, h, side) for w, h in grids], least, context)
         i = max(shrinkable, key=lambda k: (image_token_count(*grids[k], side), -k))  # the largest, then the first
         grids[i] = tiling_grid(sizes[i], settings, True, grids[i][0] * grids[i][1] - 1)
     if grids != list(full):
         prepared = processor.prepare(messages, system=system, max_tiles=[w * h for w, h in grids])
-    return Plan(prepared, full, tuple(grids), answer_budget, context)
+    return Plan(prepared, full, tuple(grids), min(answer_budget, context - total()), context)
 
 
 def _refuse(text: int, image_tokens: list[int], answer_budget: int, context: int) -> None:

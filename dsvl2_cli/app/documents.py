@@ -28,7 +28,8 @@ def plan_prompt(vlm, text: str, images: Sequence[Image.Image], opts: Options, co
              max_tiles: int | None) -> Iterator[Notice]:
     """Plan the prompt (a generator so that the Notice goes out with the events); returns the Plan."""
     plan = budget.loaded_planner(vlm).plan([user_message(text, list(images))], system=opts.system,
-                                           answer_budget=config.max_tokens, max_tiles=max_tiles)
+                                           answer_budget=config.max_tokens, max_tiles=max_tiles,
+                                           flexible=opts.max_tokens is None)
     note = plan.note([image_title(img) for img in images])
     if note:
         yield Notice(note)
@@ -43,7 +44,7 @@ def page_planner(vlm, prompt: str, opts: Options, config: GenerationConfig, max_
     def plan_page(src: Source) -> tuple[Image.Image, budget.Plan, Notice | None]:
         img = src.image()
         plan = planner.plan([user_message(prompt, [img])], system=opts.system, answer_budget=config.max_tokens,
-                            max_tiles=max_tiles)
+                            max_tiles=max_tiles, flexible=opts.max_tokens is None)
         note = plan.note(["each page" if src.page else src.title])
         fresh = note is not None and note != last[0]
         last[0] = note or last[0]
@@ -66,7 +67,8 @@ def read_batched(vlm, sources: Sequence[Source], plan_page, config: GenerationCo
                 ready.append(PageFailed(src, err))
         runs = [r for r in ready if not isinstance(r, PageFailed)]
         try:
-            dones = iter(generate_batch(vlm, [plan.prepared for _, _, plan in runs], config))
+            dones = iter(generate_batch(vlm, [plan.prepared for _, _, plan in runs], config,
+                                        max_tokens=[plan.answer_budget for _, _, plan in runs]))
         except Dsvl2Error as err:  # the batch as a whole could not run: every page of it failed
             dones, ready = iter(()), [r if isinstance(r, PageFailed) else PageFailed(r[0], err) for r in ready]
         for item in ready:  # page order, failures in their place
@@ -105,7 +107,8 @@ def preflight(model_dir: Path, text: str, images: Sequence[Image.Image] | int, o
         images = [Image.new("RGB", (1, 1)) for _ in range(images)]
     try:
         return budget.planner_for(model_dir).plan([user_message(text, list(images))], system=opts.system,
-                                                  answer_budget=opts.generation(task).max_tokens, max_tiles=max_tiles)
+                                                  answer_budget=opts.generation(task).max_tokens, max_tiles=max_tiles,
+                                                  flexible=opts.max_tokens is None)
     except ContextTooLongError as err:
         if name is None:
             raise

@@ -174,9 +174,11 @@ def answer_record(vlm, done: Done, prepared: Prepared | None, images: Sequence[I
 
 def answer_with_plan(model, done: Done, prepared: Prepared | None, images: Sequence[Image.Image], plan=None) -> Answer:
     """The Answer of `done`; with a budget Plan, each image's record also says the grid full
-    detail would have used ("full_grid"; "grid" is what was used)."""
+    detail would have used ("full_grid"; "grid" is what was used), and the record the answer's
+    planned budget ("answer_budget": a default --max-tokens may give way to detail)."""
     record = answer_record(model, done, prepared, images)
     if plan is not None:
+        record["answer_budget"] = plan.answer_budget
         for entry, full in zip(record["images"], plan.full_grids):
             entry["full_grid"] = list(full)
     return Answer(done, record)

@@ -46,6 +46,7 @@ ocr --format json adds "boxes", "problems" and "raw" as ground does.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -126,6 +127,8 @@ def ask(model, images: Sequence[Image.Image], question: str, opts: Options, *, m
         prompt = Prompt((message,), opts.system, plan.prepared)
     else:
         prompt = backend.prepare([message], opts.system)
+    if plan is not None:
+        config = replace(config, max_tokens=plan.answer_budget)
     for event in _generate(backend, prompt, images, config, plan=plan):
         if isinstance(event, Answer):
             event.record["pages"] = [image_origin(img).page for img in images]
@@ -261,7 +264,7 @@ def read_pages(model, sources: Sequence[Source], prompt: str, opts: Options, *, 
                 yield notice
             yield PageStarted(src)
             ready = Prompt((user_message(prompt, [img]),), opts.system, plan.prepared)
-            yield from _generate(backend, ready, [img], config, plan=plan)
+            yield from _generate(backend, ready, [img], replace(config, max_tokens=plan.answer_budget), plan=plan)
         except Dsvl2Error as err:
             yield PageFailed(src, err)
 

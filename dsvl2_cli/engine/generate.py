@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -414,12 +414,16 @@ def stream_generate(vlm: VLModel, prepared: Prepared, config: GenerationConfig |
 
 
 @torch.inference_mode()
-def generate_batch(vlm: VLModel, prompts: Sequence[Prepared], config: GenerationConfig | None = None) -> list[Done]:
+def generate_batch(vlm: VLModel, prompts: Sequence[Prepared], config: GenerationConfig | None = None,
+                   max_tokens: Sequence[int] | None = None) -> list[Done]:
     """Independent prompts decoded together (left-padded); each result equals its one-by-one run
-    (tokens and finish_reason)."""
+    (tokens and finish_reason). `max_tokens`: each row's own answer budget (default: config's)."""
     config = config or GenerationConfig()
     if not prompts:
         return []
+    budgets = list(max_tokens) if max_tokens is not None else [config.max_tokens] * len(prompts)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} answer budgets for {len(prompts)} prompts")
     for p in prompts:
         check_context(vlm, p)
     t0 = time.perf_counter()
@@ -433,13 +437,14 @@ def generate_batch(vlm: VLModel, prompts: Sequence[Prepared], config: Generation
         mask[row, pad[row]:] = p.image_mask
     embeds = vlm.embed_prompt(ids, mask, [img for p in prompts for img in p.images])  # images row-major
     cache = vlm.new_cache(b, pad.to(vlm.device) if int(pad.max()) else None)
-    cache.reserve(width + config.max_tokens)
+    cache.reserve(width + max(budgets))
     for s in range(0, width, config.prefill_chunk):
         logits = vlm.forward(embeds[:, s:s + config.prefill_chunk], cache, last_only=True)[:, -1]  # (B, V)
     t_prefill = time.perf_counter()
     per_position = cache.nbytes // (b * width)  # one row's cache bytes per position
 
-    seqs = [_Sequence(vlm, config, p.input_ids.to(vlm.device), width - n) for p, n in zip(prompts, lengths)]
+    seqs = [_Sequence(vlm, replace(config, max_tokens=m), p.input_ids.to(vlm.device), width - n)
+            for p, n, m in zip(prompts, lengths, budgets)]
     for _ in _decode(vlm, seqs, logits, cache):
         pass
     t_end = time.perf_counter()
