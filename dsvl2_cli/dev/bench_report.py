@@ -11,7 +11,8 @@ GOALS = {
     "decode": "decode >= 70% of the bandwidth floor of its moment",
     "prefill_matmul": "LM prefill >= 70% of the matmul rate of its moment",
     "prefill_peer": "LM prefill >= the transformers peer",
-    "load_cached": "load <= 1 s with the file in the page cache (fresh process)",
+    "load_cached": "load <= 1 s with the file in the page cache (fresh process, after its imports)",
+    "model_ready": "process start to model ready <= load + 0.5 s",
     "help": "`--help` <= 0.3 s",
     "ttft_cold": "process start to first token <= 10 s, 640x480 photo, cold",
     "ttft_cached": "time to first token <= 1 s + the new text's prefill, prompt cache",
@@ -50,7 +51,9 @@ def add_floors(result: dict) -> None:
         ours["generate_peak_rss"] / (ours["weight_bytes"] + ours["cache_bytes_at_2000"]))
     proc = result.get("process")
     if proc:
-        goals["load_cached"] = {"goal": GOALS["load_cached"], "met": proc["load_cached"]["load_s"] <= 1.0}
+        lc = proc["load_cached"]
+        goals["load_cached"] = {"goal": GOALS["load_cached"], "met": lc["load_s"] <= 1.0}
+        goals["model_ready"] = {"goal": GOALS["model_ready"], "met": lc["startup_overhead_s"] <= 0.5}
         cold = proc["first_token"]["cold"]
         goals["ttft_cold"] = {"goal": GOALS["ttft_cold"], "met": cold["process_wall_s"] <= 10.0}
         warm = proc["first_token"]["prompt_cache"]
@@ -117,8 +120,10 @@ def table(report: dict) -> str:
         if proc:
             lc = proc["load_cached"]
             rows.append(("load, file cached", f"{lc['load_s']:.2f} s (fresh process)",
-                         f"second call {lc['second_load_s']:.2f} s, import {lc['import_s']:.2f} s",
-                         _met(g["load_cached"])))
+                         f"second call {lc['second_load_s']:.2f} s", _met(g["load_cached"])))
+            rows.append(("start to model ready", f"{lc['ready_s']:.2f} s (process)",
+                         f"load + {lc['startup_overhead_s']:.2f} s: imports {lc['import_s']:.2f} s, of which "
+                         f"import torch {lc['torch_import_s']:.2f} s", _met(g["model_ready"])))
             cold = proc["first_token"]["cold"]
             rows.append(("start to 1st token, cold", f"{cold['process_wall_s']:.2f} s (photo, process)",
                          f"TTFT in it {cold['ttft_s']:.2f} s, {cold['prompt_tokens']} tok", _met(g["ttft_cold"])))
