@@ -117,7 +117,21 @@ def open_backend(opts: Options, ui: UI):
 
     backend = tasks.RemoteBackend(RemoteModel(url, api_key=opts.server_key(), model=opts.model))
     ui.status(f"{backend.name} at {url}")
+    local_only = _local_only_options(opts)
+    if local_only:
+        ui.warn(f"{', '.join(local_only)} chose how a local model loads; the server at {url} has loaded its own, "
+                "so they are ignored")
     return backend
+
+
+def _local_only_options(opts: Options) -> list[str]:
+    """The loading options given that a server cannot honour (it loaded its model already)."""
+    from .results import Options  # the defaults (cli.py imports the task layer lazily)
+
+    plain = Options()
+    given = [("--device", opts.device != plain.device), ("--dtype", opts.dtype != plain.dtype),
+             ("--quantize", opts.quantize != plain.quantize), ("--allow-paging", opts.allow_paging)]
+    return [name for name, differs in given if differs]
 
 
 def _note_sampling(opts: Options, ui: UI) -> None:
