@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import _isolated, assert_clean, assert_one_line_error, run  # noqa: F401 - fixture reused
 
 from dsvl2_cli import settings
 from dsvl2_cli.engine import mapped_store
 from dsvl2_cli.engine.runtime import load_model
 from dsvl2_cli.model.config import ModelConfig
-from test_cli import _isolated, assert_clean, assert_one_line_error, run  # noqa: F401 - fixture reused
 
 
 @pytest.fixture

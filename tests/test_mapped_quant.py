@@ -5,6 +5,7 @@ maps too; a damaged quantized entry is caught and rebuilt; no mapping possible m
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def _tensors(vlm) -> dict[str, torch.Tensor]:
 
 def _mapping_ranges(path):
     out = []
-    for line in open("/proc/self/maps"):
+    for line in Path("/proc/self/maps").read_text().splitlines():
         if line.rstrip().endswith(str(path)):
             lo, hi = line.split()[0].split("-")
             out.append((int(lo, 16), int(hi, 16)))
