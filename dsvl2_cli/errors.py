@@ -48,6 +48,10 @@ class MemoryFitError(Dsvl2Error):
     """The model, as asked for (dtype, quantization), needs more memory than this process may use."""
 
 
+class CacheError(Dsvl2Error):
+    """A cache folder (saved prompts, page texts, mapped layouts) cannot be read or changed."""
+
+
 class ServerError(Dsvl2Error):
     """A dsvl2 server cannot be reached, refused the request, or failed while answering."""
 

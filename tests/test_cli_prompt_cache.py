@@ -98,13 +98,14 @@ def test_a_truncated_entry_warns_once_and_is_replaced(monkeypatch, ckpt_tiny, xd
 
 def test_cache_lists_and_clear_empties(monkeypatch, ckpt_tiny, xdg, photo):
     r = run(monkeypatch, "cache")
-    assert r.code == 0 and r.stdout.splitlines()[-1].startswith("0 saved prompt(s)")
+    assert r.code == 0 and r.stdout.splitlines()[0].startswith("0 saved prompt(s)")
     ask(monkeypatch, ckpt_tiny, photo, "What is this?")
     entry, = entries(xdg)
     r = run(monkeypatch, "cache", env={"DSVL2_PROMPT_CACHE_BYTES": "1G"})
-    lines = r.stdout.splitlines()
-    assert r.code == 0 and len(lines) == 2 and entry.name in lines[0]
+    lines = r.stdout.splitlines()  # the saved prompts first, then page texts and mapped layouts (test_cli_cache)
+    assert r.code == 0 and entry.name in lines[0]
     assert lines[1].startswith("1 saved prompt(s)") and "of 1.0 GiB" in lines[1] and str(xdg) in lines[1]
+    assert lines[2].startswith("0 page text(s)") and str(xdg / "page-text") in lines[2]
     listed = json.loads(run(monkeypatch, "cache", "--json").stdout)
     assert listed["entries"][0]["bytes"] == entry.stat().st_size == listed["total_bytes"]
     r = run(monkeypatch, "cache", "clear")

@@ -153,24 +153,39 @@ def pull(model: Annotated[Optional[str], typer.Argument(
 # -------------------------------------------------------------------------------------- cache
 
 def cache(
-    action: Annotated[Optional[str], typer.Argument(
-        metavar="[clear]", show_default=False, help="clear: remove every saved prompt.")] = None,
+    action: Annotated[str | None, typer.Argument(
+        metavar="[list|clear|prune]", show_default=False,
+        help="list (the default): what is cached; clear [KIND]: remove it; prune: remove the mapped layouts of "
+             "models that were deleted or rewritten.")] = None,
+    kind: Annotated[str | None, typer.Argument(
+        metavar="[prompts|pages|mapped|all]", show_default=False,
+        help="What `clear` removes: prompts (the default: the saved image prompts), pages (the OCR text of "
+             "scanned PDF pages), mapped (the converted weight layouts of CPU loads) or all.")] = None,
     json_: JsonOpt = False,
 ):
-    """List the saved image prompts (entries, sizes, last use, total and cap), or clear them."""
+    """List what dsvl2 keeps on disk (saved image prompts, page texts of scanned PDFs, mapped weight
+    layouts: sizes, last use, the model each was built from), or clear or prune it."""
+    from . import caches
     from .cli_options import prompt_store
-    from .render import UI, cache_lines, cache_record, print_json
+    from .render import UI, cache_lines, print_json, removed_lines
 
     ui = UI()
+    action = action or "list"
+    if action not in ("list", "clear", "prune"):
+        raise UsageError(f"unknown action {action!r}: use `dsvl2 cache` to list, `dsvl2 cache clear [KIND]` or "
+                         "`dsvl2 cache prune`")
+    if kind is not None and (action != "clear" or kind not in caches.CLEARABLE):
+        raise UsageError(f"`dsvl2 cache {action}` takes no {kind!r}" if action != "clear" else
+                         f"unknown kind {kind!r}: clear {', '.join(caches.CLEARABLE)}")
     store = prompt_store()
-    if action is None:
-        if json_:
-            print_json(cache_record(store), ui)
-        else:
-            for line in cache_lines(store):
-                ui.line(line)
-    elif action == "clear":
-        entries, size = store.clear()
-        ui.line(f"removed {entries} saved prompt(s), {size:,} bytes, from {store.folder}")
+    if action == "list":
+        record = caches.listing(store)
+        lines = None if json_ else cache_lines(record)
     else:
-        raise UsageError(f"unknown action {action!r}: use `dsvl2 cache` to list or `dsvl2 cache clear`")
+        removed = caches.clear(kind or "prompts", store) if action == "clear" else caches.prune()
+        record, lines = {"removed": removed}, None if json_ else removed_lines(removed)
+    if lines is None:
+        print_json(record, ui)
+    else:
+        for line in lines:
+            ui.line(line)

@@ -14,6 +14,7 @@ so a second question about the same document does not OCR it again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from .. import settings
 from ..engine.processor import MAX_TILED_IMAGES
-from ..errors import InputError
+from ..errors import CacheError, InputError
 from .inputs import Source, write_atomic
 
 MIN_TEXT_CHARS = 20     # less text than this (a page number, a stray mark): treated as scanned
@@ -102,6 +103,30 @@ class PageTextCache:
             write_atomic(self.folder / f"{key}.txt", text.encode("utf-8"))
         except InputError:  # a cache that cannot be written only costs time on the next question
             pass
+
+    def entries(self) -> list[tuple[Path, int, float]]:
+        """(path, bytes, last write) of every saved page text, oldest first."""
+        out = []
+        if self.folder.is_dir():
+            for p in self.folder.glob("*.txt"):
+                with contextlib.suppress(OSError):
+                    st = p.stat()
+                    out.append((p, st.st_size, st.st_mtime))
+        return sorted(out, key=lambda e: e[2])
+
+    def clear(self) -> tuple[int, int]:
+        """Remove every saved page text; returns (files, bytes) removed."""
+        n = size = 0
+        for path, nbytes, _ in self.entries():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise CacheError(f"{path}: cannot remove it ({err.strerror or err}); check the folder's "
+                                 "permissions") from None
+            n, size = n + 1, size + nbytes
+        return n, size
 
 
 @dataclass(frozen=True)

@@ -346,24 +346,35 @@ def show_boxes(ui: UI, img: Image.Image, drawn: Sequence[DrawBox], text: str) ->
         console.print(Text("■ ", style=Style(color=rgb(b.colour))) + Text(line))
 
 
-def cache_record(store) -> dict:
-    """`dsvl2 cache --json`: the persistent prompt cache's folder, cap and entries (oldest use first)."""
-    entries = store.entries()
-    return {"folder": str(store.folder), "cap_bytes": store.cap_bytes,
-            "total_bytes": sum(size for _, size, _ in entries),
-            "entries": [{"name": path.name, "bytes": size,
-                         "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(used))}
-                        for path, size, used in entries]}
+_NOUNS = {"prompts": "saved prompt(s)", "pages": "page text(s)", "mapped": "mapped layout(s)"}
 
 
-def cache_lines(store) -> list[str]:
-    """`dsvl2 cache`: one line per saved prompt (most recently used first), then the total."""
-    record = cache_record(store)
+def cache_lines(record: dict) -> list[str]:
+    """`dsvl2 cache` (record: caches.listing): the saved prompts, most recently used first, and
+    their total; the page texts' total; the mapped layouts, each with the model folder, dtype and
+    quantization it was built from, and their total."""
     lines = [f"{e['last_used'].replace('T', ' ')}  {_bytes(e['bytes']):>10}  {e['name']}"
              for e in reversed(record["entries"])]
-    lines.append(f"{len(record['entries'])} saved prompt(s), {_bytes(record['total_bytes'])} of "
+    lines.append(f"{len(record['entries'])} {_NOUNS['prompts']}, {_bytes(record['total_bytes'])} of "
                  f"{_bytes(record['cap_bytes'])} in {record['folder']}")
+    pages = record["pages"]
+    lines.append(f"{len(pages['entries'])} {_NOUNS['pages']}, {_bytes(pages['total_bytes'])} in {pages['folder']}")
+    mapped = record["mapped"]
+    for e in reversed(mapped["entries"]):
+        built = (e["dtype"] or "?") + (f" {e['quant']}" if e["quant"] else "")
+        state = "" if e["state"] == "ready" else f"  ({e['state']})"
+        lines.append(f"{e['last_used'].replace('T', ' ')}  {_bytes(e['bytes']):>10}  {built}  "
+                     f"{e['source'] or e['name']}{state}")
+    stale = sum(1 for e in mapped["entries"] if e["stale"])
+    note = f"; {stale} stale ({_bytes(mapped['stale_bytes'])}): `dsvl2 cache prune` removes them" if stale else ""
+    lines.append(f"{len(mapped['entries'])} {_NOUNS['mapped']}, {_bytes(mapped['total_bytes'])} in "
+                 f"{mapped['folder']}{note}")
     return lines
+
+
+def removed_lines(removed: list[dict]) -> list[str]:
+    """`dsvl2 cache clear` / `prune`: one line per kind, "removed N ..., B bytes, from FOLDER"."""
+    return [f"removed {r['entries']} {_NOUNS[r['kind']]}, {r['bytes']:,} bytes, from {r['folder']}" for r in removed]
 
 
 def info_lines(facts: dict) -> list[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CacheError
 from .cache import ModelCache
 
 FORMAT = "dsvl2-prompt-prefix"
@@ -206,12 +207,18 @@ class PromptStore:
         return freed
 
     def clear(self) -> tuple[int, int]:
-        """Remove every entry (and stale temporary files); returns (entries, bytes) removed."""
+        """Remove every entry (and stale temporary files); returns (entries, bytes) removed. An entry
+        that cannot be removed is a CacheError (the page texts in page-text/ are not entries)."""
         n = size = 0
         for path, nbytes, _ in self.entries():
-            with contextlib.suppress(OSError):
+            try:
                 path.unlink()
-                n, size = n + 1, size + nbytes
+            except FileNotFoundError:  # another process removed it first
+                continue
+            except OSError as err:
+                raise CacheError(f"{path}: cannot remove it ({err.strerror or err}); check the folder's "
+                                 "permissions") from None
+            n, size = n + 1, size + nbytes
         for tmp in self.folder.glob(".*.part") if self.folder.is_dir() else ():
             with contextlib.suppress(OSError):
                 tmp.unlink()

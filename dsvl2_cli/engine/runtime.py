@@ -79,8 +79,9 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     quantize: None (as the folder is: float, or its pre-quantized method), "none", "int8", "int4"
     or "nf4" (routed experts quantized as each layer is read; a pre-quantized folder only loads
     with its own method).
-    mmap: None (settings: DSVL2_MMAP, on by default) or a bool. On CPU with float experts the
-    weights are views of a memory-mapped converted layout (engine/mapped.py); otherwise copied.
+    mmap: None (settings: DSVL2_MMAP, on by default) or a bool. On CPU the weights (quantized
+    experts too, in their kernel's layout) are views of a memory-mapped converted layout
+    (engine/mapped.py); otherwise copied.
     """
     folder_spec = quant.read_spec(model_dir)
     spec = quant.choose_spec(quantize, folder_spec, str(model_dir))
@@ -95,11 +96,12 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
     reader = TensorReader(infos)
-    use_mmap = settings.mmap_enabled() if mmap is None else mmap
+    use_mmap = (settings.mmap_enabled() if mmap is None else mmap) and device.type == "cpu"
     try:
-        # Quantized experts are built while reading (their packed buffers): they stay on the copy path.
-        if not (use_mmap and device.type == "cpu" and experts is None and
-                mapped.load_mapped(model, model_dir, reader, cfg, dtype, on_progress)):
+        # Quantized experts are mapped in their CPU kernel's layout (quant.kernel_layout), built once.
+        layout = quant.kernel_layout(spec, cfg, device) if use_mmap and spec is not None else None
+        if not (use_mmap and mapped.load_mapped(model, model_dir, reader, cfg, dtype, on_progress,
+                                                experts=experts, layout=layout)):
             load_into(model, reader, cfg, dtype, device, on_progress, experts=experts)
     finally:
         reader.close()

@@ -295,12 +295,20 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.endswith(ROUTER_SUFFIXES) else dtype
 
 
-def build_params(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, dtype: torch.dtype):
+def build_params(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, dtype: torch.dtype,
+                 experts: Callable[[str, TensorReader], torch.nn.Module] | None = None):
     """(name, tensor) for every parameter of a meta-device `model`, one at a time, exactly as
-    `load_into` would set it on CPU (the mapped-layout writer streams these to its file)."""
+    `load_into` would set it on CPU (the mapped-layout writer streams these to its file). With an
+    `experts` hook, each MoE layer's routed experts come as the buffers of the module it builds
+    ("<module>.<buffer>", in the module's order) in place of `gate_up` and `down`."""
     recipes = _recipes(cfg)
     for name, param in model.named_parameters():
-        yield name, _load_param(name, param, reader, recipes, dtype, torch.device("cpu"))
+        m = EXPERTS_PARAM.match(name) if experts is not None else None
+        if m is None:
+            yield name, _load_param(name, param, reader, recipes, dtype, torch.device("cpu"))
+        elif m.group(2) == "gate_up":  # the hook builds both parts
+            for buffer, tensor in experts(m.group(1), reader).named_buffers():
+                yield f"{m.group(1)}.{buffer}", tensor
         if reader.bytes_read > RELEASE_BYTES:
             reader.close()
 

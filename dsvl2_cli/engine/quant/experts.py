@@ -24,8 +24,10 @@ Decoding on CPU, int4 and int8 run all chosen experts of a layer in one native c
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ from ...model.moe import combine_experts, per_expert_loop
 from .. import kernels
 from ..weights import TensorReader, stack_experts
 from .format import (PARTS, QuantizationError, QuantSpec, _fields, _nf4_table, _pack_nibbles, _unpack_nibbles,
-                     dequantize_packed, dequantize_part, pack_experts, pack_part)
+                     dequantize_packed, dequantize_part, pack_experts, pack_part, packed_shapes)
 
 # ------------------------------------------------------------------------- kernel modules
 
@@ -383,3 +385,62 @@ def packed_layer_hook(spec: QuantSpec, device: torch.device):
                   for part in PARTS for field in _fields(spec.method)}
         return experts_from_packed(packed, spec, device)
     return build
+
+
+# ------------------------------------------------------------------------------ mapped loading
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """The buffers of a MoE layer's quantized experts as the kernel for a device holds them:
+    what a mapped layout stores in place of the float experts (engine/mapped.py). The CPU
+    packings are torch's and bitsandbytes' internal choices (they vary with the CPU and the
+    version), so `key` carries a digest of a probe's kernel tensors: another packing, another key."""
+
+    spec: QuantSpec
+    layout: str
+    n_experts: int
+    hidden: int
+    inner: int
+    buffers: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # name, one expert's shape, dtype
+    digest: str
+
+    @property
+    def key(self) -> str:
+        """e.g. "int4g128-cpu-1a2b3c4d5e": part of the entry's name and checked in its record."""
+        group = f"g{self.spec.group_size}" if self.spec.group_size else ""
+        return f"{self.spec.method}{group}-{self.layout}-{self.digest}"
+
+    def table(self, module_name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Buffer name under the model -> (shape, dtype), for the experts module `module_name`."""
+        return {f"{module_name}.{name}": ((self.n_experts, *shape), dt) for name, shape, dt in self.buffers}
+
+    def empty_module(self) -> QuantizedExperts:
+        """A module of this layout whose buffers are meta tensors, to be set to mapped views."""
+        module = _CLASSES[self.spec.method](self.n_experts, self.hidden, self.inner, self.spec, self.layout)
+        for name, shape, dt in self.buffers:
+            module.register_buffer(name, torch.empty((self.n_experts, *shape), dtype=dt, device="meta"))
+        return module
+
+
+def kernel_layout(spec: QuantSpec, cfg: ModelConfig, device: torch.device) -> KernelLayout:
+    """The kernel layout `experts_from_packed` makes on `device` for this model's experts, found
+    by converting one random expert (milliseconds; the shapes per expert do not depend on E)."""
+    lm = cfg.language
+    d, m = lm.hidden_size, lm.moe_intermediate_size
+    gen = torch.Generator().manual_seed(0)
+    probe = {}
+    for part, (n, k) in (("gate_up", (2 * m, d)), ("down", (d, m))):
+        for field, (shape, dt) in packed_shapes(spec, 1, n, k).items():
+            if dt.is_floating_point:
+                probe[f"{part}.{field}"] = (torch.rand(shape, generator=gen) + 0.5).to(dt)
+            else:
+                low, high = (-127, 128) if dt == torch.int8 else (0, 256)
+                probe[f"{part}.{field}"] = torch.randint(low, high, shape, generator=gen, dtype=dt)
+    module = experts_from_packed(probe, spec, device, copy=False)
+    h = hashlib.blake2b(digest_size=5)
+    buffers = []
+    for name, b in module.named_buffers():
+        h.update(f"{name}\0{list(b.shape)}\0{b.dtype}\0".encode())
+        h.update(b.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        buffers.append((name, tuple(b.shape[1:]), b.dtype))
+    return KernelLayout(spec, module.layout, lm.n_routed_experts, d, m, tuple(buffers), h.hexdigest())
