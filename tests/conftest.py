@@ -39,9 +39,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _mapped_layouts(tmp_path_factory):
-    """CPU loads write mapped layouts (engine/mapped.py): into the session's tmp, not ~/.cache."""
+def _caches(tmp_path_factory):
+    """Everything dsvl2 caches goes to the session's tmp, never the user's ~/.cache: mapped
+    layouts (engine/mapped.py), saved prompts, page texts and compiled kernels (DSVL2_CACHE);
+    subprocesses inherit both."""
     os.environ["DSVL2_MMAP_DIR"] = str(tmp_path_factory.mktemp("mapped"))
+    os.environ["DSVL2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
 
 
