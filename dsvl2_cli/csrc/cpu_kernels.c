@@ -1,4 +1,5 @@
-/* Decode-time CPU kernels for dsvl2: bfloat16 matrix-vector products at memory bandwidth.
+/* CPU kernels for dsvl2: bfloat16 matrix-vector products at memory bandwidth for decoding, and
+ * attention for many query rows (prefill, the vision tower) at the end of the file.
  *
  * Decoding one token reads every active weight once, so it is bound by memory traffic; torch's
  * bf16 GEMV reaches only a third to a half of the machine's bandwidth. These kernels stream each

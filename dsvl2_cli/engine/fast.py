@@ -96,9 +96,9 @@ def prefill_attention(q, k, v, mask, scale: float | None, causal: bool = False) 
     offset = 0  # causal without a mask: query i sees keys 0..i, as SDPA's is_causal
     if mask is not None:
         offset = causal_offset(mask, q.shape[2], k.shape[2])
-        causal = True
     if offset is not None:
-        out = kernels.prefill_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, causal, offset)
+        out = kernels.prefill_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale,
+                                        causal or mask is not None, offset)
         if out is not None:
             return out
     return sdpa_attention(q, k, v, mask, scale, causal)

@@ -8,7 +8,9 @@ each library's size and sha256, checked before every load: a damaged copy is reb
 mapped), and loaded with ctypes: no Python extension ABI, no torch headers. The library links the same libgomp as torch,
 so both share one thread pool.
 
-Used only where they apply: CPU tensors, bfloat16, a few rows (decode and small batches). Set
+Used only where they apply: CPU tensors, bfloat16, a few rows (decode and small batches); and
+attention for many query rows (prefill, the vision tower: `prefill_attention`, ~2-3x torch's
+SDPA on AVX512-BF16). Set
 DSVL2_KERNELS=0 to use torch everywhere (results agree within bf16 rounding; see the tests).
 """
 
@@ -387,6 +389,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 PREFILL_MAX_DIM = 256  # head dims the prefill kernel's scratch is sized for
 FAST_PREFILL_ISA = 3  # below AVX512-BF16 the kernel's plain-C loops are slower than torch's SDPA
+_workspace = threading.local()  # the prefill kernel's packed K/V and scratch, kept between calls
+
+
+_WORKSPACE_KEPT = 64 << 20  # larger workspaces (long MLA prefills) are not kept after the call
+
+
+def _prefill_workspace(nbytes: int) -> torch.Tensor:
+    """A buffer of at least `nbytes`, reused between calls of one thread up to _WORKSPACE_KEPT:
+    a fresh 15 MB one per vision layer cost ~3 ms of page faults, a tenth of the kernel's time;
+    beyond the cap the work grows with the square of the length and the faults matter less."""
+    buf = getattr(_workspace, "buf", None)
+    if buf is not None and buf.numel() >= nbytes:
+        return buf
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes <= _WORKSPACE_KEPT:
+        _workspace.buf = buf
+    return buf
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False,
@@ -413,7 +432,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             or not _enabled() or _lib.dsvl2_kernel_isa() < min_isa):
         return None
     threads = torch.get_num_threads()
-    work = torch.empty(_lib.dsvl2_attn_prefill_bytes(b * hk, length, d, dv, threads), dtype=torch.uint8)
+    work = _prefill_workspace(_lib.dsvl2_attn_prefill_bytes(b * hk, length, d, dv, threads))
     out = torch.empty(b, t, h, dv, dtype=torch.bfloat16) if merge_heads else torch.empty(b, h, t, dv, dtype=torch.bfloat16)
     o_bs, o_hs, o_ts = (out.stride(0), out.stride(2), out.stride(1)) if merge_heads else out.stride()[:3]
     _lib.dsvl2_attn_prefill_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, hk, t, length, d, dv,
