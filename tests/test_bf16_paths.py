@@ -245,3 +245,69 @@ def test_quantized_paths_match_their_dequantized_weights(wide_ckpts, method):
     for mode, native in (("step", True), ("step", False), ("full", True), ("full", False)):
         err = median_rel(run_mode(qvlm, mode, None, native), reference)
         assert err <= RATIO * noise + U, (mode, native, err, noise)
+
+
+# ---------------------------------------------------------------------- prefill attention kernel
+
+@torch.inference_mode()
+def chunked(vlm, ids, split=LENGTH // 2):
+    """The last STEPS positions' logits from a prefill in two chunks: the second chunk's queries
+    sit after a cache (causal with an offset: the native kernel's `causal_offset` case). MLA
+    decompressed: these chunks are short enough for the absorbed path otherwise."""
+    set_path(vlm, "decompressed")
+    try:
+        cache = vlm.new_cache()
+        vlm.forward(vlm.embed_tokens(ids[None, :split]), cache)
+        return vlm.forward(vlm.embed_tokens(ids[None, split:]), cache)[0, -STEPS:].float()
+    finally:
+        set_path(vlm, None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", list(WIDE))
+def test_prefill_kernel_logits_within_rounding_noise(wide_models, family, monkeypatch):
+    """Prefill through the native attention kernel (whole and chunked after a cache) against the
+    float32 reference, within the bound of every other bf16 path; and the kernel did run."""
+    _, b16, reference, noise = wide_models[family]
+    calls = []
+    real = kernels.prefill_attention
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels, "prefill_attention", counted)
+    for run in (lambda ids: full(b16, ids), lambda ids: chunked(b16, ids)):
+        calls.clear()
+        err = median_rel(run, reference)
+        assert err <= RATIO * noise + U, (err, noise)
+        assert calls and all(calls), calls  # every prefill attention call took the kernel
+
+
+def _image_prompt(vlm):
+    from PIL import Image
+
+    from dsvl2_cli.engine.processor import user_message
+    g = torch.Generator().manual_seed(3)
+    img = Image.fromarray((torch.rand(300, 400, 3, generator=g) * 255).to(torch.uint8).numpy())
+    return vlm.prepare([user_message("Describe.", [img])])
+
+
+@needs_kernels
+def test_vision_tower_kernel_logits_within_rounding_noise(wide_ckpts, wide_models):
+    """An image prompt: the vision tower's attention and the prefill through the native kernel,
+    against the float32 model, within the bound the torch bf16 path sets on the same prompt."""
+    f32, b16, _, _ = wide_models["wide-mla"]
+    prepared = _image_prompt(b16)
+    with torch.inference_mode():
+        ref = f32.logits(prepared).float()
+        native = b16.logits(prepared).float()
+        with kernels.disabled():
+            plain = b16.logits(prepared).float()
+
+    def rel(x):
+        return ((x - ref).norm(dim=-1) / ref.norm(dim=-1)).median().item()
+
+    assert rel(native) <= RATIO * rel(plain) + U, (rel(native), rel(plain))
+    assert not torch.equal(native, plain)  # the kernels did run: another rounding order

@@ -122,3 +122,85 @@ def test_bf16_model_decode_same_with_and_without_kernels(ckpt_vl2, ckpt_tiny):
         with kernels.disabled():
             slow = generate(vlm, prepared, GenerationConfig(max_tokens=8))
         assert fast.token_ids == slow.token_ids
+
+
+# ---------------------------------------------------------------------- prefill attention
+
+def _prefill_inputs(b, h, hk, t, length, d, dv, seed, q_gain=1.0, key_ramp=0.0):
+    """q (B, H, T, d), k (B, Hk, L, d), v (B, Hk, L, dv) bf16. With d == dv and h == hk: strided
+    views of one (B, T, 3, H, d) tensor, as the vision tower's qkv projection gives them."""
+    g = torch.Generator().manual_seed(seed)
+    if d == dv and h == hk and t == length:
+        qkv = torch.randn(b, t, 3, h, d, generator=g).bfloat16()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, d), non-contiguous
+    else:
+        q = torch.randn(b, h, t, d, generator=g).bfloat16()
+        k = torch.randn(b, hk, length, d, generator=g).bfloat16()
+        v = torch.randn(b, hk, length, dv, generator=g).bfloat16()
+    if q_gain != 1.0:  # large scores: exp overflows without the max subtraction
+        q = (q.float() * q_gain).bfloat16()
+    if key_ramp:  # scores growing along the keys: the running max rises block after block
+        k = (k.float() * torch.linspace(1.0, 1.0 + key_ramp, length)[:, None]).bfloat16()
+    return q, k, v
+
+
+def prefill_reference(q, k, v, scale, causal, offset):
+    """float32 SDPA on the same bf16 inputs; causal: query i sees keys 0..offset+i."""
+    rep = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+    mask = None
+    if causal:
+        mask = torch.arange(k.shape[2])[None, :] <= (offset + torch.arange(q.shape[2]))[:, None]  # (T, L)
+    return F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=mask, scale=scale)
+
+
+# The bound: O = sum_j bf16(p_j) v_j / sum_j p_j, and bf16 rounding moves each weight by at most
+# 2^-9 relative, so O moves by at most 2^-9 max|v|; the output's own rounding adds 2^-9 |O| <=
+# 2^-9 max|v|. fp32 sums and the exp polynomial (~2e-6 relative) are far below that.
+PREFILL_CASES = [  # b, h, hk, t, length, d, dv, causal, offset, q_gain, key_ramp
+    (2, 4, 4, 729, 729, 72, 72, False, 0, 1.0, 0.0),      # vision: strided qkv views, head dim 72
+    (1, 4, 4, 300, 300, 128, 128, True, 0, 1.0, 0.0),     # tiny's MHA prefill, causal
+    (1, 2, 2, 100, 357, 128, 128, True, 257, 1.0, 0.0),   # a chunk after 257 cached tokens
+    (1, 3, 3, 200, 200, 192, 128, True, 0, 1.0, 0.0),     # MLA decompressed: dk 192 != dv 128
+    (1, 4, 2, 130, 130, 64, 64, False, 0, 1.0, 0.0),      # grouped-query heads
+    (1, 2, 2, 150, 150, 64, 64, False, 0, 40.0, 0.0),     # huge scores: the max subtraction
+    (1, 2, 2, 260, 260, 64, 64, True, 0, 8.0, 6.0),       # rising scores: the lazy rescaling
+    (1, 2, 1, 3, 3, 7, 5, False, 0, 1.0, 0.0),            # odd feature counts, 3 rows
+    (1, 2, 2, 2, 2, 16, 16, True, 0, 1.0, 0.0),
+    (2, 1, 1, 1, 1, 72, 72, True, 0, 1.0, 0.0),           # one row
+    (1, 1, 1, 1, 70, 40, 24, True, 69, 1.0, 0.0),         # one row after a cache
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("b, h, hk, t, length, d, dv, causal, offset, q_gain, key_ramp", PREFILL_CASES)
+def test_prefill_attention_matches_float_reference(b, h, hk, t, length, d, dv, causal, offset, q_gain, key_ramp):
+    q, k, v = _prefill_inputs(b, h, hk, t, length, d, dv, t + length + d, q_gain, key_ramp)
+    scale = d**-0.5
+    got = kernels.prefill_attention(q, k, v, scale, causal, offset, min_isa=0)  # every build, not only the fast one
+    assert got is not None and got.shape == (b, h, t, dv) and got.dtype == torch.bfloat16
+    exact = prefill_reference(q, k, v, scale, causal, offset)
+    assert bool(got.isfinite().all())
+    bound = 2 * 2**-9 * v.float().abs().max() + 1e-5
+    err = (got.float() - exact).abs().max()
+    assert err <= bound, (float(err), float(bound))
+
+
+@needs_kernels
+def test_prefill_attention_merged_heads_layout():
+    """merge_heads writes (B, T, H*dv) directly: the same numbers as the (B, H, T, dv) output."""
+    q, k, v = _prefill_inputs(2, 3, 3, 50, 50, 40, 40, 1)
+    heads = kernels.prefill_attention(q, k, v, 0.2, min_isa=0)
+    merged = kernels.prefill_attention(q, k, v, 0.2, merge_heads=True, min_isa=0)
+    assert merged.shape == (2, 50, 120) and merged.is_contiguous()
+    assert torch.equal(merged, heads.transpose(1, 2).reshape(2, 50, 120))
+
+
+def test_prefill_attention_falls_back_outside_its_domain():
+    q, k, v = _prefill_inputs(1, 2, 2, 8, 8, 16, 16, 2)
+    assert kernels.prefill_attention(q.float(), k.float(), v.float(), 0.25) is None  # float32: torch
+    assert kernels.prefill_attention(q[..., ::2], k[..., ::2], v[..., ::2], 0.25) is None  # features strided
+    big = torch.zeros(1, 1, 4, 320).bfloat16()
+    assert kernels.prefill_attention(big, big, big, 0.1) is None  # head dim beyond the scratch
+    with kernels.disabled():
+        assert kernels.prefill_attention(q, k, v, 0.25) is None

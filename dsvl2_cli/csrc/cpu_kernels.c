@@ -1,4 +1,5 @@
-/* Decode-time CPU kernels for dsvl2: bfloat16 matrix-vector products at memory bandwidth.
+/* CPU kernels for dsvl2: bfloat16 matrix-vector products at memory bandwidth for decoding, and
+ * attention for many query rows (prefill, the vision tower) at the end of the file.
  *
  * Decoding one token reads every active weight once, so it is bound by memory traffic; torch's
  * bf16 GEMV reaches only a third to a half of the machine's bandwidth. These kernels stream each
@@ -474,5 +475,388 @@ void dsvl2_moe_quant(int bits, const bf16 *x, int64_t T, int64_t D, const int64_
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
             combine_token(eo + t * k * D, weights + t * k, k, D, out + t * D, NULL);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Attention of many query rows: prefill and the vision tower (flash-attention style).
+ *
+ * torch's CPU flash attention runs at a quarter of a bf16 GEMM here. This one, per batch row,
+ * head and block of PF_BM query rows, walks the keys in blocks of PF_BN:
+ *   S = scale * Q K^T                      (fp32, AVX512-BF16 dot products over pairs along d)
+ *   m' = max(m, rowmax S), P = exp(S - m')  (online softmax in fp32: the running max and sum)
+ *   O = O exp(m - m') + bf16(P) V          (dot products over pairs of keys, fp32 accumulators)
+ * and writes bf16(O / sum) at the end: the score matrix never leaves L1.
+ * The dot-product instruction multiplies pairs of bf16, so the operands are packed once per
+ * (batch, kv head) before the loop, into a workspace the caller allocates
+ * (dsvl2_attn_prefill_bytes):
+ *   K block: [ceil(d/2)][PF_BN keys][2]  (a vector holds one pair of features for 16 keys)
+ *   V block: [PF_BN/2 key pairs][dvp][2] (a vector holds one pair of keys for 16 features)
+ * zero-padded to whole blocks, dvp = dv rounded up to 16. Query i (0-based) sits at position
+ * offset + i; with `causal` it sees keys 0..offset+i, else every key.
+ * The portable path (other ISAs) does the same blocks in plain C with the same bf16 rounding of P.
+ */
+#define PF_BM 48 /* query rows per work item: a multiple of 12, so the 6-, 4- and 3-row tiles divide it */
+#define PF_BN 64 /* keys per block */
+
+static inline int64_t pf_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+static inline int64_t pf_group_elems(int64_t L, int64_t d, int64_t dv) { /* packed K and V, bf16 */
+    return pf_up(L, PF_BN) * (pf_up(d, 2) + pf_up(dv, 16));
+}
+
+static inline int64_t pf_thread_bytes(int64_t d, int64_t dv) { /* Q, S, P, O, m, alpha, l */
+    return PF_BM * pf_up(d, 2) * 2 + PF_BM * PF_BN * 4 + PF_BM * PF_BN * 2 + PF_BM * pf_up(dv, 16) * 4
+           + (2 + 16) * PF_BM * 4;
+}
+
+int64_t dsvl2_attn_prefill_bytes(int64_t groups, int64_t L, int64_t d, int64_t dv, int threads) {
+    return groups * pf_group_elems(L, d, dv) * 2 + (int64_t)threads * pf_thread_bytes(d, dv) + 64;
+}
+
+/* Key block kb of one (batch, kv head) into the packed layouts above. */
+static void pf_pack(const bf16 *k, int64_t k_ls, const bf16 *v, int64_t v_ls, int64_t L, int64_t d, int64_t dv,
+                    int64_t kb, bf16 *kp, bf16 *vp) {
+    int64_t pairs = pf_up(d, 2) / 2, dvp = pf_up(dv, 16), k0 = kb * PF_BN;
+    int64_t n = L - k0 < PF_BN ? L - k0 : PF_BN; /* real keys in the block; the rest are zeros */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (!(d & 1)) { /* K: 16 keys' copies of one feature pair per gather; V: two keys interleaved per permute */
+        const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                _mm512_set1_epi32((int)k_ls));
+        for (int64_t j = 0; j < PF_BN; j += 16) {
+            int64_t left = n - j;
+            __mmask16 live = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            const bf16 *kr = k + (k0 + (live ? j : 0)) * k_ls;
+            for (int64_t p = 0; p < pairs; p++)
+                _mm512_storeu_si512((void *)(kp + p * PF_BN * 2 + j * 2),
+                                    _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, kr + 2 * p, 2));
+        }
+        const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+        for (int64_t j = 0; j < PF_BN; j += 2) {
+            const bf16 *r0 = v + (k0 + j) * v_ls, *r1 = r0 + v_ls;
+            for (int64_t c = 0; c < dvp; c += 32) {
+                int64_t left = dv - c;
+                __mmask32 cols = left >= 32 ? ~(__mmask32)0 : left <= 0 ? 0 : (__mmask32)((1ull << left) - 1);
+                __m512i a = j < n ? _mm512_maskz_loadu_epi16(cols, r0 + c) : _mm512_setzero_si512();
+                __m512i b = j + 1 < n ? _mm512_maskz_loadu_epi16(cols, r1 + c) : _mm512_setzero_si512();
+                bf16 *dst = vp + (j / 2) * dvp * 2 + c * 2;
+                _mm512_storeu_si512((void *)dst, _mm512_permutex2var_epi16(a, lo, b));
+                if (c + 16 < dvp) _mm512_storeu_si512((void *)(dst + 32), _mm512_permutex2var_epi16(a, hi, b));
+            }
+        }
+        return;
+    }
+#endif
+    uint32_t *kp32 = (uint32_t *)kp;
+    for (int64_t j = 0; j < PF_BN; j++) {
+        if (j >= n) { /* padding keys: zeros (their scores are masked, their P is 0) */
+            for (int64_t p = 0; p < pairs; p++) kp32[p * PF_BN + j] = 0;
+            for (int64_t c = 0; c < dvp; c++) vp[(j / 2) * dvp * 2 + c * 2 + (j & 1)] = 0;
+            continue;
+        }
+        const bf16 *kr = k + (k0 + j) * k_ls, *vr = v + (k0 + j) * v_ls;
+        for (int64_t p = 0; p < d / 2; p++) {
+            uint32_t w;
+            memcpy(&w, kr + 2 * p, 4);
+            kp32[p * PF_BN + j] = w;
+        }
+        if (d & 1) kp32[(d / 2) * PF_BN + j] = kr[d - 1]; /* the odd last feature pairs with a zero */
+        bf16 *vo = vp + (j / 2) * dvp * 2 + (j & 1);
+        for (int64_t c = 0; c < dv; c++) vo[c * 2] = vr[c];
+        for (int64_t c = dv; c < dvp; c++) vo[c * 2] = 0;
+    }
+}
+
+#if defined(__AVX512BF16__)
+#define PF_INLINE static inline __attribute__((always_inline))
+
+static inline __m512bh pf_pair(const bf16 *p) { /* one bf16 pair broadcast to every lane */
+    int32_t w;
+    memcpy(&w, p, 4);
+    return (__m512bh)_mm512_set1_epi32(w);
+}
+
+/* S rows [0, 6) x keys [0, 16 NK) of a block: q (6, dpad) packed rows, kb the packed K block. */
+PF_INLINE void pf_s_tile(const bf16 *q, int64_t dpad, const bf16 *kb, const int NK, float *s, float scale) {
+    __m512 acc[6][4];
+    for (int r = 0; r < 6; r++)
+        for (int c = 0; c < NK; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < dpad / 2; p++) {
+        __m512bh kv[4];
+        for (int c = 0; c < NK; c++) kv[c] = (__m512bh)_mm512_loadu_si512((const void *)(kb + p * PF_BN * 2 + c * 32));
+        for (int r = 0; r < 6; r++) {
+            __m512bh qp = pf_pair(q + r * dpad + 2 * p);
+            for (int c = 0; c < NK; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], kv[c], qp);
+        }
+    }
+    __m512 sc = _mm512_set1_ps(scale);
+    for (int r = 0; r < 6; r++)
+        for (int c = 0; c < NK; c++) _mm512_storeu_ps(s + r * PF_BN + c * 16, _mm512_mul_ps(acc[r][c], sc));
+}
+
+/* O rows [0, MR) x features [c0, c0 + 16 NV + 8 HALF) = O alpha + P V over `pairs` key pairs of a
+ * block. HALF: 8 more features in a 256-bit accumulator (head dim 72 = 4 x 16 + 8: a whole 16-wide
+ * vector would waste a tenth of the products). */
+PF_INLINE void pf_pv_tile(const bf16 *P, const bf16 *vb, int64_t dvp, int64_t c0, int64_t pairs, const int MR,
+                          const int NV, const int HALF, float *O, const float *alpha) {
+    __m512 acc[6][8];
+    __m256 tail[6];
+    for (int r = 0; r < MR; r++) {
+        __m512 a = _mm512_set1_ps(alpha[r]);
+        for (int c = 0; c < NV; c++) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(O + r * dvp + c0 + c * 16), a);
+        if (HALF) tail[r] = _mm256_mul_ps(_mm256_loadu_ps(O + r * dvp + c0 + NV * 16), _mm512_castps512_ps256(a));
+    }
+    for (int64_t j = 0; j < pairs; j++) {
+        const bf16 *vj = vb + j * dvp * 2 + c0 * 2;
+        for (int c = 0; c < NV; c++) {
+            __m512bh vv = (__m512bh)_mm512_loadu_si512((const void *)(vj + c * 32));
+            for (int r = 0; r < MR; r++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], vv, pf_pair(P + r * PF_BN + 2 * j));
+        }
+        if (HALF) {
+            __m256bh vv = (__m256bh)_mm256_loadu_si256((const __m256i *)(vj + NV * 32));
+            for (int r = 0; r < MR; r++)
+                tail[r] = _mm256_dpbf16_ps(tail[r], vv, (__m256bh)_mm512_castsi512_si256((__m512i)pf_pair(P + r * PF_BN + 2 * j)));
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        for (int c = 0; c < NV; c++) _mm512_storeu_ps(O + r * dvp + c0 + c * 16, acc[r][c]);
+        if (HALF) _mm256_storeu_ps(O + r * dvp + c0 + NV * 16, tail[r]);
+    }
+}
+
+/* 2^x for finite x <= PF_SLACK (below -150 it gives 0): 2^round(x) times a degree-5 polynomial
+ * of the rest, whose relative error (~2e-6) is far below the bf16 rounding P gets next. */
+static inline __m512 pf_exp2(__m512 x) {
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n); /* [-0.5, 0.5] */
+    __m512 p = _mm512_set1_ps(1.3333558e-3f); /* ln2^k / k!, k = 5..0 */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+#define PF_SLACK 8.0f /* log2 units a score may exceed the running max before O is rescaled */
+
+/* One softmax row of a key block: s (scores in log2 units) over `valid` keys of `computed` (a
+ * multiple of 16 on the AVX512 path); writes bf16 P (zeros past `valid`), updates the running max
+ * m and the row sum l (16 partial sums on the AVX512 path, l[0] alone otherwise) and returns
+ * alpha, the factor for the row's O so far. Lazy rescaling: while no score exceeds m by more
+ * than PF_SLACK the max is kept (alpha = 1, P <= 2^8, far from overflow), which skips the
+ * horizontal max of almost every block; the result is the same up to P's bf16 rounding, which
+ * is relative and so does not depend on the reference point. */
+static inline float pf_softmax_row(const float *s, int64_t valid, int64_t computed, bf16 *P, float *m, float *l) {
+    if (valid <= 0) { /* nothing visible in this block (causal): P = 0, O unchanged */
+        memset(P, 0, sizeof(bf16) * computed);
+        return 1.0f;
+    }
+    float alpha = 1.0f;
+#if defined(__AVX512BF16__)
+    __m512 x[4], sum;
+    int nv = (int)(computed / 16);
+    if (valid == PF_BN && *m > -INFINITY) { /* a whole block after the first: no masks */
+        for (int c = 0; c < 4; c++) x[c] = _mm512_loadu_ps(s + 16 * c);
+        __m512 mx = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+        if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(*m + PF_SLACK), _CMP_GT_OQ)) {
+            float m_new = _mm512_reduce_max_ps(mx);
+            alpha = exp2f(*m - m_new);
+            *m = m_new;
+        }
+        __m512 mv = _mm512_set1_ps(*m);
+        for (int c = 0; c < 4; c++) x[c] = pf_exp2(_mm512_sub_ps(x[c], mv));
+        sum = _mm512_add_ps(_mm512_add_ps(x[0], x[1]), _mm512_add_ps(x[2], x[3]));
+    } else {
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        __mmask16 keep[4];
+        for (int c = 0; c < nv; c++) {
+            int64_t left = valid - 16 * c;
+            keep[c] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+            x[c] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), keep[c], s + 16 * c);
+            mx = _mm512_max_ps(mx, x[c]);
+        }
+        float m_new = _mm512_reduce_max_ps(mx);
+        if (m_new > *m + PF_SLACK || *m == -INFINITY) {
+            alpha = exp2f(*m - m_new); /* the first visible block: exp2(-inf) = 0 */
+            *m = m_new;
+        }
+        __m512 mv = _mm512_set1_ps(*m);
+        sum = _mm512_setzero_ps();
+        for (int c = 0; c < nv; c++) {
+            x[c] = _mm512_maskz_mov_ps(keep[c], pf_exp2(_mm512_max_ps(_mm512_sub_ps(x[c], mv), _mm512_set1_ps(-150.0f))));
+            sum = _mm512_add_ps(sum, x[c]);
+        }
+    }
+    for (int c = 0; c + 1 < nv; c += 2)
+        _mm512_storeu_si512((void *)(P + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(x[c + 1], x[c]));
+    if (nv & 1) _mm256_storeu_si256((__m256i *)(P + 16 * (nv - 1)), (__m256i)_mm512_cvtneps_pbh(x[nv - 1]));
+    _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), _mm512_set1_ps(alpha), sum));
+#else
+    float m_new = -INFINITY;
+    for (int64_t j = 0; j < valid; j++) m_new = s[j] > m_new ? s[j] : m_new;
+    if (m_new > *m + PF_SLACK || *m == -INFINITY) {
+        alpha = exp2f(*m - m_new);
+        *m = m_new;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < computed; j++) {
+        float p = j < valid ? exp2f(s[j] - *m) : 0.0f;
+        total += p;
+        P[j] = f32_to_bf16(p);
+    }
+    l[0] = l[0] * alpha + total;
+#endif
+    return alpha;
+}
+
+/* One work item: query rows [i0, i0 + rows) of one head against its packed keys and values. */
+static void pf_block(const bf16 *q, int64_t q_ts, const bf16 *kpack, const bf16 *vpack, int64_t L, int64_t d,
+                     int64_t dv, int64_t i0, int64_t rows, int causal, int64_t offset, float scale2, bf16 *out,
+                     int64_t o_ts, char *scratch) {
+    const int64_t dpad = pf_up(d, 2), dvp = pf_up(dv, 16), rp = pf_up(rows, 12);
+    bf16 *Q = (bf16 *)scratch;                       /* (PF_BM, dpad) */
+    float *S = (float *)(Q + PF_BM * dpad);          /* (PF_BM, PF_BN) */
+    bf16 *P = (bf16 *)(S + PF_BM * PF_BN);           /* (PF_BM, PF_BN) */
+    float *O = (float *)(P + PF_BM * PF_BN);         /* (PF_BM, dvp) */
+    float *m = O + PF_BM * dvp, *alpha = m + PF_BM, *l = alpha + PF_BM; /* l: (PF_BM, 16) partial sums */
+    for (int64_t r = 0; r < rp; r++) { /* padding rows are zeros: computed, never written out */
+        bf16 *dst = Q + r * dpad;
+        if (r < rows) memcpy(dst, q + (i0 + r) * q_ts, sizeof(bf16) * d);
+        for (int64_t c = r < rows ? d : 0; c < dpad; c++) dst[c] = 0;
+        m[r] = -INFINITY;
+        for (int c = 0; c < 16; c++) l[r * 16 + c] = 0.0f;
+    }
+    memset(O, 0, sizeof(float) * rp * dvp);
+    int64_t kend = causal ? offset + i0 + rows : L; /* keys any row of the block sees */
+    kend = kend < L ? kend : L;
+    for (int64_t k0 = 0; k0 < kend; k0 += PF_BN) {
+        const int64_t kb = k0 / PF_BN, kn = kend - k0 < PF_BN ? kend - k0 : PF_BN;
+        const bf16 *kblk = kpack + kb * PF_BN * dpad, *vblk = vpack + kb * PF_BN * dvp;
+#if defined(__AVX512BF16__)
+        const int64_t computed = pf_up(kn, 16);
+        for (int64_t r0 = 0; r0 < rp; r0 += 6) {
+            switch (computed / 16) { /* constant tile widths: the accumulators stay in registers */
+            case 1: pf_s_tile(Q + r0 * dpad, dpad, kblk, 1, S + r0 * PF_BN, scale2); break;
+            case 2: pf_s_tile(Q + r0 * dpad, dpad, kblk, 2, S + r0 * PF_BN, scale2); break;
+            case 3: pf_s_tile(Q + r0 * dpad, dpad, kblk, 3, S + r0 * PF_BN, scale2); break;
+            default: pf_s_tile(Q + r0 * dpad, dpad, kblk, 4, S + r0 * PF_BN, scale2); break;
+            }
+        }
+#else
+        const int64_t computed = pf_up(kn, 2);
+        for (int64_t r = 0; r < rp; r++) {
+            float *s = S + r * PF_BN;
+            for (int64_t j = 0; j < computed; j++) s[j] = 0.0f;
+            for (int64_t p = 0; p < dpad / 2; p++) {
+                float q0 = bf16_to_f32(Q[r * dpad + 2 * p]), q1 = bf16_to_f32(Q[r * dpad + 2 * p + 1]);
+                const bf16 *kk = kblk + p * PF_BN * 2;
+                for (int64_t j = 0; j < computed; j++)
+                    s[j] += q0 * bf16_to_f32(kk[2 * j]) + q1 * bf16_to_f32(kk[2 * j + 1]);
+            }
+            for (int64_t j = 0; j < computed; j++) s[j] *= scale2;
+        }
+#endif
+        for (int64_t r = 0; r < rp; r++) {
+            int64_t limit = causal ? offset + i0 + r + 1 : L; /* keys below it are visible to row r */
+            limit = limit < L ? limit : L;
+            alpha[r] = pf_softmax_row(S + r * PF_BN, limit - k0 < kn ? limit - k0 : kn, computed, P + r * PF_BN,
+                                      m + r, l + 16 * r);
+        }
+        const int64_t pairs = pf_up(kn, 2) / 2;
+#if defined(__AVX512BF16__)
+        for (int64_t c0 = 0; c0 < dv; c0 += 128) { /* up to 8 vectors of features per tile */
+            int64_t cols = dv - c0 < 128 ? dv - c0 : 128;
+            int nv = (int)(cols / 16), half = cols % 16 && cols % 16 <= 8;
+            nv += cols % 16 > 8;
+            int width = nv + half, mr = width <= 4 ? 6 : width <= 6 ? 4 : 3; /* about 24 accumulators */
+            for (int64_t r0 = 0; r0 < rp; r0 += mr) {
+                const bf16 *Pr = P + r0 * PF_BN;
+                float *Or = O + r0 * dvp;
+#define PF_PV(NV_, HALF_) pf_pv_tile(Pr, vblk, dvp, c0, pairs, (NV_ + HALF_) <= 4 ? 6 : (NV_ + HALF_) <= 6 ? 4 : 3, \
+                                     NV_, HALF_, Or, alpha + r0)
+                switch (nv * 2 + half) { /* constant tile shapes: the accumulators stay in registers */
+                case 1: PF_PV(0, 1); break;
+                case 2: PF_PV(1, 0); break;
+                case 3: PF_PV(1, 1); break;
+                case 4: PF_PV(2, 0); break;
+                case 5: PF_PV(2, 1); break;
+                case 6: PF_PV(3, 0); break;
+                case 7: PF_PV(3, 1); break;
+                case 8: PF_PV(4, 0); break;
+                case 9: PF_PV(4, 1); break;
+                case 10: PF_PV(5, 0); break;
+                case 11: PF_PV(5, 1); break;
+                case 12: PF_PV(6, 0); break;
+                case 13: PF_PV(6, 1); break;
+                case 14: PF_PV(7, 0); break;
+                default: PF_PV(8, 0); break;
+                }
+#undef PF_PV
+            }
+        }
+#else
+        for (int64_t r = 0; r < rp; r++) {
+            float *o = O + r * dvp;
+            for (int64_t c = 0; c < dv; c++) o[c] *= alpha[r];
+            for (int64_t j = 0; j < pairs; j++) {
+                float p0 = bf16_to_f32(P[r * PF_BN + 2 * j]), p1 = bf16_to_f32(P[r * PF_BN + 2 * j + 1]);
+                const bf16 *vv = vblk + j * dvp * 2;
+                for (int64_t c = 0; c < dv; c++) o[c] += p0 * bf16_to_f32(vv[2 * c]) + p1 * bf16_to_f32(vv[2 * c + 1]);
+            }
+        }
+#endif
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float total = 0.0f;
+        for (int c = 0; c < 16; c++) total += l[r * 16 + c];
+        float inv = 1.0f / total;
+        const float *o = O + r * dvp;
+        bf16 *dst = out + (i0 + r) * o_ts;
+        int64_t c = 0;
+#if defined(__AVX512BF16__)
+        for (; c + 16 <= dv; c += 16)
+            _mm256_storeu_si256((__m256i *)(dst + c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(o + c), _mm512_set1_ps(inv))));
+#endif
+        for (; c < dv; c++) dst[c] = f32_to_bf16(o[c] * inv);
+    }
+}
+
+/* out = softmax(scale q k^T [causal]) v for every batch row b and head h (kv head h / (H / Hk)).
+ * q (B, H, T, d), k (B, Hk, L, d), v (B, Hk, L, dv), out (B, H, T, dv): any strides (b, h, t)
+ * with unit stride along the features, so views of a fused projection and a head-merged output
+ * work in place. d, dv <= 256 (the scratch sizes). work: dsvl2_attn_prefill_bytes(B * Hk, ...). */
+void dsvl2_attn_prefill_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, int64_t B, int64_t H,
+                             int64_t Hk, int64_t T, int64_t L, int64_t d, int64_t dv, int64_t q_bs, int64_t q_hs,
+                             int64_t q_ts, int64_t k_bs, int64_t k_hs, int64_t k_ls, int64_t v_bs, int64_t v_hs,
+                             int64_t v_ls, int64_t o_bs, int64_t o_hs, int64_t o_ts, float scale, int causal,
+                             int64_t offset, void *work, int threads) {
+    const int64_t groups = B * Hk, nkb = (L + PF_BN - 1) / PF_BN, nqb = (T + PF_BM - 1) / PF_BM;
+    const int64_t ge = pf_group_elems(L, d, dv), kelems = pf_up(L, PF_BN) * pf_up(d, 2);
+    const int64_t dpad = pf_up(d, 2), dvp = pf_up(dv, 16), rep = H / Hk;
+    bf16 *pack = (bf16 *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
+    char *thread_scratch = (char *)(pack + groups * ge);
+    const float scale2 = scale * 1.4426950408889634f; /* scores in log2 units: exp2 in the softmax */
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t g = 0; g < groups; g++)
+            for (int64_t kb = 0; kb < nkb; kb++)
+                pf_pack(k + (g / Hk) * k_bs + (g % Hk) * k_hs, k_ls, v + (g / Hk) * v_bs + (g % Hk) * v_hs, v_ls,
+                        L, d, dv, kb, pack + g * ge + kb * PF_BN * dpad, pack + g * ge + kelems + kb * PF_BN * dvp);
+        char *scratch = thread_scratch + omp_get_thread_num() * pf_thread_bytes(d, dv);
+        /* causal blocks near the end see the most keys: hand those out first */
+#pragma omp for schedule(dynamic, 1) collapse(3)
+        for (int64_t qi = 0; qi < nqb; qi++)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t h = 0; h < H; h++) {
+                    int64_t qb = nqb - 1 - qi, i0 = qb * PF_BM, rows = T - i0 < PF_BM ? T - i0 : PF_BM;
+                    const bf16 *base = pack + (b * Hk + h / rep) * ge;
+                    pf_block(q + b * q_bs + h * q_hs, q_ts, base, base + kelems, L, d, dv, i0, rows, causal, offset,
+                             scale2, out + b * o_bs + h * o_hs, o_ts, scratch);
+                }
     }
 }

@@ -1,9 +1,11 @@
 """Fast modules swapped into a loaded model, as quantization swaps the routed experts.
 
 model/ computes with plain torch. At load (engine/runtime.py) `install` replaces, on CPU:
-- the attention hooks (`attend`, MLA's `head_matmul`): a few-query attention of two matmuls
-  instead of SDPA for decoding (any dtype: torch's SDPA is ~6x slower for one query), and the
-  native decode-attention / per-head GEMV kernels where they apply (bf16, no mask, few rows);
+- the attention hooks (`attend`, MLA's `attend_heads` and `head_matmul`, the vision tower's
+  `attend`): a few-query attention of two matmuls instead of SDPA for decoding (any dtype:
+  torch's SDPA is ~6x slower for one query), the native decode-attention / per-head GEMV
+  kernels where they apply (bf16, no mask, few rows), and the native prefill-attention kernel
+  for many query rows (bf16; no mask, causal, or causal after a cache; ~3x torch's SDPA);
 - with bfloat16 weights and the kernels built: attention projections and lm_head by `FastLinear`,
   dense MLPs by `FastMLP`, float routed experts by `NativeExperts` (native GEMV / fused MoE for
   <= kernels.MAX_ROWS rows; torch above, so prefill is unchanged).
@@ -15,11 +17,15 @@ apply, a subclass (or hook) here that calls it first, and a line in `install`.
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 from torch import nn
 
 from ..model.attention import LatentAttention, MultiHeadAttention, few_query_attention, head_matmul, sdpa_attention
 from ..model.moe import MLP, Experts
+from ..model.vision import merged_attention
 from ..model.vlm import DeepseekVL2
 from . import kernels
 
@@ -63,11 +69,53 @@ def few_query(q, k, v, mask, scale: float | None) -> torch.Tensor:
     return few_query_attention(q, k, v, mask, scale)
 
 
+_offsets = threading.local()  # the last mask `causal_offset` looked at, per thread: (weakref, answer)
+
+
+def causal_offset(mask: torch.Tensor, q_len: int, k_len: int) -> int | None:
+    """k_len - q_len when `mask` (B|1, 1, q_len, k_len) is exactly the causal mask of a chunk
+    after a cache (query i sees keys 0..k_len-q_len+i, as `attention_mask` builds it without
+    padding), else None. One forward pass hands every layer the same mask: the answer is kept
+    for it, so the comparison runs once per pass, not once per layer."""
+    last = getattr(_offsets, "last", None)
+    if last is not None and last[0]() is mask:
+        return last[1]
+    offset = k_len - q_len
+    answer = None
+    if (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == 1 and mask.shape[1] == 1
+            and mask.shape[2:] == (q_len, k_len) and offset >= 0):
+        rows = torch.arange(offset, k_len, device=mask.device)[:, None]  # (Tq, 1) query positions
+        answer = offset if torch.equal(mask[0, 0], torch.arange(k_len, device=mask.device)[None, :] <= rows) else None
+    _offsets.last = weakref.ref(mask), answer
+    return answer
+
+
+def prefill_attention(q, k, v, mask, scale: float | None, causal: bool = False) -> torch.Tensor:
+    """Many-query attention (prefill): the native kernel without a mask, causal, or with the
+    causal mask of a chunk after a cache; SDPA otherwise (padding masks, other dtypes)."""
+    offset = 0  # causal without a mask: query i sees keys 0..i, as SDPA's is_causal
+    if mask is not None:
+        offset = causal_offset(mask, q.shape[2], k.shape[2])
+    if offset is not None:
+        out = kernels.prefill_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale,
+                                        causal or mask is not None, offset)
+        if out is not None:
+            return out
+    return sdpa_attention(q, k, v, mask, scale, causal)
+
+
 def decode_attention(q, k, v, mask, scale: float | None, causal: bool = False) -> torch.Tensor:
-    """MHA's hook on CPU: few-query attention for one new token, SDPA for prefill."""
+    """MHA's hook on CPU: few-query attention for one new token, the prefill kernel for more."""
     if q.shape[2] == 1:  # one query: never causal
         return few_query(q, k, v, mask, scale)
-    return sdpa_attention(q, k, v, mask, scale, causal)
+    return prefill_attention(q, k, v, mask, scale, causal)
+
+
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The vision tower's hook: the native kernel reads q, k, v in place (views of the qkv
+    projection) and writes (N, T, W) for the output projection: no copies."""
+    out = kernels.prefill_attention(q, k, v, q.shape[-1] ** -0.5, merge_heads=True)
+    return out if out is not None else merged_attention(q, k, v)
 
 
 def fast_head_matmul(x: torch.Tensor, w: torch.Tensor, w_is_kn: bool) -> torch.Tensor:
@@ -96,11 +144,13 @@ def install(model: DeepseekVL2) -> None:
     if model.device.type != "cpu":
         return  # GPU/MPS: torch's own kernels (SDPA, cuBLAS) are the fast path
     native = model.dtype == torch.bfloat16 and kernels.available()
+    for block in model.vision.blocks:
+        block.attn.attend = vision_attention
     lm = model.language
     for layer in lm.model.layers:
         att = layer.self_attn
         if isinstance(att, LatentAttention):
-            att.attend, att.head_matmul = few_query, fast_head_matmul
+            att.attend, att.attend_heads, att.head_matmul = few_query, prefill_attention, fast_head_matmul
         elif isinstance(att, MultiHeadAttention):
             att.attend = decode_attention
         if not native:

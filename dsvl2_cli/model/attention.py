@@ -10,8 +10,9 @@ those are cached. Two equivalent ways to attend over the cache:
 `kv_b_proj` is split once at load time into `w_kb` (H, nope, C) and `w_vb` (H, v, C) for this.
 
 Plain torch throughout. Two small hooks let the engine run faster code without changing the math:
-`attend` (attention over the cache: MHA's, and MLA's in latent space) and, for MLA, `head_matmul`
-(the per-head absorption products). engine/fast.py replaces them at load time on CPU.
+`attend` (attention over the cache: MHA's, and MLA's in latent space) and, for MLA, `attend_heads`
+(per-head attention after decompression: prefill) and `head_matmul` (the per-head absorption
+products). engine/fast.py replaces them at load time on CPU.
 Caches are duck-typed (`update_and_fetch`; engine/cache.py has them): the model imports no engine code.
 """
 
@@ -132,6 +133,7 @@ class LatentAttention(nn.Module):
         self.absorb_below = (self.nope + self.v_dim) * self.rank // (2 * self.rank - self.nope - self.v_dim)
         self.path = path
         self.attend = sdpa_attention  # latent-space attention (q, k, v, mask, scale); the engine may swap it
+        self.attend_heads = sdpa_attention  # per-head attention of the decompressed path; likewise
         self.head_matmul = head_matmul  # (x, w, w_is_kn) per-head products; the engine may swap it
 
     def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
@@ -163,9 +165,7 @@ class LatentAttention(nn.Module):
         v = torch.einsum("blc,hdc->bhld", latent, self.w_vb)  # (B, H, L, v)
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(b, h, length, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, nope + R)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale=self.scale
-        )  # (B, H, T, v)
+        return self.attend_heads(q, k, v, mask, self.scale, causal=mask is None and t > 1)  # (B, H, T, v)
 
     def _absorbed(self, q_nope, q_rope, entry, mask) -> torch.Tensor:
         b, h, t, _ = q_nope.shape

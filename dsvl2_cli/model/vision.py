@@ -28,19 +28,26 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (N, 729, W)
 
 
+def merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional attention (every patch sees every patch) with the heads merged back:
+    q, k, v (N, heads, T, head_dim) -> (N, T, heads * head_dim)."""
+    n, h, t, hd = q.shape
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, h * hd)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.heads = cfg.heads
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
+        self.attend = merged_attention  # (q, k, v) -> (N, T, W); the engine may swap it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, w = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.heads, w // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)  # bidirectional: every patch sees every patch
-        return self.proj(x.transpose(1, 2).reshape(n, t, w))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, head_dim): views of qkv
+        return self.proj(self.attend(q, k, v))  # (N, T, W)
 
 
 class VisionMLP(nn.Module):
