@@ -25,7 +25,8 @@ from pathlib import Path
 
 from .. import settings
 from ..engine.processor import MAX_TILED_IMAGES
-from ..errors import CacheError, InputError
+from ..engine.prompt_store import remove_file
+from ..errors import InputError
 from .inputs import Source, write_atomic
 
 MIN_TEXT_CHARS = 20     # less text than this (a page number, a stray mark): treated as scanned
@@ -118,14 +119,8 @@ class PageTextCache:
         """Remove every saved page text; returns (files, bytes) removed."""
         n = size = 0
         for path, nbytes, _ in self.entries():
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            except OSError as err:
-                raise CacheError(f"{path}: cannot remove it ({err.strerror or err}); check the folder's "
-                                 "permissions") from None
-            n, size = n + 1, size + nbytes
+            if remove_file(path):
+                n, size = n + 1, size + nbytes
         return n, size
 
 

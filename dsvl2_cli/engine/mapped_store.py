@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .. import settings
 from ..errors import CacheError
-from .prompt_store import model_fingerprint
+from .prompt_store import model_fingerprint, remove_file
 
 FORMAT = "dsvl2-mapped-layout"
 DATA_SUFFIX = ".safetensors"
@@ -128,13 +128,7 @@ def _source_state(record: dict, stem: str, fingerprints: dict[str, str | None]) 
 def remove(entry: MappedEntry) -> None:
     """Remove an entry's files, its record first (see the module docstring: safe while mapped)."""
     for path in entry.files:
-        try:
-            path.unlink()
-        except FileNotFoundError:  # another process removed it first
-            pass
-        except OSError as err:
-            raise CacheError(f"{path}: cannot remove it ({err.strerror or err}); check the folder's "
-                             "permissions") from None
+        remove_file(path)
 
 
 def _remove_all(chosen: Iterable[MappedEntry]) -> tuple[int, int]:

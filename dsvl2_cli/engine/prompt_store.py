@@ -211,18 +211,24 @@ class PromptStore:
         that cannot be removed is a CacheError (the page texts in page-text/ are not entries)."""
         n = size = 0
         for path, nbytes, _ in self.entries():
-            try:
-                path.unlink()
-            except FileNotFoundError:  # another process removed it first
-                continue
-            except OSError as err:
-                raise CacheError(f"{path}: cannot remove it ({err.strerror or err}); check the folder's "
-                                 "permissions") from None
-            n, size = n + 1, size + nbytes
+            if remove_file(path):
+                n, size = n + 1, size + nbytes
         for tmp in self.folder.glob(".*.part") if self.folder.is_dir() else ():
             with contextlib.suppress(OSError):
                 tmp.unlink()
         return n, size
+
+
+def remove_file(path: Path) -> bool:
+    """Remove a cache file: True when removed, False when another process removed it first; a
+    file that cannot be removed is a one-line CacheError (clearing must not half-succeed silently)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        raise CacheError(f"{path}: cannot remove it ({err.strerror or err}); check the folder's permissions") from None
+    return True
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
