@@ -133,6 +133,29 @@ def recorded():
     httpd.server_close()
 
 
+_TORCH_PROBE = """
+import runpy, sys
+sys.argv = ["dsvl2", *sys.argv[1:]]
+try:
+    runpy.run_module("dsvl2_cli", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print("torch imported" if "torch" in sys.modules else "no torch", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", [["chat", "hi"], ["ground", "the cat"], ["ocr"], ["ask", "what?"]])
+def test_a_command_answered_by_a_server_never_imports_torch(recorded, photo, command):
+    """Instant startup against a running server: no torch import (~1.3 s here) on the remote path."""
+    name, *rest = command
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("DSVL2_SERVER", None)
+    done = subprocess.run([sys.executable, "-c", _TORCH_PROBE, name, "--server", recorded + "/ok", "--json",
+                           str(photo), *rest], capture_output=True, text=True, env=env, timeout=120)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "no torch 0", done.stderr[-2000:]
+
+
 def test_stream_cut_mid_answer_prints_what_arrived_then_the_error(monkeypatch, recorded, photo):
     r = run(monkeypatch, "chat", "--server", recorded + "/cut", photo, "hi")
     assert r.code == 1

@@ -241,6 +241,7 @@ def test_image_bomb_huge_header_allocates_nothing(ckpt_tiny, tmp_path):
 import resource, sys
 from PIL import Image
 from dsvl2_cli.app import cli, render, tasks  # the CLI imports these lazily: load them before the limit
+import dsvl2_cli.engine.runtime  # and torch, which a local model's command imports after the image opens
 vm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + 512 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
 try:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..engine.chat import ChatSession
-from ..engine.generate import Done, Event, GenerationConfig, stream_generate
-from ..engine.processor import Message, Prepared
+from ..engine.chat import ChatSession, stream_generate
+from ..engine.events import Done, Event, GenerationConfig
+from ..engine.messages import Message
 from ..engine.tokenizer import GROUNDING_TOKENS
+
+if TYPE_CHECKING:  # a server's backend runs without torch: the engine loads with a local model
+    from ..engine.processor import Prepared
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ def as_backend(model) -> Backend:
 class RemoteChatSession(ChatSession):
     """A ChatSession whose answers come from a server (`vlm` is a RemoteBackend): each turn sends
     the whole conversation; the prompt cache is the server's. Its `last_prepared` is a Prompt."""
+
+    def _new_cache(self) -> None:
+        return None
 
     def _prepare(self, messages: Sequence[Message]) -> Prompt:
         return self.vlm.prepare(messages, self.system)

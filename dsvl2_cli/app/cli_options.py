@@ -82,14 +82,17 @@ PasswordOpt = Annotated[Optional[str], typer.Option("--password", show_default=F
 
 def options(**kw):
     """tasks.Options from a command's parameters (Typer gives enum members; Options holds their values).
-    A model command's `no_cache` decides whether its answers use the persistent prompt cache."""
+    A model command's `no_cache` decides whether its answers use the persistent prompt cache (a
+    local model's: with a server, whose cache is its own, none is opened, nor torch imported)."""
     from .tasks import Options
 
     if isinstance(kw.get("dtype"), enum.Enum):
         kw["dtype"] = kw["dtype"].value
-    if "no_cache" in kw:
-        kw["prompt_store"] = None if kw.pop("no_cache") else prompt_store()
-    return Options(**kw)
+    no_cache = kw.pop("no_cache", None)
+    opts = Options(**kw)
+    if no_cache is False and not opts.server_url():
+        opts.prompt_store = prompt_store()
+    return opts
 
 
 def prompt_store():

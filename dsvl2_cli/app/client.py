@@ -30,8 +30,8 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 
-from ..engine.generate import Done, Event, GenerationConfig, Prefilled, Result, Stats, Token
-from ..engine.processor import Message
+from ..engine.events import Done, Event, GenerationConfig, Prefilled, Result, Stats, Token
+from ..engine.messages import Message
 from ..errors import Dsvl2Error, ServerError
 
 _EXTRA = "dsvl2 --server needs the serve extra: pip install 'dsvl2[serve]'"

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from ..engine.processor import Message
+from ..engine.messages import Message
 from ..errors import InputError, PromptError
 from .images import load_image_with_notes
 from .inputs import tag

@@ -6,15 +6,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from ..engine.generate import GenerationConfig, generate_batch
-from ..engine.processor import user_message
+from ..engine.events import Done, GenerationConfig
+from ..engine.messages import user_message
 from ..errors import ContextTooLongError, Dsvl2Error
-from . import budget
 from .inputs import Source, image_origin
 from .results import Notice, Options, PageFailed, PageStarted, TaskEvent, answer_with_plan
+
+if TYPE_CHECKING:  # planning needs the processor (torch): imported where a local model plans
+    from . import budget
+
+
+def generate_batch(vlm, prompts, config: GenerationConfig, max_tokens: Sequence[int] | None = None) -> list[Done]:
+    """engine.generate.generate_batch, imported when a local model first reads a batch."""
+    from ..engine.generate import generate_batch as run
+
+    return run(vlm, prompts, config, max_tokens=max_tokens)
 
 
 def image_title(img: Image.Image) -> str:
@@ -27,6 +37,8 @@ def image_title(img: Image.Image) -> str:
 def plan_prompt(vlm, text: str, images: Sequence[Image.Image], opts: Options, config: GenerationConfig,
              max_tiles: int | None) -> Iterator[Notice]:
     """Plan the prompt (a generator so that the Notice goes out with the events); returns the Plan."""
+    from . import budget
+
     plan = budget.loaded_planner(vlm).plan([user_message(text, list(images))], system=opts.system,
                                            answer_budget=config.max_tokens, max_tiles=max_tiles,
                                            flexible=opts.max_tokens is None)
@@ -39,6 +51,8 @@ def plan_prompt(vlm, text: str, images: Sequence[Image.Image], opts: Options, co
 def page_planner(vlm, prompt: str, opts: Options, config: GenerationConfig, max_tiles: int | None):
     """src -> (its image, its Plan, a Notice or None). A PDF page's note says "each page" and
     is given only when it differs from the last one, so a document of like pages warns once."""
+    from . import budget
+
     planner, last = budget.loaded_planner(vlm), [None]
 
     def plan_page(src: Source) -> tuple[Image.Image, budget.Plan, Notice | None]:
@@ -103,6 +117,8 @@ def preflight(model_dir: Path, text: str, images: Sequence[Image.Image] | int, o
     that a prompt that cannot fit even untiled is refused first (ContextTooLongError). `images`
     may be a count: untiled 1x1 stand-ins, the smallest an image can be (ocr, before its pages
     render). `name` (the first input) prefixes a refusal."""
+    from . import budget
+
     if isinstance(images, int):
         images = [Image.new("RGB", (1, 1)) for _ in range(images)]
     try:

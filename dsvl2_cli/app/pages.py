@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import settings
-from ..engine.processor import MAX_TILED_IMAGES
-from ..engine.prompt_store import remove_file
+from ..engine.messages import MAX_TILED_IMAGES
 from ..errors import InputError
 from .inputs import Source, write_atomic
 
@@ -117,6 +116,7 @@ class PageTextCache:
 
     def clear(self) -> tuple[int, int]:
         """Remove every saved page text; returns (files, bytes) removed."""
+        from ..engine.prompt_store import remove_file  # torch: `ask` itself does not need it
         n = size = 0
         for path, nbytes, _ in self.entries():
             if remove_file(path):

@@ -23,7 +23,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 from rich.style import Style
 from rich.text import Text
 
-from ..engine.generate import Done, Prefilling, Token
+from ..engine.events import Done, Prefilling, Token
 from .. import settings
 from .inputs import Source, isatty, write_atomic
 from .pictures import DrawBox, HalfBlockImage, colour, draw_boxes, encode_image, rgb

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from .. import settings
-from ..engine.generate import Done, Event, GenerationConfig
-from ..engine.processor import MAX_TILED_IMAGES, Prepared
-from ..engine.prompt_store import PromptStore
-from ..engine.sampling import SamplingParams
+from ..engine.events import Done, Event, GenerationConfig, SamplingParams
+from ..engine.messages import MAX_TILED_IMAGES
 from ..errors import Dsvl2Error
 from .inputs import Source, image_origin
+
+if TYPE_CHECKING:  # types only: a command answered by a server never imports torch
+    from ..engine.processor import Prepared
+    from ..engine.prompt_store import PromptStore
 
 TEMPERATURE_ADVICE = 0.7  # the model card: higher temperatures degrade quality
 OCR_PROMPTS = {

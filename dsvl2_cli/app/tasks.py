@@ -48,23 +48,35 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from ..engine import facts as model_facts
-from ..engine import fit, memory, quant, runtime
 from ..engine.chat import ChatSession
-from ..engine.generate import Done, Event, GenerationConfig
-from ..engine.processor import MAX_TILED_IMAGES, user_message
+from ..engine.events import Done, Event, GenerationConfig
+from ..engine.messages import MAX_TILED_IMAGES, user_message
 from ..errors import Dsvl2Error
-from ..model.config import ModelConfig
 from . import documents, pages
 from .backends import Backend, LocalBackend, Prompt, RemoteBackend, RemoteChatSession, as_backend
 from .documents import default_ocr_batch, preflight
 from .grounding import Box, caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
 from .inputs import Source, image_origin, output_paths
-from .results import (MAX_TOKENS, OCR_PROMPTS, TEMPERATURE_ADVICE, Answer, GroundAnswer, Notice, Options, PageFailed,
-                      PageStarted, PixelBox, TaskEvent, answer_record, answer_with_plan, untiled_note)
+from .results import (
+    MAX_TOKENS,
+    OCR_PROMPTS,
+    TEMPERATURE_ADVICE,
+    Answer,
+    GroundAnswer,
+    Notice,
+    Options,
+    PageFailed,
+    PageStarted,
+    PixelBox,
+    TaskEvent,
+    answer_record,
+    answer_with_plan,
+    untiled_note,
+)
 
 __all__ = [  # the task layer's names, wherever they are defined
     "MAX_TOKENS", "OCR_PROMPTS", "TEMPERATURE_ADVICE", "Answer", "Backend", "GroundAnswer", "LocalBackend",
@@ -276,9 +288,15 @@ def chat_session(model, opts: Options, images: Sequence[Image.Image] = ()) -> Ch
     return kind(vlm, system=opts.system, config=opts.generation("chat"), images=images)
 
 
+if TYPE_CHECKING:
+    from ..engine import fit
+
+
 def check_memory(resolved, opts: Options) -> fit.Fit:
     """The memory check before a model command loads `resolved` (fit.check_load): MemoryFitError
     when the plan does not fit, else the verdict, with `--quantize auto` replaced by its choice."""
+    from ..engine import fit, runtime  # the engine (torch) only where a local model is involved
+
     return fit.check_load(resolved.path, resolved.name, runtime.resolve_dtype(opts.dtype),
                           runtime.resolve_device(opts.device), opts.quantize, allow_paging=opts.allow_paging)
 
@@ -296,6 +314,10 @@ def model_info(resolved, dtype: str, device: str, quantize: str | None = None) -
                                    "overhead", "fits"}}}}   # bytes; fits: total <= available
     The plans: none, int8, int4 (and the --quantize method) for a float folder, a pre-quantized
     folder's own method only; batch 1, the cache at the full context."""
+    from ..engine import facts as model_facts
+    from ..engine import fit, memory, quant, runtime
+    from ..model.config import ModelConfig
+
     facts = model_facts.describe_model(resolved, dtype, device)
     dt, dev = runtime.resolve_dtype(facts["dtype"]), facts["device"]
     folder = quant.read_spec(resolved.path)

@@ -16,13 +16,26 @@ which also means the cached image tokens are recomputed once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from ..errors import Dsvl2Error, PromptError
-from .generate import Done, Event, GenerationConfig, PromptCache, Token, stream_generate
-from .processor import MAX_TILED_IMAGES, Message, Prepared, user_message
-from .runtime import VLModel
+from .events import Done, Event, GenerationConfig, Token
+from .messages import MAX_TILED_IMAGES, Message, user_message
+
+if TYPE_CHECKING:  # a session over a server (app/backends.py) runs without torch: no tensors here
+    from .generate import PromptCache
+    from .processor import Prepared
+    from .runtime import VLModel
+
+
+def stream_generate(vlm: VLModel, prepared: Prepared, config: GenerationConfig,
+                    prompt_cache: PromptCache | None = None) -> Iterator[Event]:
+    """engine.generate.stream_generate, imported when a local model first answers (torch)."""
+    from .generate import stream_generate as run
+
+    return run(vlm, prepared, config, prompt_cache)
 
 
 class ChatSession:
@@ -33,7 +46,7 @@ class ChatSession:
         self.config = config or GenerationConfig()
         self.messages: list[Message] = []
         self.pending: list[Image.Image] = list(images)
-        self.cache = PromptCache()
+        self.cache = self._new_cache()
         self.last_prepared: Prepared | None = None
 
     @property
@@ -59,7 +72,8 @@ class ChatSession:
         """Forget the conversation, pending images and cache; `images` are attached anew."""
         self.messages = []
         self.pending = list(images)
-        self.cache.reset()
+        if self.cache is not None:
+            self.cache.reset()
         self.last_prepared = None
 
     def load(self, messages: Sequence[Message]) -> None:
@@ -93,7 +107,12 @@ class ChatSession:
         """Answer the conversation as it stands (it ends with a user message, see `load`)."""
         return self._respond([], self._prepare(self.messages))
 
-    # The two steps a session over another model (app/tasks.py: a server's) replaces.
+    # The three steps a session over another model (app/backends.py: a server's) replaces.
+    def _new_cache(self) -> PromptCache | None:
+        from .generate import PromptCache
+
+        return PromptCache()
+
     def _prepare(self, messages: Sequence[Message]) -> Prepared:
         return self.vlm.prepare(messages, system=self.system)
 

@@ -22,10 +22,8 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import ConfigError, PromptError
+from .messages import MAX_TILED_IMAGES, Message, user_message  # noqa: F401  (re-exported: their old home)
 from .tokenizer import ASSISTANT_TOKEN, IMAGE_TOKEN, USER_TOKEN, Tokenizer
-
-# Images in one conversation above which every image gets a single 384x384 tile.
-MAX_TILED_IMAGES = 2
 
 
 @dataclass(frozen=True)
@@ -167,39 +165,6 @@ def preprocess_image(img: Image.Image, settings: ProcessorSettings, tiling: bool
     side = settings.tokens_per_tile_side
     return PreparedImage(size=img.size, grid=(tiles_w, tiles_h),
                          num_tokens=image_token_count(tiles_w, tiles_h, side), pixel_values=pixels)
-
-
-_ROLES = {"user": "user", USER_TOKEN: "user", "assistant": "assistant", ASSISTANT_TOKEN: "assistant",
-          "system": "system"}
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str                                   # "system" | "user" | "assistant" (or <|User|>/<|Assistant|>)
-    content: str
-    images: tuple[Image.Image, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.role not in _ROLES:
-            raise PromptError(f"unknown message role {self.role!r}; use user, assistant or system")
-        object.__setattr__(self, "images", tuple(self.images))
-
-    @property
-    def kind(self) -> str:
-        return _ROLES[self.role]
-
-
-def user_message(text: str, images: Sequence[Image.Image] = ()) -> Message:
-    """A user message from CLI-style input: without `<image>` placeholders the images go first,
-    one `<image>\\n` each; with placeholders their count must match the images."""
-    text = text or ""
-    n = text.count(IMAGE_TOKEN)
-    if n == 0 and images:
-        text = IMAGE_TOKEN + "\n" + (IMAGE_TOKEN + "\n") * (len(images) - 1) + text
-    elif n != len(images):
-        raise PromptError(f"the prompt has {n} <image> placeholder(s) but {len(images)} image(s) "
-                          "were given; use one <image> per image or none")
-    return Message("user", text, tuple(images))
 
 
 @dataclass

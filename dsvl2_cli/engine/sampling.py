@@ -8,34 +8,9 @@ card advises sampling with temperature <= 0.7 (higher temperatures degrade quali
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..errors import Dsvl2Error
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no limit
-    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already in the context
-    seed: int | None = None
-
-    def __post_init__(self):
-        if not 0.0 <= self.temperature <= 10.0:
-            raise Dsvl2Error(f"temperature {self.temperature} is out of range; use 0 (greedy) to about 1")
-        if not 0.0 < self.top_p <= 1.0:
-            raise Dsvl2Error(f"top_p {self.top_p} is out of range; use a value in (0, 1]")
-        if self.top_k < 0:
-            raise Dsvl2Error(f"top_k {self.top_k} must be 0 (off) or positive")
-        if self.repetition_penalty <= 0:
-            raise Dsvl2Error(f"repetition_penalty {self.repetition_penalty} must be positive (1 = off)")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from .events import SamplingParams  # noqa: F401  (defined without torch, for clients of a server)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
