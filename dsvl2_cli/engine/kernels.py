@@ -10,7 +10,7 @@ so both share one thread pool.
 
 Used only where they apply: CPU tensors, bfloat16, a few rows (decode and small batches); and
 attention for many query rows (prefill, the vision tower: `prefill_attention`, ~2-3x torch's
-SDPA on AVX512-BF16). Set
+SDPA on AVX512-BF16); the vision tower's elementwise passes (`bias_gelu_`, `layer_norm`). Set
 DSVL2_KERNELS=0 to use torch everywhere (results agree within bf16 rounding; see the tests).
 """
 
