@@ -264,3 +264,35 @@ def test_vision_elementwise_fall_back_outside_their_domain():
     assert kernels.bias_gelu_(x, w.float()) is None  # float32 bias
     with kernels.disabled():
         assert kernels.layer_norm(x, w, w, 1e-6) is None and kernels.bias_gelu_(x, w) is None
+
+
+@needs_kernels
+def test_vision_fast_modules_match_and_fall_back():
+    """install_vision's swaps hold the same tensors, agree with the plain modules within bf16
+    rounding, and are the plain modules exactly with the kernels off (or in float32)."""
+    from dsvl2_cli.engine.fast import FastLayerNorm, FastVisionMLP, install_vision
+    from dsvl2_cli.model.config import VisionConfig
+    from dsvl2_cli.model.vision import VisionTower
+
+    cfg = VisionConfig("siglip_so400m_patch14_384", 56, 14, 40, 2, 4, 2.5)  # 16 patches, MLP 100 wide
+    torch.manual_seed(0)
+    plain = VisionTower(cfg).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+    plain = plain.bfloat16()
+    fast = VisionTower(cfg).bfloat16().eval()
+    fast.load_state_dict(plain.state_dict())
+    held = fast.blocks[0].mlp.fc1.weight.data_ptr(), fast.norm.weight.data_ptr()
+    install_vision(fast, native=True)
+    assert type(fast.blocks[1].mlp) is FastVisionMLP and type(fast.blocks[1].norm2) is FastLayerNorm
+    assert (fast.blocks[0].mlp.fc1.weight.data_ptr(), fast.norm.weight.data_ptr()) == held  # no copies
+    pixels = torch.rand(3, 3, 56, 56).bfloat16() * 2 - 1
+    with torch.inference_mode():
+        want = plain(pixels)
+        bf16_close(fast(pixels), want, ulps=4)
+        with kernels.disabled():
+            assert torch.equal(fast(pixels), want)
+        x = torch.randn(2, 5, 40)
+        assert torch.equal(fast.blocks[0].mlp.float()(x), plain.blocks[0].mlp.float()(x))
+        assert torch.equal(fast.norm.float()(x), plain.norm.float()(x))
