@@ -5,8 +5,10 @@ Shapes (bf16, CPU):
 - vision: (4, 16, 729, 72) non-causal, q/k/v as strided views of one qkv projection (4 tiles);
 - tiny: (1, 10, 1024, 128) causal (MHA prefill);
 - mla: (1, 16, 1024, 192) keys / 128 values, causal (small/27B decompressed prefill);
-- tower: the 27-block SigLIP-SO400M tower on 4 tiles, random bf16 weights, torch's SDPA
-  (kernels disabled) against the native hook (as engine/fast.install swaps it in).
+- elementwise: the tower's tanh-GELU (with fc1's bias), fc1 + GELU and LayerNorm on one 4-tile
+  batch, torch against the native passes (kernels.bias_gelu_, kernels.layer_norm);
+- tower: the 27-block SigLIP-SO400M tower on 4 tiles, random bf16 weights, torch (kernels
+  disabled: SDPA, addmm, gelu, layer_norm) against the native swaps engine/fast.install makes.
 Both sides of each row run interleaved in one process (others share the CPU: compare the
 ratios of one run). FLOPs: 2 T L (d + dv) per head, half when causal. Median of --repeat runs.
 Prints a table and one JSON line.
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dsvl2_cli.engine import kernels
-from dsvl2_cli.engine.fast import vision_attention
+from dsvl2_cli.engine.fast import install_vision
 from dsvl2_cli.model.config import VisionConfig
 from dsvl2_cli.model.vision import VisionTower
 
@@ -79,21 +81,47 @@ def tower(repeat: int) -> dict:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     model = model.bfloat16().eval()
-    for block in model.blocks:  # as engine/fast.install does
-        block.attn.attend = vision_attention
+    install_vision(model, native=True)  # as engine/fast.install does: attention, LayerNorm, bias + GELU
     pixels = torch.rand(4, 3, 384, 384, generator=g).bfloat16() * 2 - 1
 
     def run(native: bool):
         with torch.inference_mode():
             if native:
                 return model(pixels)
-            with kernels.disabled():  # the hook falls back to SDPA
+            with kernels.disabled():  # every swapped module falls back to torch (SDPA, addmm, gelu, layer_norm)
                 return model(pixels)
 
     secs = interleaved({"sdpa": lambda: run(False), "kernel": lambda: run(True)}, max(3, repeat // 2))
     diff = (run(True).float() - run(False).float()).norm() / run(False).float().norm()
     return {"sdpa_s": secs["sdpa"], "kernel_s": secs["kernel"], "speedup": secs["sdpa"] / secs["kernel"],
             "rel_diff": diff.item()}
+
+
+def elementwise(repeat: int) -> dict:
+    """The tower's elementwise ops on one 4-tile batch (2916 rows), torch against the kernels:
+    tanh-GELU of fc1's output (4304 wide; torch's gelu alone, the kernel adds the bias too), fc1
+    with it (torch: addmm with the bias, then gelu; native: bias-free GEMM, then the fused pass),
+    and LayerNorm (1152 wide; torch on a row-major input and on the transposed layout the
+    residual stream had before the patch embedding's copy)."""
+    g = torch.Generator().manual_seed(1)
+    rows, width, hidden = 4 * 729, 1152, 4304
+    x = torch.randn(rows, width, generator=g).bfloat16()
+    w1 = (torch.randn(hidden, width, generator=g) * 0.03).bfloat16()
+    b1 = torch.randn(hidden, generator=g).bfloat16()
+    h = F.linear(x, w1)
+    lw, lb = torch.randn(width, generator=g).bfloat16(), torch.randn(width, generator=g).bfloat16()
+    xt = x.view(4, 729, width).transpose(1, 2).contiguous().transpose(1, 2)  # (4, 729, W), transposed strides
+    out = {}
+    with torch.inference_mode():
+        out["gelu"] = interleaved({"torch": lambda: F.gelu(h, approximate="tanh"),
+                                   "kernel": lambda: kernels.bias_gelu_(h.clone(), b1)}, repeat)
+        out["gelu"]["kernel"] -= interleaved({"clone": lambda: h.clone()}, repeat)["clone"]  # not the pass's
+        out["fc1_gelu"] = interleaved({"torch": lambda: F.gelu(F.linear(x, w1, b1), approximate="tanh"),
+                                       "kernel": lambda: kernels.bias_gelu_(F.linear(x, w1), b1)}, repeat)
+        out["layer_norm"] = interleaved({"torch": lambda: F.layer_norm(x, (width,), lw, lb, 1e-6),
+                                         "torch_transposed": lambda: F.layer_norm(xt, (width,), lw, lb, 1e-6),
+                                         "kernel": lambda: kernels.layer_norm(x, lw, lb, 1e-6)}, repeat)
+    return out
 
 
 def main() -> None:
@@ -116,6 +144,12 @@ def main() -> None:
         shape = f"{(b, h, t, d)}/{dv}{' causal' if causal else ''}"
         print(f"{name:8} {shape:28} {row['sdpa_ms']:9.1f} {row['sdpa_gflops']:6.0f} {row['kernel_ms']:10.1f} "
               f"{row['kernel_gflops']:6.0f} {row['speedup']:7.2f}x")
+    result["elementwise"] = ew = elementwise(args.repeat)
+    for name, secs in ew.items():
+        extra = (f"  (torch, transposed input: {secs['torch_transposed'] * 1e3:.1f} ms)"
+                 if "torch_transposed" in secs else "")
+        print(f"{name:10} {'2916 rows':26} {secs['torch'] * 1e3:9.1f} {'':6} {secs['kernel'] * 1e3:10.1f} {'':6} "
+              f"{secs['torch'] / secs['kernel']:7.2f}x{extra}")
     if not args.no_tower:
         result["tower"] = tw = tower(args.repeat)
         print(f"{'tower':8} {'27 blocks, 4 tiles':28} {tw['sdpa_s'] * 1e3:9.0f} {'':6} {tw['kernel_s'] * 1e3:10.0f} "

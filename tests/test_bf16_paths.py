@@ -37,7 +37,7 @@ import torch
 import dsvl2_cli
 from dsvl2_cli.dev import synthetic
 from dsvl2_cli.engine import kernels, quant
-from dsvl2_cli.engine.fast import FastMLP, NativeExperts
+from dsvl2_cli.engine.fast import FastLayerNorm, FastMLP, FastVisionMLP, NativeExperts
 from dsvl2_cli.engine.quant import experts as quant_experts
 from dsvl2_cli.model.attention import LatentAttention
 
@@ -191,6 +191,9 @@ def test_fast_modules_are_in_place(wide_models):
         layers = wide_models[family][1].model.language.model.layers
         assert type(layers[0].mlp) is FastMLP
         assert type(layers[1].mlp.experts) is NativeExperts
+        vision = wide_models[family][1].model.vision
+        assert type(vision.blocks[0].mlp) is FastVisionMLP and type(vision.norm) is FastLayerNorm
+        assert type(vision.blocks[-1].norm1) is FastLayerNorm and type(vision.blocks[-1].norm2) is FastLayerNorm
 
 
 def test_bound_has_teeth(wide_models):
@@ -295,11 +298,27 @@ def _image_prompt(vlm):
 
 
 @needs_kernels
-def test_vision_tower_kernel_logits_within_rounding_noise(wide_ckpts, wide_models):
-    """An image prompt: the vision tower's attention and the prefill through the native kernel,
-    against the float32 model, within the bound the torch bf16 path sets on the same prompt."""
+def test_vision_tower_kernel_logits_within_rounding_noise(wide_ckpts, wide_models, monkeypatch):
+    """An image prompt: the vision tower's attention, LayerNorms and bias + GELU and the prefill
+    through the native kernels, against the float32 model, within the bound the torch bf16 path
+    sets on the same prompt; and the vision kernels did run."""
     f32, b16, _, _ = wide_models["wide-mla"]
     prepared = _image_prompt(b16)
+    ran = {"gelu": 0, "norm": 0}
+    real_gelu, real_norm = kernels.bias_gelu_, kernels.layer_norm
+
+    def gelu(*args):
+        out = real_gelu(*args)
+        ran["gelu"] += out is not None
+        return out
+
+    def norm(*args):
+        out = real_norm(*args)
+        ran["norm"] += out is not None
+        return out
+
+    monkeypatch.setattr(kernels, "bias_gelu_", gelu)
+    monkeypatch.setattr(kernels, "layer_norm", norm)
     with torch.inference_mode():
         ref = f32.logits(prepared).float()
         native = b16.logits(prepared).float()
@@ -311,3 +330,5 @@ def test_vision_tower_kernel_logits_within_rounding_noise(wide_ckpts, wide_model
 
     assert rel(native) <= RATIO * rel(plain) + U, (rel(native), rel(plain))
     assert not torch.equal(native, plain)  # the kernels did run: another rounding order
+    layers = len(b16.model.vision.blocks)
+    assert ran["gelu"] >= layers and ran["norm"] >= 2 * layers + 1, ran  # every block, once per tile batch

@@ -89,6 +89,7 @@ def _cases(check):
 CHECKS = [tk.test_linear_matches_torch, tk.test_moe_kernel_matches_grouped_torch,
           tk.test_prefill_attention_matches_float_reference, tk.test_prefill_attention_merged_heads_layout,
           tk.test_decode_attention_matches_float_reference, tk.test_head_matmul_matches_einsum,
+          tk.test_bias_gelu_matches_float_reference, tk.test_layer_norm_matches_float_reference,
           tq.test_native_quantized_experts_equal_torch_kernels]
 
 

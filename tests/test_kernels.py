@@ -204,3 +204,95 @@ def test_prefill_attention_falls_back_outside_its_domain():
     assert kernels.prefill_attention(big, big, big, 0.1) is None  # head dim beyond the scratch
     with kernels.disabled():
         assert kernels.prefill_attention(q, k, v, 0.25) is None
+
+
+# ------------------------------------------------------------ vision elementwise (GELU, LayerNorm)
+# Reference: float32 math on the very bf16 inputs. Bound per element: one bf16 rounding of the
+# output (2^-8 relative), plus a float32-sized absolute slack for values near zero (GELU: the
+# exp polynomial and the division, ~1e-7; LayerNorm: the statistics' summation order times the
+# row's scale, where weight * x_hat and bias cancel).
+
+def _elementwise_close(got, ref, slack):
+    excess = ((got.float() - ref).abs() - ref.abs() * 2**-8).max()
+    assert excess <= slack, float(excess)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, n, scale", [(1, 16, 1.0), (7, 37, 4.0), (33, 1152, 3.0), (5, 4304, 8.0),
+                                            (3, 15, 0.01)])
+def test_bias_gelu_matches_float_reference(rows, n, scale):
+    g = torch.Generator().manual_seed(rows * n)
+    y = (torch.randn(rows, n, generator=g) * scale).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    ref = F.gelu(y.float() + b.float(), approximate="tanh")
+    out = y.clone()
+    assert kernels.bias_gelu_(out, b) is out  # in place
+    _elementwise_close(out, ref, 1e-6)
+    no_bias = y.clone()
+    kernels.bias_gelu_(no_bias, None)
+    _elementwise_close(no_bias, F.gelu(y.float(), approximate="tanh"), 1e-6)
+    extremes = torch.tensor([-200.0, 200.0, 0.0, -20.0, -1e30, 1e30, -3.0] * 5).bfloat16()  # vector lanes and tail
+    got = kernels.bias_gelu_(extremes.clone(), None)
+    assert torch.isfinite(got).all()
+    _elementwise_close(got, F.gelu(extremes.float(), approximate="tanh"), 1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, n, mean, std", [(1, 16, 0.0, 1.0), (7, 37, 5.0, 0.1), (29, 1152, 1.0, 3.0),
+                                                (4, 17, 0.0, 1e-4), (2, 300, -2.0, 20.0)])
+def test_layer_norm_matches_float_reference(rows, n, mean, std):
+    g = torch.Generator().manual_seed(rows + n)
+    x = (torch.randn(rows, n, generator=g) * std + mean).bfloat16()
+    w, b = (torch.randn(n, generator=g).bfloat16() for _ in range(2))
+    eps = 1e-6 if std > 1e-3 else 1e-6 + std**2  # tiny rows: eps is a visible part of the variance
+    for weight, bias in ((w, b), (w, None), (None, None)):
+        ref = F.layer_norm(x.float(), (n,), None if weight is None else weight.float(),
+                           None if bias is None else bias.float(), eps)
+        got = kernels.layer_norm(x, weight, bias, eps)
+        assert got.shape == x.shape and got.dtype == torch.bfloat16
+        _elementwise_close(got, ref, 2**-16 * ref.abs().max())
+
+
+@needs_kernels
+def test_vision_elementwise_fall_back_outside_their_domain():
+    x = torch.randn(4, 32).bfloat16()
+    w = torch.ones(32).bfloat16()
+    assert kernels.layer_norm(x.float(), None, None, 1e-6) is None  # float32: torch
+    assert kernels.layer_norm(x[:, ::2], None, None, 1e-6) is None  # strided rows
+    assert kernels.layer_norm(x, w[:16], None, 1e-6) is None  # wrong weight shape
+    assert kernels.bias_gelu_(x.t(), None) is None  # non-contiguous
+    assert kernels.bias_gelu_(x, w.float()) is None  # float32 bias
+    with kernels.disabled():
+        assert kernels.layer_norm(x, w, w, 1e-6) is None and kernels.bias_gelu_(x, w) is None
+
+
+@needs_kernels
+def test_vision_fast_modules_match_and_fall_back():
+    """install_vision's swaps hold the same tensors, agree with the plain modules within bf16
+    rounding, and are the plain modules exactly with the kernels off (or in float32)."""
+    from dsvl2_cli.engine.fast import FastLayerNorm, FastVisionMLP, install_vision
+    from dsvl2_cli.model.config import VisionConfig
+    from dsvl2_cli.model.vision import VisionTower
+
+    cfg = VisionConfig("siglip_so400m_patch14_384", 56, 14, 40, 2, 4, 2.5)  # 16 patches, MLP 100 wide
+    torch.manual_seed(0)
+    plain = VisionTower(cfg).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+    plain = plain.bfloat16()
+    fast = VisionTower(cfg).bfloat16().eval()
+    fast.load_state_dict(plain.state_dict())
+    held = fast.blocks[0].mlp.fc1.weight.data_ptr(), fast.norm.weight.data_ptr()
+    install_vision(fast, native=True)
+    assert type(fast.blocks[1].mlp) is FastVisionMLP and type(fast.blocks[1].norm2) is FastLayerNorm
+    assert (fast.blocks[0].mlp.fc1.weight.data_ptr(), fast.norm.weight.data_ptr()) == held  # no copies
+    pixels = torch.rand(3, 3, 56, 56).bfloat16() * 2 - 1
+    with torch.inference_mode():
+        want = plain(pixels)
+        bf16_close(fast(pixels), want, ulps=4)
+        with kernels.disabled():
+            assert torch.equal(fast(pixels), want)
+        x = torch.randn(2, 5, 40)
+        assert torch.equal(fast.blocks[0].mlp.float()(x), plain.blocks[0].mlp.float()(x))
+        assert torch.equal(fast.norm.float()(x), plain.norm.float()(x))

@@ -860,3 +860,135 @@ void dsvl2_attn_prefill_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *
                 }
     }
 }
+
+/* ------------------------------------------------------------------ vision elementwise passes
+ * The SigLIP tower's non-GEMM work: fc1's bias plus tanh-GELU in one in-place pass over the
+ * bias-free GEMM's output, and LayerNorm without torch's input clone. bf16 in and out, float32
+ * math; rows split over the threads, 16 lanes at a time with AVX512, the tails (and the whole row
+ * in the other builds) in plain C with the same formulas, so every build agrees within one bf16
+ * rounding of the output. */
+
+#define GELU_K0 0.7978845608028654f /* sqrt(2 / pi) */
+#define GELU_K1 0.044715f
+
+/* gelu_tanh(z) = 0.5 z (1 + tanh(u)), u = K0 (z + K1 z^3), written as z / (1 + e^(-2u)). */
+static inline float gelu_tanh_f32(float z) {
+    float u = GELU_K0 * (z + GELU_K1 * z * z * z);
+    float t = -2.0f * u;
+    t = t > 88.0f ? 88.0f : t; /* e^88 is finite: z / (1 + e^t) -> 0 without inf / inf */
+    return z / (1.0f + expf(t));
+}
+
+#if defined(__AVX512F__)
+static inline __m512 ew_load_bf16(const bf16 *p) { /* 16 bf16 -> 16 float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline void ew_store_bf16(bf16 *p, __m512 v) { /* round to nearest even, NaN kept quiet */
+#if defined(__AVX512BF16__)
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_srli_epi32(r, 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+#endif
+}
+
+/* e^x for x <= 88: 2^round(y) times a degree-6 polynomial of the rest (y = x log2 e), relative
+ * error ~2e-7, far below the bf16 rounding of the result. */
+static inline __m512 ew_exp(__m512 x) {
+    __m512 y = _mm512_mul_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(1.4426950408889634f));
+    y = _mm512_max_ps(y, _mm512_set1_ps(-150.0f)); /* 2^-150 underflows to 0 */
+    __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(y, n); /* [-0.5, 0.5] */
+    __m512 p = _mm512_set1_ps(1.5403530e-4f); /* ln2^k / k!, k = 6..0 */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 ew_gelu_tanh(__m512 z) {
+    __m512 z2 = _mm512_mul_ps(z, z);
+    __m512 u = _mm512_mul_ps(_mm512_mul_ps(z, _mm512_set1_ps(GELU_K0)),
+                             _mm512_fmadd_ps(z2, _mm512_set1_ps(GELU_K1), _mm512_set1_ps(1.0f)));
+    __m512 e = ew_exp(_mm512_mul_ps(u, _mm512_set1_ps(-2.0f)));
+    return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+#endif
+
+/* x (rows, N) with row stride ldx, in place: x = gelu_tanh(x + bias) (bias (N,), or NULL). */
+void dsvl2_bias_gelu_bf16(bf16 *x, int64_t rows, int64_t N, int64_t ldx, const bf16 *bias, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        bf16 *row = x + r * ldx;
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        for (; c + 16 <= N; c += 16) {
+            __m512 z = ew_load_bf16(row + c);
+            if (bias) z = _mm512_add_ps(z, ew_load_bf16(bias + c));
+            ew_store_bf16(row + c, ew_gelu_tanh(z));
+        }
+#endif
+        for (; c < N; c++)
+            row[c] = f32_to_bf16(gelu_tanh_f32(bf16_to_f32(row[c]) + (bias ? bf16_to_f32(bias[c]) : 0.0f)));
+    }
+}
+
+/* LayerNorm over the last dim: x (rows, N) with row stride ldx -> out (rows, N) contiguous,
+ * (x - mean) / sqrt(var + eps) * weight + bias, float32 statistics (two passes: the mean, then
+ * the centred squares, as torch does). weight, bias (N,) bf16, either may be NULL. */
+void dsvl2_layer_norm_bf16(const bf16 *x, int64_t rows, int64_t N, int64_t ldx, const bf16 *weight,
+                           const bf16 *bias, float eps, bf16 *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *row = x + r * ldx;
+        bf16 *dst = out + r * N;
+        float sum = 0.0f, sq = 0.0f;
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (; c + 16 <= N; c += 16) s0 = _mm512_add_ps(s0, ew_load_bf16(row + c));
+        sum = _mm512_reduce_add_ps(s0);
+#endif
+        for (; c < N; c++) sum += bf16_to_f32(row[c]);
+        const float mean = sum / (float)N;
+        c = 0;
+#if defined(__AVX512F__)
+        const __m512 vm = _mm512_set1_ps(mean);
+        for (; c + 16 <= N; c += 16) {
+            __m512 d = _mm512_sub_ps(ew_load_bf16(row + c), vm);
+            s1 = _mm512_fmadd_ps(d, d, s1);
+        }
+        sq = _mm512_reduce_add_ps(s1);
+#endif
+        for (; c < N; c++) {
+            float d = bf16_to_f32(row[c]) - mean;
+            sq += d * d;
+        }
+        const float rstd = 1.0f / sqrtf(sq / (float)N + eps);
+        c = 0;
+#if defined(__AVX512F__)
+        const __m512 vr = _mm512_set1_ps(rstd);
+        for (; c + 16 <= N; c += 16) {
+            __m512 y = _mm512_mul_ps(_mm512_sub_ps(ew_load_bf16(row + c), vm), vr);
+            if (weight) y = _mm512_mul_ps(y, ew_load_bf16(weight + c));
+            if (bias) y = _mm512_add_ps(y, ew_load_bf16(bias + c));
+            ew_store_bf16(dst + c, y);
+        }
+#endif
+        for (; c < N; c++) {
+            float y = (bf16_to_f32(row[c]) - mean) * rstd;
+            if (weight) y *= bf16_to_f32(weight[c]);
+            if (bias) y += bf16_to_f32(bias[c]);
+            dst[c] = f32_to_bf16(y);
+        }
+    }
+}

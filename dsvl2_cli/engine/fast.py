@@ -6,7 +6,9 @@ model/ computes with plain torch. At load (engine/runtime.py) `install` replaces
   torch's SDPA is ~6x slower for one query), the native decode-attention / per-head GEMV
   kernels where they apply (bf16, no mask, few rows), and the native prefill-attention kernel
   for many query rows (bf16; no mask, causal, or causal after a cache; ~3x torch's SDPA);
-- with bfloat16 weights and the kernels built: attention projections and lm_head by `FastLinear`,
+- with bfloat16 weights and the kernels built: the vision tower's LayerNorms by `FastLayerNorm`
+  and MLPs by `FastVisionMLP` (fc1's bias and tanh-GELU in one native pass after a bias-free
+  GEMM); attention projections and lm_head by `FastLinear`,
   dense MLPs by `FastMLP`, float routed experts by `NativeExperts` (native GEMV / fused MoE for
   <= kernels.MAX_ROWS rows; torch above, so prefill is unchanged).
 Each fast path checks at call time that it applies (`kernels.disabled()`, dtype, rows) and falls
@@ -19,13 +21,15 @@ from __future__ import annotations
 
 import threading
 import weakref
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import LatentAttention, MultiHeadAttention, few_query_attention, head_matmul, sdpa_attention
 from ..model.moe import MLP, Experts
-from ..model.vision import merged_attention
+from ..model.vision import VisionMLP, VisionTower, merged_attention
 from ..model.vlm import DeepseekVL2
 from . import kernels
 
@@ -111,6 +115,54 @@ def decode_attention(q, k, v, mask, scale: float | None, causal: bool = False) -
     return prefill_attention(q, k, v, mask, scale, causal)
 
 
+class FastVisionMLP(VisionMLP):
+    """SigLIP's MLP with fc1 as a bias-free GEMM (no bias copied into the output first) and its
+    bias and tanh-GELU in one native in-place pass over the result."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1 = self.fc1
+        if fc1.bias is None or not kernels.usable(x, fc1.weight, fc1.bias):
+            return super().forward(x)
+        h = F.linear(x, fc1.weight)
+        if kernels.bias_gelu_(h, fc1.bias) is None:  # e.g. a non-contiguous GEMM output
+            h = F.gelu(h + fc1.bias, approximate="tanh")
+        return self.fc2(h)
+
+
+class FastLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last dim through the native kernel (no input clone) for bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) == 1:
+            out = kernels.layer_norm(x, self.weight, self.bias, self.eps)
+            if out is not None:
+                return out
+        return super().forward(x)
+
+
+def install_vision(tower: VisionTower, native: bool) -> None:
+    """The vision tower's swaps: the attention hook always (it checks at call time), and with
+    `native` (bf16 weights, kernels built) the LayerNorms and MLPs' elementwise kernels."""
+    for block in tower.blocks:
+        block.attn.attend = vision_attention
+        if not native:
+            continue
+        for name in ("norm1", "norm2"):
+            setattr(block, name, _fast_layer_norm(getattr(block, name)))
+        if type(block.mlp) is VisionMLP:
+            fc1 = block.mlp.fc1
+            shape = SimpleNamespace(width=fc1.in_features, mlp_hidden=fc1.out_features)  # what VisionMLP reads
+            block.mlp = _rebuilt(FastVisionMLP, block.mlp, shape)
+    if native:
+        tower.norm = _fast_layer_norm(tower.norm)
+
+
+def _fast_layer_norm(old: nn.LayerNorm) -> nn.LayerNorm:
+    if type(old) is not nn.LayerNorm:
+        return old
+    return _rebuilt(FastLayerNorm, old, old.normalized_shape, old.eps, old.elementwise_affine, old.bias is not None)
+
+
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The vision tower's hook: the native kernel reads q, k, v in place (views of the qkv
     projection) and writes (N, T, W) for the output projection: no copies."""
@@ -144,8 +196,7 @@ def install(model: DeepseekVL2) -> None:
     if model.device.type != "cpu":
         return  # GPU/MPS: torch's own kernels (SDPA, cuBLAS) are the fast path
     native = model.dtype == torch.bfloat16 and kernels.available()
-    for block in model.vision.blocks:
-        block.attn.attend = vision_attention
+    install_vision(model.vision, native)
     lm = model.language
     for layer in lm.model.layers:
         att = layer.self_attn
@@ -171,4 +222,4 @@ def install(model: DeepseekVL2) -> None:
         lm.lm_head = _fast_linear(lm.lm_head)
 
 
-__all__ = ["FastLinear", "FastMLP", "NativeExperts", "install"]
+__all__ = ["FastLayerNorm", "FastLinear", "FastMLP", "FastVisionMLP", "NativeExperts", "install", "install_vision"]

@@ -10,7 +10,7 @@ so both share one thread pool.
 
 Used only where they apply: CPU tensors, bfloat16, a few rows (decode and small batches); and
 attention for many query rows (prefill, the vision tower: `prefill_attention`, ~2-3x torch's
-SDPA on AVX512-BF16). Set
+SDPA on AVX512-BF16); the vision tower's elementwise passes (`bias_gelu_`, `layer_norm`). Set
 DSVL2_KERNELS=0 to use torch everywhere (results agree within bf16 rounding; see the tests).
 """
 
@@ -237,6 +237,10 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
                                     i64, i64, i64, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.dsvl2_moe_quant.restype = None
     lib.dsvl2_kernel_isa.restype = ctypes.c_int
+    lib.dsvl2_bias_gelu_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.dsvl2_bias_gelu_bf16.restype = None
+    lib.dsvl2_layer_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
+    lib.dsvl2_layer_norm_bf16.restype = None
     lib.dsvl2_stream_read.argtypes = [ptr, i64, ctypes.c_int]
     lib.dsvl2_stream_read.restype = ctypes.c_uint64
     return lib
@@ -321,6 +325,12 @@ def available() -> bool:
 def _enabled() -> bool:
     """Kernels built and not switched off for this thread (`disabled()`)."""
     return not getattr(_off, "value", False) and _load() is not None
+
+
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a bf16 kernel can take x with these weights here and now (bf16 CPU tensors, no
+    autograd, contiguous weights, kernels built and not `disabled()`)."""
+    return _usable(x, *weights)
 
 
 def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -483,6 +493,39 @@ def moe_experts_quant(bits: int, x: torch.Tensor, ids: torch.Tensor, weights: to
                          gq.data_ptr(), gs.data_ptr(), gq[0].numel() * gq.element_size(), gs[0].numel(), g1,
                          dq.data_ptr(), ds.data_ptr(), dq[0].numel() * dq.element_size(), ds[0].numel(), g2, m,
                          int(x.dtype != torch.float32), out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _vector_param(p: torch.Tensor | None, n: int) -> bool:
+    return p is None or (p.shape == (n,) and p.dtype == torch.bfloat16 and p.device.type == "cpu"
+                         and p.is_contiguous())
+
+
+def bias_gelu_(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """y = gelu_tanh(y + bias) in place (the vision MLP's fc1 after a bias-free GEMM): bf16, float32
+    math, one bf16 rounding of the result. y contiguous (..., N), bias (N,) or None. Returns y, or
+    None when the kernel does not apply (then y is untouched: use torch)."""
+    n = y.shape[-1] if y.dim() else 0
+    if (y.numel() == 0 or y.device.type != "cpu" or y.dtype != torch.bfloat16 or y.requires_grad
+            or not y.is_contiguous() or not _vector_param(bias, n) or not _enabled()):
+        return None
+    _lib.dsvl2_bias_gelu_bf16(y.data_ptr(), y.numel() // n, n, n, 0 if bias is None else bias.data_ptr(),
+                              torch.get_num_threads())
+    return y
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+               ) -> torch.Tensor | None:
+    """LayerNorm over the last dim (float32 statistics, bf16 in and out) without torch's input
+    copy; x contiguous (..., N), weight and bias (N,) bf16 or None. None when it does not apply."""
+    n = x.shape[-1] if x.dim() else 0
+    if (x.numel() == 0 or x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.requires_grad
+            or not x.is_contiguous() or not _vector_param(weight, n) or not _vector_param(bias, n)
+            or not _enabled()):
+        return None
+    out = torch.empty_like(x)
+    _lib.dsvl2_layer_norm_bf16(x.data_ptr(), x.numel() // n, n, n, 0 if weight is None else weight.data_ptr(),
+                               0 if bias is None else bias.data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
     return out
 
 

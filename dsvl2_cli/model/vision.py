@@ -25,7 +25,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.proj(pixels)  # (N, W, 27, 27)
-        return x.flatten(2).transpose(1, 2)  # (N, 729, W)
+        # (N, 729, W), copied row-major once here: the residual stream keeps the layout of its first
+        # term, and a transposed one made every LayerNorm (and GEMM) copy its input again
+        return x.flatten(2).transpose(1, 2).contiguous()
 
 
 def merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
