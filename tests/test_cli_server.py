@@ -10,17 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import ThreadingHTTPServer
 
 import httpx
 import pytest
 from serving import REPO, Server, free_port
 from test_cli import ANSWER_KEYS, _cached_load_weights, assert_clean, assert_one_line_error, model_args, run
-from test_client import Recorded
+from test_client import Recorded, recorded  # noqa: F401 - fixture
 
-from dsvl2_cli.app import backends, cli, serve, tasks
+from dsvl2_cli.app import backends, cli, serve
 from dsvl2_cli.app.protocol import ServeSettings
 from dsvl2_cli.dev.synthetic import write_image
 
@@ -121,16 +119,6 @@ def test_unreachable_server_is_one_line(monkeypatch, photo):
 def test_wrong_api_key_is_one_line(monkeypatch, server, photo):
     r = run(monkeypatch, "ask", "--server", server.url, "--api-key", "wrong", photo, "hi")
     assert_one_line_error(r, "refused the API key", "401")
-
-
-@pytest.fixture(scope="module")
-def recorded():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Recorded)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 _TORCH_PROBE = """

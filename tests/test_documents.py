@@ -12,8 +12,8 @@ import json
 import pymupdf
 import pytest
 from PIL import Image
+from reliability_support import answer_events
 from test_cli import _isolated, assert_one_line_error, model_args, run  # noqa: F401 - fixture
-from test_reliability import answer_events
 
 from dsvl2_cli import settings
 from dsvl2_cli.app import backends, budget, cli, documents, pages, tasks
