@@ -13,7 +13,7 @@ import dsvl2_cli
 from dsvl2_cli.engine import kernels
 from dsvl2_cli.engine.generate import GenerationConfig, generate
 from dsvl2_cli.engine.processor import user_message
-from dsvl2_cli.model.attention import few_query_attention
+from dsvl2_cli.model.attention import RMSNorm, few_query_attention
 from dsvl2_cli.model.moe import Experts
 
 EXPECTED_HERE = (sys.platform == "linux" and platform.machine() == "x86_64" and shutil.which("cc")
@@ -79,6 +79,8 @@ def test_moe_kernel_matches_grouped_torch(tokens):
 @needs_kernels
 @pytest.mark.parametrize("b, h, hk, d, dv, length", [
     (1, 10, 10, 128, 128, 2000),  # tiny: MHA, one query per head
+    (3, 4, 4, 64, 64, 131),       # one query per head, 64-wide values, keys not a multiple of 4
+    (1, 2, 2, 256, 128, 7),       # one query per head, the widest head the register path takes
     (2, 8, 2, 64, 64, 300),       # grouped-query heads, two sequences
     (1, 16, 1, 576, 512, 37),     # MLA absorbed: heads folded into rows over one latent sequence
     (1, 70, 1, 96, 80, 5),        # more rows than one accumulator block, odd sizes
@@ -251,6 +253,35 @@ def test_layer_norm_matches_float_reference(rows, n, mean, std):
         got = kernels.layer_norm(x, weight, bias, eps)
         assert got.shape == x.shape and got.dtype == torch.bfloat16
         _elementwise_close(got, ref, 2**-16 * ref.abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, n, std", [(1, 1280, 1.0), (3, 2048, 0.02), (5, 512, 30.0), (2, 37, 1.0), (1, 16, 1e-3)])
+def test_rms_norm_matches_the_plain_module(rows, n, std):
+    """The native RMSNorm rounds as model/attention.py's RMSNorm does in bf16 (the normalised row
+    to bf16, then the product with the weight): against that module's own float64 recomputation
+    it is within one rounding of each step, and against the module it differs only where the
+    float32 sum of squares (summed in another order) tips a rounding: one bf16 ulp, rarely."""
+    g = torch.Generator().manual_seed(rows * n)
+    x = (torch.randn(rows, n, generator=g) * std).bfloat16()
+    norm = RMSNorm(n, 1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(n, generator=g) * 0.5 + 1)
+    got = kernels.rms_norm(x, norm.weight.detach(), norm.eps)
+    with torch.inference_mode():
+        plain = norm(x)
+    assert got is not None and got.shape == x.shape and got.dtype == torch.bfloat16
+    xd = x.double()
+    h = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16().double()
+    _elementwise_close(got, norm.weight.detach().double() * h, 1e-30)
+    ulp = plain.float().abs().clamp_min(2**-126) * 2**-7
+    differ = got != plain
+    assert ((got.float() - plain.float()).abs() <= ulp).all()
+    assert differ.float().mean() <= 0.02
+    strided = torch.cat([x, x], dim=-1)[:, :n]  # rows not contiguous: copied first, same answer
+    assert torch.equal(kernels.rms_norm(strided, norm.weight.detach(), norm.eps), got)
+    assert kernels.rms_norm(x.float(), norm.weight.detach(), norm.eps) is None  # float32: torch
+    assert kernels.rms_norm(x, norm.weight.detach().float(), norm.eps) is None  # float32 weight
 
 
 @needs_kernels

@@ -243,10 +243,25 @@ void dsvl2_moe_bf16(const bf16 *x, int64_t T, int64_t D, const int64_t *ids, con
  * MLA passes v as the first dv features of the same latent rows (v = k, same strides).
  * scores: G*R*L floats of scratch. out (G, R, dv) bf16.
  */
+#if defined(__AVX512BF16__)
+static void attn_decode_one_row(const bf16 *q, int64_t d, const bf16 *kg, int64_t k_ls, const bf16 *vg,
+                                int64_t v_ls, int64_t dv, int64_t L, float scale, float *s, bf16 *out);
+#endif
+
 void dsvl2_attn_decode_bf16(const bf16 *q, int64_t G, int64_t R, int64_t d, const bf16 *k, const bf16 *v,
                             int64_t Hk, int64_t k_bs, int64_t k_hs, int64_t k_ls, int64_t v_bs, int64_t v_hs,
                             int64_t v_ls, int64_t dv, int64_t L, float scale, float *scores, bf16 *out,
                             int threads) {
+#if defined(__AVX512BF16__)
+    if (R == 1 && d % 32 == 0 && d <= 256 && dv % 64 == 0 && G >= threads) { /* a group per work item */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t g = 0; g < G; g++)
+            attn_decode_one_row(q + g * d, d, k + (g / Hk) * k_bs + (g % Hk) * k_hs, k_ls,
+                                v + (g / Hk) * v_bs + (g % Hk) * v_hs, v_ls, dv, L, scale, scores + g * L,
+                                out + g * dv);
+        return;
+    }
+#endif
     const int64_t lblock = 64, cblock = 64;
     int64_t lblocks = (L + lblock - 1) / lblock, cblocks = (dv + cblock - 1) / cblock;
 #pragma omp parallel num_threads(threads)
@@ -924,6 +939,82 @@ static inline __m512 ew_gelu_tanh(__m512 z) {
 }
 #endif
 
+#if defined(__AVX512BF16__)
+/* {sum of a's lanes, of b's, of c's, of d's}: halves added, then two rounds of pairwise adds,
+ * ~3 instructions a vector where four separate reductions take ~8 each. */
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+#define HALVES(x) _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))
+    __m256 ab = _mm256_hadd_ps(HALVES(a), HALVES(b)); /* a01 a23 b01 b23 | a45 a67 b45 b67 */
+    __m256 cd = _mm256_hadd_ps(HALVES(c), HALVES(d));
+#undef HALVES
+    __m256 abcd = _mm256_hadd_ps(ab, cd); /* a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7 */
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* One query row over one group's cache (decode with one query per kv head: MHA, R == 1), every
+ * step in registers: q stays loaded (d <= 256), keys go four at a time, the softmax uses the
+ * vector exp, and the value rows stream past 8 float accumulators (128 columns) in one sweep. The general
+ * path below it spilled accumulators and a converted value row to L1 on every key and ran a
+ * scalar expf per score: at 2000 cached tokens it read the cache at half the probe's bandwidth.
+ * q (d) bf16, keys kg + l * k_ls, values vg + l * v_ls; s: L floats of scratch; out (dv) bf16. */
+static void attn_decode_one_row(const bf16 *q, int64_t d, const bf16 *kg, int64_t k_ls, const bf16 *vg,
+                                int64_t v_ls, int64_t dv, int64_t L, float scale, float *s, bf16 *out) {
+    __m512bh qv[8];
+    const int64_t nq = d / 32;
+    for (int64_t c = 0; c < nq; c++) qv[c] = (__m512bh)_mm512_loadu_si512((const void *)(q + 32 * c));
+    int64_t l = 0;
+    for (; l + 4 <= L; l += 4) {
+        const bf16 *k0 = kg + l * k_ls;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < nq; c++) {
+#define KEY(j) (__m512bh)_mm512_loadu_si512((const void *)(k0 + (j) * k_ls + 32 * c))
+            a0 = _mm512_dpbf16_ps(a0, KEY(0), qv[c]);
+            a1 = _mm512_dpbf16_ps(a1, KEY(1), qv[c]);
+            a2 = _mm512_dpbf16_ps(a2, KEY(2), qv[c]);
+            a3 = _mm512_dpbf16_ps(a3, KEY(3), qv[c]);
+#undef KEY
+        }
+        _mm_storeu_ps(s + l, _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+    }
+    for (; l < L; l++) s[l] = scale * dot_row(q, kg + l * k_ls, d);
+    /* softmax: max, then exp and sum; 1/sum is applied to the output, not to every weight */
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (l = 0; l < L; l += 16) {
+        __mmask16 m = L - l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - l)) - 1);
+        mv = _mm512_mask_max_ps(mv, m, mv, _mm512_maskz_loadu_ps(m, s + l));
+    }
+    __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv)), sv = _mm512_setzero_ps();
+    for (l = 0; l < L; l += 16) {
+        __mmask16 m = L - l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - l)) - 1);
+        __m512 e = ew_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), mx));
+        _mm512_mask_storeu_ps(s + l, m, e);
+        sv = _mm512_mask_add_ps(sv, m, sv, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sv));
+    /* values: 128 columns (8 accumulators) a sweep when dv allows, else 64: one pass over the rows */
+    const int64_t width = dv % 128 == 0 ? 128 : 64, nv = width / 16;
+    for (int64_t c0 = 0; c0 < dv; c0 += width) {
+        __m512 o[8];
+        for (int j = 0; j < 8; j++) o[j] = _mm512_setzero_ps();
+        const bf16 *vc = vg + c0;
+        for (l = 0; l < L; l++) {
+            const bf16 *vl = vc + l * v_ls;
+            __m512 p = _mm512_set1_ps(s[l]);
+#define V16(off) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vl + (off)))), 16))
+            if (nv == 8) {
+                for (int j = 0; j < 8; j++) o[j] = _mm512_fmadd_ps(p, V16(16 * j), o[j]);
+            } else {
+                for (int j = 0; j < 4; j++) o[j] = _mm512_fmadd_ps(p, V16(16 * j), o[j]);
+            }
+#undef V16
+        }
+        float t[128];
+        for (int64_t j = 0; j < nv; j++) _mm512_storeu_ps(t + 16 * j, _mm512_mul_ps(o[j], inv));
+        for (int64_t c = 0; c < width; c++) out[c0 + c] = f32_to_bf16(t[c]);
+    }
+}
+#endif
+
 /* x (rows, N) with row stride ldx, in place: x = gelu_tanh(x + bias) (bias (N,), or NULL). */
 void dsvl2_bias_gelu_bf16(bf16 *x, int64_t rows, int64_t N, int64_t ldx, const bf16 *bias, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -990,5 +1081,48 @@ void dsvl2_layer_norm_bf16(const bf16 *x, int64_t rows, int64_t N, int64_t ldx, 
             if (bias) y += bf16_to_f32(bias[c]);
             dst[c] = f32_to_bf16(y);
         }
+    }
+}
+
+/* The language model's RMSNorm, as model/attention.py's RMSNorm computes it in bf16:
+ *   y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))     (statistics in float32)
+ * One pass per row instead of torch's eight ops (float copy, pow, mean, add, rsqrt, mul, cast,
+ * mul): decoding runs 2 per layer on a single row, where each op's dispatch cost more than its
+ * arithmetic. Only the order of the float32 sum of squares differs from torch's. x rows ldx
+ * apart, w (N) bf16, out (rows, N) contiguous. */
+void dsvl2_rms_norm_bf16(const bf16 *x, int64_t rows, int64_t N, int64_t ldx, const bf16 *w, float eps, bf16 *out,
+                         int threads) {
+#pragma omp parallel for schedule(static) num_threads(rows < threads ? (int)rows : threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *row = x + r * ldx;
+        bf16 *dst = out + r * N;
+        float sq = 0.0f;
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (; c + 32 <= N; c += 32) {
+            __m512 a = ew_load_bf16(row + c), b = ew_load_bf16(row + c + 16);
+            s0 = _mm512_fmadd_ps(a, a, s0);
+            s1 = _mm512_fmadd_ps(b, b, s1);
+        }
+        for (; c + 16 <= N; c += 16) {
+            __m512 a = ew_load_bf16(row + c);
+            s0 = _mm512_fmadd_ps(a, a, s0);
+        }
+        sq = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#endif
+        for (; c < N; c++) sq += bf16_to_f32(row[c]) * bf16_to_f32(row[c]);
+        const float rstd = 1.0f / sqrtf(sq / (float)N + eps); /* torch's rsqrt on CPU: 1 / sqrt */
+        c = 0;
+#if defined(__AVX512F__)
+        const __m512 vr = _mm512_set1_ps(rstd);
+        for (; c + 16 <= N; c += 16) {
+            __m512 h = _mm512_mul_ps(ew_load_bf16(row + c), vr);
+            ew_store_bf16(dst + c, h); /* the normalised row in bf16 first, as h.to(x.dtype) */
+            ew_store_bf16(dst + c, _mm512_mul_ps(ew_load_bf16(dst + c), ew_load_bf16(w + c)));
+        }
+#endif
+        for (; c < N; c++)
+            dst[c] = f32_to_bf16(bf16_to_f32(w[c]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(row[c]) * rstd)));
     }
 }

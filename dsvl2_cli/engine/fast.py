@@ -8,7 +8,8 @@ model/ computes with plain torch. At load (engine/runtime.py) `install` replaces
   for many query rows (bf16; no mask, causal, or causal after a cache; ~3x torch's SDPA);
 - with bfloat16 weights and the kernels built: the vision tower's LayerNorms by `FastLayerNorm`
   and MLPs by `FastVisionMLP` (fc1's bias and tanh-GELU in one native pass after a bias-free
-  GEMM); attention projections and lm_head by `FastLinear`,
+  GEMM); attention projections and lm_head by `FastLinear`, the language model's RMSNorms by
+  `FastRMSNorm` (one native pass instead of eight ops: decoding runs two a layer on one row),
   dense MLPs by `FastMLP`, float routed experts by `NativeExperts` (native GEMV / fused MoE for
   <= kernels.MAX_ROWS rows; torch above, so prefill is unchanged).
 Each fast path checks at call time that it applies (`kernels.disabled()`, dtype, rows) and falls
@@ -27,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.attention import LatentAttention, MultiHeadAttention, few_query_attention, head_matmul, sdpa_attention
+from ..model.attention import (
+    LatentAttention,
+    MultiHeadAttention,
+    RMSNorm,
+    few_query_attention,
+    head_matmul,
+    sdpa_attention,
+)
 from ..model.moe import MLP, Experts
 from ..model.vision import VisionMLP, VisionTower, merged_attention
 from ..model.vlm import DeepseekVL2
@@ -39,6 +47,15 @@ class FastLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight)  # falls back to F.linear itself
+
+
+class FastRMSNorm(RMSNorm):
+    """The language model's RMSNorm through the native kernel for bf16 (same roundings as the
+    plain module; only the order of the float32 sum of squares differs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.rms_norm(x, self.weight, self.eps)
+        return out if out is not None else super().forward(x)
 
 
 class FastMLP(MLP):
@@ -187,6 +204,10 @@ def _fast_linear(old: nn.Linear) -> FastLinear:
     return _rebuilt(FastLinear, old, old.in_features, old.out_features, False)
 
 
+def _fast_rms_norm(old: RMSNorm) -> RMSNorm:
+    return _rebuilt(FastRMSNorm, old, old.weight.shape[0], old.eps) if type(old) is RMSNorm else old
+
+
 def _fast_mlp(old: MLP) -> FastMLP:
     return _rebuilt(FastMLP, old, old.gate_up.shape[1], old.inner)
 
@@ -209,6 +230,10 @@ def install(model: DeepseekVL2) -> None:
         for name, child in list(att.named_children()):
             if type(child) is nn.Linear:
                 setattr(att, name, _fast_linear(child))
+            elif type(child) is RMSNorm:  # MLA's kv_a_layernorm
+                setattr(att, name, _fast_rms_norm(child))
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            setattr(layer, name, _fast_rms_norm(getattr(layer, name)))
         mlp = layer.mlp
         if type(mlp) is MLP:  # layer 0's dense MLP
             layer.mlp = _fast_mlp(mlp)
@@ -220,6 +245,8 @@ def install(model: DeepseekVL2) -> None:
             mlp.experts = _rebuilt(NativeExperts, e, e.n_experts, e.gate_up.shape[2], e.inner, e.grouped_mm)
     if native:
         lm.lm_head = _fast_linear(lm.lm_head)
+        lm.model.norm = _fast_rms_norm(lm.model.norm)
 
 
-__all__ = ["FastLayerNorm", "FastLinear", "FastMLP", "FastVisionMLP", "NativeExperts", "install", "install_vision"]
+__all__ = ["FastLayerNorm", "FastLinear", "FastMLP", "FastRMSNorm", "FastVisionMLP", "NativeExperts", "install",
+           "install_vision"]

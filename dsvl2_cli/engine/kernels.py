@@ -241,6 +241,8 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     lib.dsvl2_bias_gelu_bf16.restype = None
     lib.dsvl2_layer_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.dsvl2_layer_norm_bf16.restype = None
+    lib.dsvl2_rms_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
+    lib.dsvl2_rms_norm_bf16.restype = None
     lib.dsvl2_stream_read.argtypes = [ptr, i64, ctypes.c_int]
     lib.dsvl2_stream_read.restype = ctypes.c_uint64
     return lib
@@ -526,6 +528,21 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     out = torch.empty_like(x)
     _lib.dsvl2_layer_norm_bf16(x.data_ptr(), x.numel() // n, n, n, 0 if weight is None else weight.data_ptr(),
                                0 if bias is None else bias.data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The language model's RMSNorm (float32 statistics; the normalised row rounded to bf16, then
+    times the bf16 weight) in one native pass; x (..., N) bf16 with unit stride along N, weight
+    (N,) bf16. None when it does not apply."""
+    n = x.shape[-1] if x.dim() else 0
+    if (x.numel() == 0 or x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.requires_grad
+            or weight is None or not _vector_param(weight, n) or not _enabled()):
+        return None
+    flat = x.reshape(-1, n) if x.is_contiguous() else x.contiguous().view(-1, n)  # (rows, N)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    _lib.dsvl2_rms_norm_bf16(flat.data_ptr(), flat.shape[0], n, n, weight.data_ptr(), eps, out.data_ptr(),
+                             torch.get_num_threads())
     return out
 
 
