@@ -2,19 +2,19 @@
 accuracy on the real-shape synthetic tiny checkpoint (SigLIP-SO400M: 27 blocks, width 1152,
 MLP 4304; random bf16 weights), and the four linears' GEMMs alone.
 
-- gemm: each of qkv (1152 -> 3456), proj (1152 -> 1152), fc1 (1152 -> 4304, with bias + tanh-GELU
-  fused in the int8 epilogue; torch: addmm then gelu), fc2 (4304 -> 1152) on one 4-tile batch
-  (2916 rows): torch's bf16 F.linear against kernels.int8_linear (activation quantization
-  included); GOP/s counts 2 M N K.
-- tower: the tiles of one 640x480 synthetic photo (a gradient with shapes; its global view and
-  local tiles as the processor makes them) through the vision tower, bf16 and int8, seconds per
-  tile; and their accuracy per tile: cosine similarity (mean and min over the 729 patch rows) and
-  relative L2 error of the vision features and of the projector's output (the image embeddings
-  the language model reads).
-Both sides of each row run interleaved in one process, medians of --repeat rounds after a warm-up
-(other work shares the CPU: compare the ratios of one run). Random weights lack the outlier
-channels of a trained SigLIP, which are what per-row / per-channel int8 handles worst: the
-accuracy figures here are a floor on the cost, not the cost on the real model.
+- gemm: each of qkv (1152 -> 3456), proj (1152 -> 1152), fc1 (1152 -> 4304, bias + tanh-GELU in
+  the int8 epilogue; the bf16 side as the bf16 tower runs it: a bias-free GEMM, then the native
+  bias + GELU pass), fc2 (4304 -> 1152) on one 4-tile batch (2916 rows): torch's bf16 F.linear
+  against kernels.int8_linear (activation quantization included); GOP/s counts 2 M N K.
+- tower: one batch of 4 tiles of a 640x480 synthetic photo (a gradient with shapes; its global
+  view and first local tiles as the processor makes them) through the vision tower, bf16 and
+  int8, seconds per tile; and their accuracy per tile: cosine similarity (mean and min over the
+  729 patch rows) and relative L2 error of the vision features and of the projector's output
+  (the image embeddings the language model reads).
+Both sides of each row run interleaved in one process, medians of --repeat rounds (three times
+as many for the GEMMs) after a warm-up (other work shares the CPU: compare the ratios of one
+run). Random weights lack the outlier channels of a trained SigLIP, which are what per-row /
+per-channel int8 handles worst: the accuracy cost on the real model is likely larger than here.
 Prints a table and writes benchmarks/results/vision-int8-cpu.json (--out to change).
 
     python benchmarks/bench_vision_int8.py [--repeat 3] [--out PATH]
@@ -40,6 +40,7 @@ from dsvl2_cli import settings
 from dsvl2_cli.dev import bench
 from dsvl2_cli.engine import kernels
 from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.runtime import TILE_BATCH
 
 GEMMS = {"qkv": (3456, 1152), "proj": (1152, 1152), "fc1": (4304, 1152), "fc2": (1152, 4304)}  # (N, K)
 ROWS = 4 * 729  # one batch of TILE_BATCH tiles
@@ -84,8 +85,9 @@ def gemms(repeat: int) -> dict:
         gelu = name == "fc1"
         with torch.inference_mode():
             def plain():
-                y = F.linear(x, w, b)
-                return F.gelu(y, approximate="tanh") if gelu else y
+                if gelu:  # FastVisionMLP's fc1
+                    return kernels.bias_gelu_(F.linear(x, w), b)
+                return F.linear(x, w, b)
 
             secs = interleaved({"bf16": plain, "int8": lambda: kernels.int8_linear(x, packed, bf, gelu)}, repeat)
             want, got = plain().float(), kernels.int8_linear(x, packed, bf, gelu).float()
@@ -116,15 +118,22 @@ def tower(path: Path, repeat: int) -> dict:
     if not int8.vision_int8:
         sys.exit("the int8 vision tower is not available here (see the warning above)")
     prepared = plain.prepare([user_message("Describe this photo.", [photo()])])
-    pixels = prepared.pixel_values().to(torch.bfloat16)  # (tiles, 3, 384, 384)
+    # the global view and the first local tiles: one batch of TILE_BATCH tiles, as the runtime
+    # encodes them (all of the photo's tiles would double the run for the same figures)
+    pixels = prepared.pixel_values()[:TILE_BATCH].to(torch.bfloat16)  # (tiles, 3, 384, 384)
     tiles = pixels.shape[0]
+    feats = {}
+
+    def encode(name, vlm):
+        feats[name] = vlm.model.vision(pixels)  # (tiles, 729, 1152): the last round's are compared
+
     with torch.inference_mode():
-        secs = interleaved({"bf16": lambda: plain.model.vision(pixels), "int8": lambda: int8.model.vision(pixels)},
-                           repeat)
-        f_bf, f_i8 = plain.model.vision(pixels), int8.model.vision(pixels)  # (tiles, 729, 1152)
+        secs = interleaved({"bf16": lambda: encode("bf16", plain), "int8": lambda: encode("int8", int8)}, repeat)
+        f_bf, f_i8 = feats["bf16"], feats["int8"]
         p_bf, p_i8 = plain.model.projector(f_bf), int8.model.projector(f_i8)  # (tiles, 196, D)
     int8_bytes = sum(m.int8.nbytes for m in int8.model.vision.modules() if hasattr(m, "int8"))
-    return {"image": "640x480 synthetic (gradient, shapes, lines)", "tiles": tiles,
+    return {"image": "640x480 synthetic (gradient, shapes, lines)", "tiles_of_image": prepared.pixel_values().shape[0],
+            "tiles": tiles,
             "bf16_s_per_tile": secs["bf16"] / tiles, "int8_s_per_tile": secs["int8"] / tiles,
             "speedup": secs["bf16"] / secs["int8"], "load_bf16_s": t1 - t0, "load_int8_s": t2 - t1,
             "int8_weight_bytes": int8_bytes,
@@ -140,11 +149,13 @@ def main() -> None:
         sys.exit(f"no AVX512-VNNI int8 kernel here ({kernels.status()})")
     result = {"benchmark": "int8 vision tower vs bf16, real SigLIP-SO400M shapes, synthetic bf16 weights",
               "threads": torch.get_num_threads(), "kernels": kernels.status(), "repeat": args.repeat,
-              "note": "random weights lack a trained model's outlier channels: accuracy here is a floor on the cost"}
-    print(f"threads {result['threads']}, {result['kernels']}, medians of {args.repeat} interleaved rounds")
+              "note": "random weights lack a trained model's outlier channels: the accuracy cost on the real model "
+                      "is likely larger"}
+    print(f"threads {result['threads']}, {result['kernels']}, medians of {args.repeat} interleaved rounds "
+          f"({3 * args.repeat} for the GEMMs)")
     print(f"{'gemm':6} {'M x N x K':18} {'bf16 ms':>8} {'GF/s':>6} {'int8 ms':>8} {'GOP/s':>6} {'speedup':>8} "
           f"{'rel err':>8}")
-    result["gemm"] = gm = gemms(args.repeat)
+    result["gemm"] = gm = gemms(3 * args.repeat)  # a tenth of a second each: more rounds, steadier medians
     for name, r in gm.items():
         shape = f"{r['m']}x{r['n']}x{r['k']}"
         print(f"{name:6} {shape:18} {r['bf16_ms']:8.1f} {r['bf16_gflops']:6.0f} "
@@ -152,8 +163,8 @@ def main() -> None:
     path = bench.ensure_checkpoint(settings.bench_dir(), "tiny", None)
     result["checkpoint"] = str(path)
     result["tower"] = tw = tower(path, args.repeat)
-    print(f"tower  {tw['tiles']} tiles of a 640x480 photo: bf16 {tw['bf16_s_per_tile']:.2f} s/tile, "
-          f"int8 {tw['int8_s_per_tile']:.2f} s/tile, {tw['speedup']:.2f}x "
+    print(f"tower  {tw['tiles']} of the {tw['tiles_of_image']} tiles of a 640x480 photo: "
+          f"bf16 {tw['bf16_s_per_tile']:.2f} s/tile, int8 {tw['int8_s_per_tile']:.2f} s/tile, {tw['speedup']:.2f}x "
           f"(load {tw['load_bf16_s']:.1f} s bf16, {tw['load_int8_s']:.1f} s with int8 packing; "
           f"{tw['int8_weight_bytes'] / 1e9:.2f} GB int8 weights)")
     print(f"{'tile':>4} {'features cos mean/min':>22} {'rel L2':>7} {'projector cos mean/min':>23} {'rel L2':>7}")

@@ -1045,14 +1045,37 @@ void dsvl2_int8_pack_weights(const bf16 *w, int64_t N, int64_t K, int8_t *packed
         }
         const bf16 *row = w + n * K;
         float amax = 0.0f;
-        for (int64_t k = 0; k < K; k++) {
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        __m512 vmax = _mm512_setzero_ps();
+        for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(ew_load_bf16(row + k)));
+        amax = _mm512_reduce_max_ps(vmax);
+#endif
+        for (; k < K; k++) {
             float a = fabsf(bf16_to_f32(row[k]));
             amax = a > amax ? a : amax;
         }
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int8_t *panel = packed + (n / I8_NR) * (Kp * I8_NR) + (n % I8_NR) * 4;
         int32_t sum = 0;
-        for (int64_t k = 0; k < K; k++) {
+        k = 0;
+#if defined(__AVX512F__)
+        /* 16 k at a time (4 groups of 4 bytes, one per k-step of the panel): the scalar loop
+         * below took ~4 ns a weight, 1.6 s of load time for SigLIP-SO400M */
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        __m512i vsum = _mm512_setzero_si512();
+        for (; k + 16 <= K; k += 16) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(ew_load_bf16(row + k), vinv)); /* nearest even */
+            q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            vsum = _mm512_add_epi32(vsum, q);
+            uint32_t four[4];
+            _mm_storeu_si128((__m128i *)four, _mm512_cvtepi32_epi8(q));
+            for (int g = 0; g < 4; g++) memcpy(panel + (k / 4 + g) * (I8_NR * 4), &four[g], 4);
+        }
+        sum = _mm512_reduce_add_epi32(vsum);
+#endif
+        for (; k < K; k++) {
             int32_t q = i8_round(bf16_to_f32(row[k]) * inv);
             q = q > 127 ? 127 : (q < -127 ? -127 : q);
             panel[(k / 4) * (I8_NR * 4) + (k % 4)] = (int8_t)q;
@@ -1184,7 +1207,7 @@ int dsvl2_int8_gemm(const uint8_t *a, int64_t lda, const float *sa, int64_t M, c
     /* Panel-major items (64 Kp bytes of weights, 72 KB at K 1152, stay in a thread's L2 while
      * row chunks stream past), handed out two at a time as threads free up: when another process
      * holds one of the cores a static split waits for its slowest thread; on an idle CPU the
-     * two schedules measured the same. */
+     * two schedules measured the same within the noise. */
 #pragma omp parallel for collapse(2) schedule(dynamic, 2) num_threads(threads)
     for (int64_t p = 0; p < panels; p++)
         for (int64_t c = 0; c < chunks; c++) {
