@@ -220,10 +220,11 @@ def test_vision_int8_where_it_cannot_run_warns_once_and_loads_the_usual_path(ckp
 # ------------------------------------------------------------------------------- the CLI
 
 def test_cli_vision_int8_where_it_cannot_run_is_one_warning_line(monkeypatch, ckpt_tiny, tmp_path):
-    from test_cli import _isolated, model_args, run  # noqa: F401 - the fixture is used by name
+    from test_cli import model_args, run
 
     from dsvl2_cli.dev.synthetic import write_image
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder: nothing to download, nothing tried
     photo = write_image(tmp_path / "photo.png", 96, 64, seed=5)
     r = run(monkeypatch, "chat", *model_args(ckpt_tiny), "--vision-int8", "--no-cache", str(photo), "hi")
     assert r.code == 0, r.stderr
