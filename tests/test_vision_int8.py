@@ -130,9 +130,11 @@ def test_every_isa_variant_runs_it_or_says_it_cannot(variant):
             return
         layer = vision_int8._int8_linear(torch.nn.Linear(12, 20).bfloat16())
         x = torch.randn(5, 12).bfloat16()
-        # packing is plain C in every build, the GEMM is not: the module runs its bf16 forward
-        assert isinstance(layer, vision_int8.Int8Linear) or layer.weight.dtype == torch.bfloat16
+        # packing is plain C in every build, the GEMM is not: it declines, the module runs bf16
+        assert isinstance(layer, vision_int8.Int8Linear) and layer.int8 is not None
+        assert kernels.int8_linear(x, layer.int8, layer.bias_f32) is None
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert vision_int8.install(_towers()[1]) == 0  # and the tower is left as it is
 
 
 # ----------------------------------------------------------------------------- the tower
