@@ -25,11 +25,11 @@ _real_load_weights = cli.load_weights
 ANSWER_KEYS = {"model", "input", "page", "images", "text", "finish_reason", "usage", "timings", "token_ids"}
 
 
-def _cached_load_weights(path, *, device, dtype, quantize=None, on_progress=None):
-    key = (str(path), device, dtype, quantize)
+def _cached_load_weights(path, *, device, dtype, quantize=None, on_progress=None, vision_int8=False):
+    key = (str(path), device, dtype, quantize, vision_int8)
     if key not in _MODELS:
         _MODELS[key] = _real_load_weights(path, device=device, dtype=dtype, quantize=quantize,
-                                          on_progress=on_progress)
+                                          on_progress=on_progress, vision_int8=vision_int8)
     return _MODELS[key]
 
 

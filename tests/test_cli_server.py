@@ -98,10 +98,10 @@ def test_ground_asks_the_server_for_special_tokens(monkeypatch, recorded, photo)
 
 def test_loading_options_with_a_server_are_named_as_ignored(monkeypatch, recorded, photo):
     r = run(monkeypatch, "chat", "--server", recorded + "/ok", "--dtype", "float32", "--quantize", "int8",
-            "--json", photo, "hi")
+            "--vision-int8", "--json", photo, "hi")
     assert r.code == 0, r.stderr
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
-    assert len(warnings) == 1 and "--dtype, --quantize" in warnings[0] and "ignored" in warnings[0]
+    assert len(warnings) == 1 and "--dtype, --quantize, --vision-int8" in warnings[0] and "ignored" in warnings[0]
     plain = run(monkeypatch, "chat", "--server", recorded + "/ok", "--json", photo, "hi")
     assert plain.code == 0 and "warning: " not in plain.stderr
 

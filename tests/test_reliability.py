@@ -351,7 +351,7 @@ def test_output_ctrl_c_while_streaming_ask_flushes(monkeypatch, ckpt_tiny, three
 
 
 def test_output_ctrl_c_while_loading_the_model(monkeypatch, ckpt_tiny, tmp_path):
-    def interrupted(path, *, device, dtype, quantize=None, on_progress=None):
+    def interrupted(path, *, device, dtype, quantize=None, on_progress=None, vision_int8=False):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "load_weights", interrupted)

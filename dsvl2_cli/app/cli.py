@@ -40,7 +40,8 @@ from ..errors import InputError
 from . import cli_admin, exits
 from .cli_options import (AllowPagingOpt, ApiKeyOpt, BatchOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTilesOpt,
                           MaxTokensOpt, ModelOpt, NoCacheOpt, NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt,
-                          QuantizeOpt, QuietOpt, SeedOpt, ServerOpt, SystemOpt, TemperatureOpt, TopPOpt, options)
+                          QuantizeOpt, QuietOpt, SeedOpt, ServerOpt, SystemOpt, TemperatureOpt, TopPOpt, VisionInt8Opt,
+                          options)
 from .exits import UsageError
 from .pdf import DEFAULT_DPI
 
@@ -72,13 +73,14 @@ def _main(version: Annotated[bool, typer.Option(
 
 # -------------------------------------------------------------------------------------- model
 
-def load_weights(path: Path, *, device: str, dtype: str, quantize: str | None = None, on_progress=None):
+def load_weights(path: Path, *, device: str, dtype: str, quantize: str | None = None, on_progress=None,
+                 vision_int8: bool = False):
     """runtime.load on a resolved folder (tests replace this to reuse loaded models); open_model
-    has made the memory check already."""
+    has made the memory check already. vision_int8: --vision-int8, or $DSVL2_VISION_INT8 (None)."""
     from ..engine import runtime
 
     return runtime.load(path, device=device, dtype=dtype, quantize=quantize, download=False,
-                        on_progress=on_progress, memory_check=False)
+                        on_progress=on_progress, memory_check=False, vision_int8=vision_int8 or None)
 
 
 def open_model(opts: Options, ui: UI):
@@ -100,7 +102,8 @@ def open_model(opts: Options, ui: UI):
     with progress:
         task = progress.add_task(f"loading {resolved.name}", total=None)
         vlm = load_weights(resolved.path, device=opts.device, dtype=opts.dtype, quantize=fitted.quantize,
-                           on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+                           on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                           vision_int8=opts.vision_int8)
     vlm = dataclasses.replace(vlm, name=resolved.name, source=resolved.source)
     ui.status(loaded_status(vlm, time.perf_counter() - t0))
     return vlm
@@ -130,7 +133,8 @@ def _local_only_options(opts: Options) -> list[str]:
 
     plain = Options()
     given = [("--device", opts.device != plain.device), ("--dtype", opts.dtype != plain.dtype),
-             ("--quantize", opts.quantize != plain.quantize), ("--allow-paging", opts.allow_paging)]
+             ("--quantize", opts.quantize != plain.quantize), ("--vision-int8", opts.vision_int8),
+             ("--allow-paging", opts.allow_paging)]
     return [name for name, differs in given if differs]
 
 
@@ -163,7 +167,8 @@ def chat(
         help="Answer a conversation given exactly: a JSON file in the official message format "
              "(- reads it from stdin); image paths are relative to the file.")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
+    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False, allow_paging: AllowPagingOpt = False,
+    no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
@@ -174,7 +179,8 @@ def chat(
     from .interactive import interactive_chat
     from .render import UI, AnswerView, render_answer, warn_untiled
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8,
+                   allow_paging=allow_paging,
                  max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
@@ -241,7 +247,8 @@ def ocr(
         "--skip-existing", help="With --out: skip pages whose file exists (resume a run).")] = False,
     max_tiles: MaxTilesOpt = None, batch: BatchOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
+    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False, allow_paging: AllowPagingOpt = False,
+    no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
@@ -252,7 +259,8 @@ def ocr(
     from .inputs import collect_sources
     from .render import UI, render_pages
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8,
+                   allow_paging=allow_paging,
                  max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
@@ -297,7 +305,8 @@ def ask(
     pages: PagesOpt = None, dpi: DpiOpt = DEFAULT_DPI, password: PasswordOpt = None,
     max_tiles: MaxTilesOpt = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
+    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False, allow_paging: AllowPagingOpt = False,
+    no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
     quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
@@ -310,7 +319,8 @@ def ask(
     from .inputs import collect_sources
     from .render import UI, AnswerView, render_answer
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8,
+                   allow_paging=allow_paging,
                  max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
                  quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
@@ -374,7 +384,8 @@ def ground(
     save: Annotated[Optional[Path], typer.Option(
         "--save", dir_okay=False, show_default=False, help="Save the image with the boxes drawn (PNG, JPEG...).")] = None,
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, allow_paging: AllowPagingOpt = False, no_cache: NoCacheOpt = False,
+    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False, allow_paging: AllowPagingOpt = False,
+    no_cache: NoCacheOpt = False,
     max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
     seed: SeedOpt = None, system: SystemOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
     server: ServerOpt = None, api_key: ApiKeyOpt = None,
@@ -385,7 +396,8 @@ def ground(
     from .pictures import image_format
     from .render import UI, AnswerView, render_answer
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, allow_paging=allow_paging,
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8,
+                   allow_paging=allow_paging,
                  max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, system=system, stream=False, json=json_,
                  quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)

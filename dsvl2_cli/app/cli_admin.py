@@ -11,7 +11,8 @@ import typer
 
 from ..settings import DEFAULT_MODEL
 from . import exits
-from .cli_options import (ApiKeyOpt, DeviceOpt, Dtype, DtypeOpt, JsonOpt, ModelOpt, QuantizeOpt, QuietOpt, options)
+from .cli_options import (ApiKeyOpt, DeviceOpt, Dtype, DtypeOpt, JsonOpt, ModelOpt, QuantizeOpt, QuietOpt,
+                          VisionInt8Opt, options)
 from .exits import UsageError
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def register(app: typer.Typer, open_model) -> None:
 
 def serve(
     model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None,
+    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False,
     host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 for every interface.")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
@@ -56,7 +57,7 @@ def serve(
     from . import serve as server
     from .render import UI
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, quiet=quiet)
+    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8, quiet=quiet)
     ui = UI(quiet)
     settings = server.ServeSettings(host=host, port=port, api_key=api_key or opts.server_key() or "",
                                     allow_remote_images=allow_remote_images, cache_bytes=cache_bytes,

@@ -39,6 +39,10 @@ QuantizeOpt = Annotated[Optional[str], typer.Option(
     "--quantize", rich_help_panel=_M, show_default=False, metavar="auto|none|int8|int4|nf4",
     help="Quantize the routed experts while loading: int4 (fast on CPU), nf4 (bitsandbytes), int8; "
          "auto: the first of none, int8, int4 that fits in memory. Default: the folder as it is.")]
+VisionInt8Opt = Annotated[bool, typer.Option(
+    "--vision-int8", rich_help_panel=_M, show_default=False,
+    help="Run the vision tower's linears in int8 (CPU with AVX512-VNNI, bf16 weights): ~1.8x faster image "
+         "encoding for a small accuracy cost. Default: $DSVL2_VISION_INT8, else off.")]
 AllowPagingOpt = Annotated[bool, typer.Option(
     "--allow-paging", rich_help_panel=_M,
     help="Load even when the model does not fit in memory: memory-mapped weights may be paged from disk: slow.")]

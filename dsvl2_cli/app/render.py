@@ -444,7 +444,9 @@ def loaded_status(vlm, seconds: float) -> str:
     """The line after loading: the model, its dtype and quantization, the device, the time."""
     dtype = str(vlm.dtype).removeprefix("torch.")
     spec = getattr(vlm, "quantization", None)
-    how = f"{dtype}, {spec.method} routed experts, on {vlm.device}" if spec else f"{dtype} on {vlm.device}"
+    parts = [dtype] + ([f"{spec.method} routed experts"] if spec else [])
+    parts += ["int8 vision"] if getattr(vlm, "vision_int8", False) else []
+    how = f"{', '.join(parts)}, on {vlm.device}" if len(parts) > 1 else f"{dtype} on {vlm.device}"
     return f"{vlm.name} ({vlm.source}) · {how} · loaded in {seconds:.1f} s"
 
 

@@ -43,6 +43,7 @@ class Options:
     dtype: str = "bfloat16"
     quantize: str | None = None  # also "auto": check_memory chooses
     allow_paging: bool = False  # load even when the plan does not fit (a warning instead)
+    vision_int8: bool = False  # --vision-int8: the vision tower's linears in int8 (or $DSVL2_VISION_INT8)
     max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0

@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--quantize", default=None)
+    parser.add_argument("--vision-int8", action="store_true", help="vision tower linears in int8 ($DSVL2_VISION_INT8)")
     parser.add_argument("--allow-remote-images", action="store_true")
     parser.add_argument("--cache-bytes", type=int, default=ServeSettings.cache_bytes)
     parser.add_argument("--max-batch", type=int, default=ServeSettings.max_batch)
@@ -349,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         _exit_with_parent()
     from ..engine.runtime import load
     try:
-        vlm = load(args.model or env.default_model(), device=args.device, dtype=args.dtype, quantize=args.quantize)
+        vlm = load(args.model or env.default_model(), device=args.device, dtype=args.dtype, quantize=args.quantize,
+                   vision_int8=args.vision_int8 or None)
         settings = ServeSettings(host=args.host, port=args.port, api_key=args.api_key or env.api_key(),
                                  allow_remote_images=args.allow_remote_images, cache_bytes=args.cache_bytes,
                                  max_batch=args.max_batch, max_images=args.max_images,

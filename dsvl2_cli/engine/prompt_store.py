@@ -103,11 +103,14 @@ class PromptStore:
 
     def key_for(self, vlm, keys: Sequence) -> EntryKey:
         """The entry key of a loaded model (runtime.VLModel) and prefix position keys. Experts
-        quantized while loading compute differently from the same folder: part of the model id."""
+        quantized while loading, and the int8 vision tower (other image embeddings), compute
+        differently from the same folder: both are part of the model id."""
         quant = vlm.quantization
-        ident = (str(vlm.path), repr(quant))
+        vision_int8 = bool(getattr(vlm, "vision_int8", False))
+        ident = (str(vlm.path), repr(quant), vision_int8)
         if ident not in self._models:
-            self._models[ident] = model_fingerprint(vlm.path) + (f"+{quant.method}/{quant.group_size}" if quant else "")
+            experts = f"+{quant.method}/{quant.group_size}" if quant else ""
+            self._models[ident] = model_fingerprint(vlm.path) + experts + ("+vision-int8" if vision_int8 else "")
         return EntryKey(self._models[ident], str(vlm.dtype), vlm.device.type, tuple(keys))
 
     def lookup(self, vlm, keys: Sequence) -> ModelCache | None:
