@@ -79,7 +79,14 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert report["help"]["median_s"] > 0
     assert set(r["goals"]) >= {"decode_ctx_short", "decode_ctx_2000", "prefill_matmul", "prefill_peer",
                                "load_cached", "model_ready", "ttft_cold", "ttft_cached"}
-    assert "start to model ready" in text and "start to 1st token, cold" in text and "load, file cached" in text and "`--help` startup" in text
+    assert "start to model ready" in text and "1st token, cold (photo)" in text and "load, file cached" in text and "`--help` startup" in text
+    # the opt-in int8 vision tower's cold row, wherever it runs (AVX512-VNNI), and only there
+    int8 = proc["first_token"].get("cold_vision_int8")
+    assert (int8 is not None) == bench_probes.int8_vision_here()
+    if int8:
+        assert int8["process_wall_s"] > int8["ttft_s"] > 0
+        assert int8["prompt_tokens"] == proc["first_token"]["cold"]["prompt_tokens"]
+        assert "ttft_cold_int8" in r["goals"] and "--vision-int8 (opt-in)" in text
     print(text)  # the quick run's table, for `pytest -s`
 
 

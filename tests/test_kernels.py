@@ -13,7 +13,7 @@ import dsvl2_cli
 from dsvl2_cli.engine import kernels
 from dsvl2_cli.engine.generate import GenerationConfig, generate
 from dsvl2_cli.engine.processor import user_message
-from dsvl2_cli.model.attention import RMSNorm, few_query_attention
+from dsvl2_cli.model.attention import RMSNorm, apply_rope, few_query_attention
 from dsvl2_cli.model.moe import Experts
 
 EXPECTED_HERE = (sys.platform == "linux" and platform.machine() == "x86_64" and shutil.which("cc")
@@ -282,6 +282,30 @@ def test_rms_norm_matches_the_plain_module(rows, n, std):
     assert torch.equal(kernels.rms_norm(strided, norm.weight.detach(), norm.eps), got)
     assert kernels.rms_norm(x.float(), norm.weight.detach(), norm.eps) is None  # float32: torch
     assert kernels.rms_norm(x, norm.weight.detach().float(), norm.eps) is None  # float32 weight
+
+
+@needs_kernels
+@pytest.mark.parametrize("b, h, t, d, interleaved, table_batch", [
+    (1, 10, 1, 128, False, 1),   # tiny's decode: one query row per head
+    (2, 16, 7, 64, True, 2),     # MLA's rope part, two sequences at their own positions (padding)
+    (2, 1, 5, 64, True, 1),      # MLA's shared key, one table broadcast over the batch
+    (1, 3, 300, 8, False, 1),    # a prefill chunk: enough rows for both threads
+])
+def test_rope_is_torch_bit_for_bit(b, h, t, d, interleaved, table_batch):
+    """The native RoPE makes torch's three bf16 roundings (x*cos, rotate_half(x)*sin, their sum),
+    so it equals model/attention.py's apply_rope exactly, for strided views as the projections
+    give them (heads transposed out of the token dim, rope dims split off the end of a row)."""
+    g = torch.Generator().manual_seed(b * h * t * d)
+    x = (torch.randn(b, t, h, d + 6, generator=g) * 3).bfloat16()[..., 3:3 + d].transpose(1, 2)  # (B, H, T, d)
+    angles = torch.randn(table_batch, 1, t, d, generator=g) * 20
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    got = kernels.rope(x, cos, sin, interleaved)
+    assert got is not None and got.is_contiguous()
+    assert torch.equal(got, apply_rope(x, cos, sin, interleaved))
+    assert kernels.rope(x.float(), cos.float(), sin.float(), interleaved) is None  # float32: torch
+    assert kernels.rope(x, cos[..., : d // 2], sin[..., : d // 2], interleaved) is None  # table too narrow
+    with kernels.disabled():
+        assert kernels.rope(x, cos, sin, interleaved) is None
 
 
 @needs_kernels

@@ -1127,6 +1127,38 @@ void dsvl2_rms_norm_bf16(const bf16 *x, int64_t rows, int64_t N, int64_t ldx, co
     }
 }
 
+/* Rotary position embedding as model/attention.py's apply_rope computes it in bf16, for rows of
+ * x (B, H, T, d) with any strides but unit stride along d, and cos/sin (B, 1, T, d):
+ *   xr  = x, or with `interleaved` its pairs regrouped evens then odds (DeepSeek-V2's layout)
+ *   out = bf16( bf16(xr * cos) + bf16(rotate_half(xr) * sin) ),  rotate_half = (-xr2, xr1)
+ * the three roundings of torch's three bf16 ops (the products of two bf16 are exact in float32,
+ * so each rounding is torch's). One pass instead of seven ops per call (slices, neg, cat, two
+ * muls, an add; and a view, transpose and copy when interleaved). out (B, H, T, d) contiguous.
+ * x's strides in elements: xs_b, xs_h, xs_t; cos/sin's: cs_b, cs_t (0 where broadcast). */
+void dsvl2_rope_bf16(const bf16 *x, int64_t B, int64_t H, int64_t T, int64_t d, int64_t xs_b, int64_t xs_h,
+                     int64_t xs_t, const bf16 *cos, const bf16 *sin, int64_t cs_b, int64_t cs_t, int interleaved,
+                     bf16 *out, int threads) {
+    const int64_t rows = B * H * T, half = d / 2;
+#pragma omp parallel for schedule(static) num_threads(rows * d < 65536 ? 1 : threads)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t b = r / (H * T), h = (r / T) % H, tt = r % T;
+        const bf16 *xr = x + b * xs_b + h * xs_h + tt * xs_t;
+        const bf16 *c = cos + b * cs_b + tt * cs_t, *s = sin + b * cs_b + tt * cs_t;
+        bf16 *o = out + r * d;
+        for (int64_t j = 0; j < d; j++) {
+            /* element j of the regrouped row, and of its rotation partner */
+            int64_t jj = j < half ? j : j - half, other = j < half ? j + half : j - half;
+            int64_t src = interleaved ? (j < half ? 2 * jj : 2 * jj + 1) : j;
+            int64_t osrc = interleaved ? (other < half ? 2 * other : 2 * (other - half) + 1) : other;
+            float v = bf16_to_f32(xr[src]), w = bf16_to_f32(xr[osrc]);
+            float rot = j < half ? -w : w;
+            float a = bf16_to_f32(f32_to_bf16(v * bf16_to_f32(c[j])));
+            float q = bf16_to_f32(f32_to_bf16(rot * bf16_to_f32(s[j])));
+            o[j] = f32_to_bf16(a + q);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ int8 vision linears (opt-in)
  * The SigLIP tower's four linears (qkv, proj, fc1, fc2) as u8 x s8 -> s32 products with
  * AVX512-VNNI's vpdpbusd, which runs twice the multiply-adds per instruction of the bf16 dot

@@ -184,7 +184,8 @@ def process_first_token(path: Path, image: Path) -> dict:
     with no prompt cache (`--no-cache` where it exists); the checkpoint is in the page cache (the
     benchmark read it just before; dropping the page cache needs root). "prompt_cache" is a later
     process with the same image and another question, after one run that filled the cache; it is
-    recorded as not available where `chat --no-cache` does not exist yet."""
+    recorded as not available where `chat --no-cache` does not exist yet. "cold_vision_int8" is
+    the cold run with the opt-in int8 vision tower (`--vision-int8`), where it runs here."""
     warm_page_cache(path)
     has_cache = cli_has_no_cache()
     out = {"cold": _chat(path, image, "What is in this picture?", ["--no-cache"] if has_cache else [])}
@@ -193,4 +194,16 @@ def process_first_token(path: Path, image: Path) -> dict:
         return out
     _chat(path, image, "What is in this picture?", [])  # fills the prompt cache for this image
     out["prompt_cache"] = _chat(path, image, "Which colour is most common here?", [])
+    if int8_vision_here():  # the opt-in int8 tower, also cold (its own cache key: no reuse either way)
+        out["cold_vision_int8"] = _chat(path, image, "What is in this picture?", ["--no-cache", "--vision-int8"])
     return out
+
+
+def int8_vision_here() -> bool:
+    """Whether `chat --vision-int8` exists and would run int8 here (AVX512-VNNI kernels built)."""
+    from ..engine import kernels
+
+    if not (kernels.available() and kernels.int8_gemm_available()):
+        return False
+    _, done = _run(["-m", "dsvl2_cli", "chat", "--help"])
+    return "--vision-int8" in done.stdout

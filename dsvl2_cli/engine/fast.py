@@ -1,9 +1,10 @@
 """Fast modules swapped into a loaded model, as quantization swaps the routed experts.
 
 model/ computes with plain torch. At load (engine/runtime.py) `install` replaces, on CPU:
-- the attention hooks (`attend`, MLA's `attend_heads` and `head_matmul`, the vision tower's
-  `attend`): a few-query attention of two matmuls instead of SDPA for decoding (any dtype:
-  torch's SDPA is ~6x slower for one query), the native decode-attention / per-head GEMV
+- the attention hooks (`attend`, `rotate`, MLA's `attend_heads` and `head_matmul`, the vision
+  tower's `attend`): the native RoPE pass (bf16, the same roundings as torch's seven ops), a
+  few-query attention of two matmuls instead of SDPA for decoding (any dtype: torch's SDPA is
+  ~6x slower for one query), the native decode-attention / per-head GEMV
   kernels where they apply (bf16, no mask, few rows), and the native prefill-attention kernel
   for many query rows (bf16; no mask, causal, or causal after a cache; ~3x torch's SDPA);
 - with bfloat16 weights and the kernels built: the vision tower's LayerNorms by `FastLayerNorm`
@@ -32,6 +33,7 @@ from ..model.attention import (
     LatentAttention,
     MultiHeadAttention,
     RMSNorm,
+    apply_rope,
     few_query_attention,
     head_matmul,
     sdpa_attention,
@@ -62,14 +64,35 @@ class FastMLP(MLP):
     """Dense SiLU MLP; a few rows go through the fused MoE kernel as a single "expert"."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] <= kernels.MAX_ROWS:
-            flat = x.reshape(-1, x.shape[-1])  # (N, D)
-            rows = flat.shape[0]
-            out = kernels.moe_experts(flat, torch.zeros(rows, 1, dtype=torch.long), torch.ones(rows, 1),
-                                      self.gate_up[None], self.down_proj.weight[None])
+        rows = x.numel() // x.shape[-1]
+        if rows <= kernels.MAX_ROWS:
+            ids, weights = _one_expert(rows)
+            gate_up, down = self._as_one_expert()
+            out = kernels.moe_experts(x.reshape(rows, x.shape[-1]), ids, weights, gate_up, down)  # (N, D)
             if out is not None:
                 return out.view(x.shape)
         return super().forward(x)
+
+    def _as_one_expert(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate_up (1, 2I, D) and down (1, D, I): views of the weights, made once (each view is a
+        dispatched op, and a decode step runs 12 of these MLPs), remade if a weight was replaced."""
+        kept = getattr(self, "_stacked", None)
+        if kept is None or kept[0] is not self.gate_up or kept[1] is not self.down_proj.weight:
+            kept = self._stacked = (self.gate_up, self.down_proj.weight, self.gate_up[None],
+                                    self.down_proj.weight[None])
+        return kept[2], kept[3]
+
+
+_routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _one_expert(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing of a dense MLP run as one "expert": ids (rows, 1) all 0, weights (rows, 1) all
+    1 (constants, only read by the kernel; kept per row count instead of made per call)."""
+    route = _routes.get(rows)
+    if route is None:
+        route = _routes[rows] = (torch.zeros(rows, 1, dtype=torch.long), torch.ones(rows, 1))
+    return route
 
 
 class NativeExperts(Experts):
@@ -187,6 +210,12 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out if out is not None else merged_attention(q, k, v)
 
 
+def fast_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The attention modules' `rotate` hook: the native pass where it applies (bf16), else torch's."""
+    out = kernels.rope(x, cos, sin, interleaved)
+    return out if out is not None else apply_rope(x, cos, sin, interleaved)
+
+
 def fast_head_matmul(x: torch.Tensor, w: torch.Tensor, w_is_kn: bool) -> torch.Tensor:
     out = kernels.head_matmul(x, w, w_is_kn)  # (B, H, T, N) or None
     return out if out is not None else head_matmul(x, w, w_is_kn)
@@ -225,6 +254,7 @@ def install(model: DeepseekVL2) -> None:
             att.attend, att.attend_heads, att.head_matmul = few_query, prefill_attention, fast_head_matmul
         elif isinstance(att, MultiHeadAttention):
             att.attend = decode_attention
+        att.rotate = fast_rope  # checks at call time: torch's for other dtypes and without the kernels
         if not native:
             continue
         for name, child in list(att.named_children()):

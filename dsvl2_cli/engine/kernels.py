@@ -245,6 +245,9 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     lib.dsvl2_layer_norm_bf16.restype = None
     lib.dsvl2_rms_norm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.dsvl2_rms_norm_bf16.restype = None
+    lib.dsvl2_rope_bf16.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ctypes.c_int,
+                                    ptr, ctypes.c_int]
+    lib.dsvl2_rope_bf16.restype = None
     lib.dsvl2_stream_read.argtypes = [ptr, i64, ctypes.c_int]
     lib.dsvl2_stream_read.restype = ctypes.c_uint64
     lib.dsvl2_int8_vnni.restype = ctypes.c_int
@@ -351,17 +354,35 @@ def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             and _enabled())
 
 
+_scratch = threading.local()  # the decode kernels' float32 scratch, kept between calls of a thread
+_SCRATCH_KEPT = 16 << 20
+
+
+def _decode_scratch(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer of at least `nbytes` for one call's scratch (its contents are not kept):
+    one per thread, reused up to _SCRATCH_KEPT, instead of a fresh allocation in every call."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+        if nbytes <= _SCRATCH_KEPT:
+            _scratch.buf = buf
+    return buf
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) without bias; native GEMV when x has at most MAX_ROWS rows."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if rows == 0 or rows > MAX_ROWS or not _usable(x, weight):
         return F.linear(x, weight)
-    x2 = x.reshape(rows, x.shape[-1]).contiguous()  # (M, K)
+    if not x.is_contiguous():  # (..., K) rows K apart, as the kernel reads them
+        x = x.contiguous()
     n, k = weight.shape
-    out = torch.empty(rows, n, dtype=torch.bfloat16)
-    _lib.dsvl2_gemv_bf16(x2.data_ptr(), k, rows, weight.data_ptr(), n, k, out.data_ptr(), n, 0,
+    # the output in its final shape: a decode step makes ~50 of these calls, and each reshape or
+    # view is one more dispatched op (~5 us) around a GEMV of ~300 us
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    _lib.dsvl2_gemv_bf16(x.data_ptr(), k, rows, weight.data_ptr(), n, k, out.data_ptr(), n, 0,
                          torch.get_num_threads())
-    return out.view(*x.shape[:-1], n)
+    return out
 
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
@@ -376,9 +397,11 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     k, m = ids.shape[1], down.shape[2]
     x = x.contiguous()
     ids = ids.contiguous()
-    weights = weights.to(torch.float32).contiguous()
+    if weights.dtype != torch.float32:
+        weights = weights.float()
+    weights = weights.contiguous()
     items = t * k
-    scratch = torch.empty(items * (2 * m + d) + (items * m + 1) // 2, dtype=torch.float32)
+    scratch = _decode_scratch(4 * (items * (2 * m + d) + (items * m + 1) // 2))
     out = torch.empty(t, d, dtype=torch.bfloat16)
     _lib.dsvl2_moe_bf16(x.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), k, gate_up.data_ptr(),
                         down.data_ptr(), m, out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
@@ -401,7 +424,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return None
     q = q.contiguous()  # (B, H, Tq, d) = (B*Hk groups, H/Hk*Tq rows, d): a group's heads are adjacent
     groups, rows = b * hk, (h // hk) * tq
-    scores = torch.empty(groups * rows * length, dtype=torch.float32)
+    scores = _decode_scratch(4 * groups * rows * length)
     out = torch.empty(b, h, tq, dv, dtype=torch.bfloat16)
     _lib.dsvl2_attn_decode_bf16(q.data_ptr(), groups, rows, d, k.data_ptr(), v.data_ptr(), hk,
                                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -549,10 +572,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if (x.numel() == 0 or x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.requires_grad
             or weight is None or not _vector_param(weight, n) or not _enabled()):
         return None
-    flat = x.reshape(-1, n) if x.is_contiguous() else x.contiguous().view(-1, n)  # (rows, N)
+    if not x.is_contiguous():
+        x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.bfloat16)
-    _lib.dsvl2_rms_norm_bf16(flat.data_ptr(), flat.shape[0], n, n, weight.data_ptr(), eps, out.data_ptr(),
+    _lib.dsvl2_rms_norm_bf16(x.data_ptr(), x.numel() // n, n, n, weight.data_ptr(), eps, out.data_ptr(),
                              torch.get_num_threads())
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor | None:
+    """model/attention.py's apply_rope in one native pass with the same three bf16 roundings:
+    x (B, H, T, d) bf16, any strides with unit stride along d; cos and sin (B|1, 1, T, d) bf16
+    with unit stride along d. Returns a contiguous (B, H, T, d), or None when it does not apply."""
+    if (x.dim() != 4 or cos.dim() != 4 or x.numel() == 0 or x.dtype != torch.bfloat16 or x.requires_grad
+            or x.device.type != "cpu" or x.shape[-1] % 2 or x.stride(-1) != 1 or not _enabled()):
+        return None
+    b, h, t, d = x.shape
+    for table in (cos, sin):
+        if (table.dtype != torch.bfloat16 or table.device.type != "cpu" or table.shape[1] != 1
+                or table.shape[0] not in (1, b) or table.shape[2:] != (t, d) or table.stride(-1) != 1):
+            return None
+    if cos.stride() != sin.stride():
+        return None
+    cs_b = cos.stride(0) if cos.shape[0] > 1 else 0
+    out = torch.empty(b, h, t, d, dtype=torch.bfloat16)
+    _lib.dsvl2_rope_bf16(x.data_ptr(), b, h, t, d, x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(),
+                         sin.data_ptr(), cs_b, cos.stride(2), int(interleaved), out.data_ptr(), torch.get_num_threads())
     return out
 
 

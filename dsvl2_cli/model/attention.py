@@ -9,10 +9,10 @@ those are cached. Two equivalent ways to attend over the cache:
   attend directly in latent space. Cheapest for a few queries over a long cache (decode).
 `kv_b_proj` is split once at load time into `w_kb` (H, nope, C) and `w_vb` (H, v, C) for this.
 
-Plain torch throughout. Two small hooks let the engine run faster code without changing the math:
-`attend` (attention over the cache: MHA's, and MLA's in latent space) and, for MLA, `attend_heads`
-(per-head attention after decompression: prefill) and `head_matmul` (the per-head absorption
-products). engine/fast.py replaces them at load time on CPU.
+Plain torch throughout. Small hooks let the engine run faster code without changing the math:
+`attend` (attention over the cache: MHA's, and MLA's in latent space), `rotate` (the rotary
+embedding) and, for MLA, `attend_heads` (per-head attention after decompression: prefill) and
+`head_matmul` (the per-head absorption products). engine/fast.py replaces them at load time on CPU.
 Caches are duck-typed (`update_and_fetch`; engine/cache.py has them): the model imports no engine code.
 """
 
@@ -90,6 +90,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=False)
         self.attend = sdpa_attention  # (q, k, v, mask, scale) -> out; the engine may swap it
+        self.rotate = apply_rope  # (x, cos, sin, interleaved) -> rotated x; likewise
 
     def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
         """x (B, T, D); cache: a KVCache or None."""
@@ -97,8 +98,8 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin, interleaved=False)
-        k = apply_rope(k, cos, sin, interleaved=False)
+        q = self.rotate(q, cos, sin, interleaved=False)
+        k = self.rotate(k, cos, sin, interleaved=False)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, T_total, hd)
         # (B, H, T, hd); scale None: 1/sqrt(hd); without a mask and a cache, causal over the T new
@@ -135,17 +136,18 @@ class LatentAttention(nn.Module):
         self.attend = sdpa_attention  # latent-space attention (q, k, v, mask, scale); the engine may swap it
         self.attend_heads = sdpa_attention  # per-head attention of the decompressed path; likewise
         self.head_matmul = head_matmul  # (x, w, w_is_kn) per-head products; the engine may swap it
+        self.rotate = apply_rope  # (x, cos, sin, interleaved) -> rotated x; likewise
 
     def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
         """x (B, T, D); cache: a LatentCache or None."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.nope + self.rope).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)  # (B, H, T, nope), (B, H, T, R)
-        q_rope = apply_rope(q_rope, cos, sin, interleaved=True)
+        q_rope = self.rotate(q_rope, cos, sin, interleaved=True)
 
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, T, C)
-        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)  # (B, T, R)
+        k_rope = self.rotate(k_rope.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)  # (B, T, R)
         entry = torch.cat([latent, k_rope], dim=-1)  # (B, T, C + R): what the cache holds
         if cache is not None:
             entry = cache.update_and_fetch(entry)  # (B, T_total, C + R)
