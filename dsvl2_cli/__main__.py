@@ -1,6 +1,6 @@
 """`python -m dsvl2_cli`: the same as the `dsvl2` command."""
 
-from .app.cli import main
+from .app.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

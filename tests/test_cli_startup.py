@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "safetensors", "numpy", "dsvl2_cli.engine", "dsvl2_cli.model")
 # The console script's own lines; "started" marks the interpreter ready (its start-up is not ours).
 ENTRY = ("import sys; sys.stderr.write('started\\n'); sys.stderr.flush(); sys.argv = ['dsvl2', *sys.argv[1:]]; "
-         "from dsvl2_cli.app.cli import main; raise SystemExit(main())")
+         "from dsvl2_cli.app.cli import entry; entry()")
 
 
 def env() -> dict:
@@ -106,3 +106,27 @@ def test_help_from_python_m(argv):
     proc = subprocess.run([sys.executable, "-m", "dsvl2_cli", *argv], capture_output=True, text=True, env=env(),
                           timeout=120)
     assert proc.returncode == 0 and "Usage" in proc.stdout and proc.stderr == ""
+
+
+FINISH = """
+import atexit, sys, threading, time
+{imports}
+from dsvl2_cli.app import exits
+atexit.register(lambda: sys.stderr.write("teardown ran\\n"))
+sys.stdout.write("x" * 200_000)  # still in the buffer: only finish's flush gets it out
+{thread}
+exits.finish(3)
+"""
+
+
+@pytest.mark.parametrize("with_torch, with_thread, teardown", [
+    (True, False, False),  # a command that used torch: flushed, then out at once
+    (False, False, True),  # no torch (a server's client, --help): the normal exit, nothing to skip
+    (True, True, True),    # a thread of ours still working: the normal exit waits for it
+])
+def test_finish_flushes_then_skips_torchs_teardown(with_torch, with_thread, teardown):
+    code = FINISH.format(imports="import torch" if with_torch else "",
+                         thread="threading.Thread(target=time.sleep, args=(0.2,)).start()" if with_thread else "")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 3 and proc.stdout == "x" * 200_000
+    assert ("teardown ran" in proc.stderr) == teardown, proc.stderr

@@ -419,5 +419,11 @@ cli_admin.register(app, open_model=lambda opts, ui: open_model(opts, ui))  # ser
 # ---------------------------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (the console script passes it to sys.exit)."""
+    """Run the CLI; returns the exit code (`entry` ends the process with it)."""
     return exits.run(app, sys.argv[1:] if argv is None else list(argv))
+
+
+def entry() -> None:
+    """The `dsvl2` console script and `python -m dsvl2_cli`: main(), then exits.finish (which
+    skips the interpreter's half-second teardown of torch once the output is flushed)."""
+    exits.finish(main())
