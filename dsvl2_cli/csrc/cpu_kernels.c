@@ -1159,6 +1159,67 @@ void dsvl2_rope_bf16(const bf16 *x, int64_t B, int64_t H, int64_t T, int64_t d, 
     }
 }
 
+/* The gated MLPs' activation over many rows (prefill): h (rows, 2I) holds gate | up, as the
+ * fused gate_up projection writes it, rows ldh apart;
+ *   out (rows, I) = bf16( bf16(silu(gate)) * up )
+ * the two roundings of torch's bf16 F.silu(gate) * up, in one pass instead of two ops (and
+ * their reads of the split halves). silu in float32 with the vector exp (relative error ~2e-7,
+ * far below the bf16 rounding next). */
+void dsvl2_silu_mul_bf16(const bf16 *h, int64_t rows, int64_t I, int64_t ldh, bf16 *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16 *g = h + r * ldh, *u = g + I;
+        bf16 *o = out + r * I;
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        for (; c + 16 <= I; c += 16) {
+            __m512 x = ew_load_bf16(g + c);
+            __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), ew_exp(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+            ew_store_bf16(o + c, s);
+            ew_store_bf16(o + c, _mm512_mul_ps(ew_load_bf16(o + c), ew_load_bf16(u + c)));
+        }
+#endif
+        for (; c < I; c++)
+            o[c] = f32_to_bf16(bf16_to_f32(f32_to_bf16(silu(bf16_to_f32(g[c])))) * bf16_to_f32(u[c]));
+    }
+}
+
+/* The routed experts' outputs back in token order, weighted and summed (engine's prefill path,
+ * as model/moe.py's combine_experts): rows of `sorted_out` (N*k, D) bf16 are the token copies
+ * sorted by expert, row i being copy order[i] (copy f = token f / k, slot f % k);
+ *   y[t] = bf16( sum_j weights[t, j] * float(row of copy t*k + j) )    (float32, j in order)
+ * One pass instead of an index_put into a fresh (N*k, D), a float32 copy of it, a product and a
+ * sum over k (~15 ms a layer for tiny's 1024-row chunk). inv: N*k int64 of scratch. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off"))) /* products rounded before the sum, as torch's */
+#endif
+void dsvl2_moe_combine_bf16(const bf16 *sorted_out, const int64_t *order, const float *weights, int64_t N,
+                            int64_t k, int64_t D, int64_t *inv, bf16 *y, int threads) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    for (int64_t i = 0; i < N * k; i++) inv[order[i]] = i;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < N; t++) {
+        bf16 *dst = y + t * D;
+        int64_t c = 0;
+#if defined(__AVX512F__)
+        for (; c + 16 <= D; c += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < k; j++)
+                acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(weights[t * k + j]),
+                                                       ew_load_bf16(sorted_out + inv[t * k + j] * D + c)));
+            ew_store_bf16(dst + c, acc);
+        }
+#endif
+        for (; c < D; c++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; j++) acc += weights[t * k + j] * bf16_to_f32(sorted_out[inv[t * k + j] * D + c]);
+            dst[c] = f32_to_bf16(acc);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ int8 vision linears (opt-in)
  * The SigLIP tower's four linears (qkv, proj, fc1, fc2) as u8 x s8 -> s32 products with
  * AVX512-VNNI's vpdpbusd, which runs twice the multiply-adds per instruction of the bf16 dot

@@ -12,7 +12,10 @@ model/ computes with plain torch. At load (engine/runtime.py) `install` replaces
   GEMM); attention projections and lm_head by `FastLinear`, the language model's RMSNorms by
   `FastRMSNorm` (one native pass instead of eight ops: decoding runs two a layer on one row),
   dense MLPs by `FastMLP`, float routed experts by `NativeExperts` (native GEMV / fused MoE for
-  <= kernels.MAX_ROWS rows; torch above, so prefill is unchanged).
+  <= kernels.MAX_ROWS rows; torch's grouped GEMMs above), and for prefill the gated MLPs' and
+  experts' `act` hook (silu(gate) * up) and the routed experts' `combine` hook (the weighted sum
+  back in token order) by native passes with torch's roundings (11% off tiny's 1024-token
+  prefill).
 Each fast path checks at call time that it applies (`kernels.disabled()`, dtype, rows) and falls
 back to the plain module's own forward: results never depend on whether a swap happened beyond
 bf16 rounding. To add a kernel: a function in kernels.py that returns None when it does not
@@ -38,7 +41,7 @@ from ..model.attention import (
     head_matmul,
     sdpa_attention,
 )
-from ..model.moe import MLP, Experts
+from ..model.moe import MLP, Experts, silu_gate
 from ..model.vision import VisionMLP, VisionTower, merged_attention
 from ..model.vlm import DeepseekVL2
 from . import kernels
@@ -216,6 +219,17 @@ def fast_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved
     return out if out is not None else apply_rope(x, cos, sin, interleaved)
 
 
+def fast_silu_gate(h: torch.Tensor, inner: int) -> torch.Tensor:
+    """The gated MLPs' `act` hook: silu(gate) * up in one native pass where it applies (bf16)."""
+    out = kernels.silu_mul(h, inner)
+    return out if out is not None else silu_gate(h, inner)
+
+
+def fast_combine(out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+    """Routed experts' `combine` hook: the native weighted sum back in token order (bf16)."""
+    return kernels.moe_combine(out, order, weights)
+
+
 def fast_head_matmul(x: torch.Tensor, w: torch.Tensor, w_is_kn: bool) -> torch.Tensor:
     out = kernels.head_matmul(x, w, w_is_kn)  # (B, H, T, N) or None
     return out if out is not None else head_matmul(x, w, w_is_kn)
@@ -238,7 +252,9 @@ def _fast_rms_norm(old: RMSNorm) -> RMSNorm:
 
 
 def _fast_mlp(old: MLP) -> FastMLP:
-    return _rebuilt(FastMLP, old, old.gate_up.shape[1], old.inner)
+    new = _rebuilt(FastMLP, old, old.gate_up.shape[1], old.inner)
+    new.act = fast_silu_gate
+    return new
 
 
 def install(model: DeepseekVL2) -> None:
@@ -273,6 +289,7 @@ def install(model: DeepseekVL2) -> None:
         if type(mlp.experts) is Experts:  # quantized experts stay as they are
             e = mlp.experts
             mlp.experts = _rebuilt(NativeExperts, e, e.n_experts, e.gate_up.shape[2], e.inner, e.grouped_mm)
+            mlp.experts.act, mlp.experts.combine = fast_silu_gate, fast_combine
     if native:
         lm.lm_head = _fast_linear(lm.lm_head)
         lm.model.norm = _fast_rms_norm(lm.model.norm)

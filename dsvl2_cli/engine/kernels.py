@@ -248,6 +248,10 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     lib.dsvl2_rope_bf16.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ctypes.c_int,
                                     ptr, ctypes.c_int]
     lib.dsvl2_rope_bf16.restype = None
+    lib.dsvl2_silu_mul_bf16.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.dsvl2_silu_mul_bf16.restype = None
+    lib.dsvl2_moe_combine_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.dsvl2_moe_combine_bf16.restype = None
     lib.dsvl2_stream_read.argtypes = [ptr, i64, ctypes.c_int]
     lib.dsvl2_stream_read.restype = ctypes.c_uint64
     lib.dsvl2_int8_vnni.restype = ctypes.c_int
@@ -598,6 +602,39 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
     out = torch.empty(b, h, t, d, dtype=torch.bfloat16)
     _lib.dsvl2_rope_bf16(x.data_ptr(), b, h, t, d, x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(),
                          sin.data_ptr(), cs_b, cos.stride(2), int(interleaved), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def silu_mul(h: torch.Tensor, inner: int) -> torch.Tensor | None:
+    """F.silu(gate) * up for h = gate | up (..., 2 * inner) bf16 with unit stride along the last
+    dim, in one native pass with torch's two bf16 roundings: (..., inner). None when it does not
+    apply."""
+    if (h.dim() < 1 or h.shape[-1] != 2 * inner or h.numel() == 0 or h.dtype != torch.bfloat16
+            or h.device.type != "cpu" or h.requires_grad or not _enabled()):
+        return None
+    if not h.is_contiguous():
+        h = h.contiguous()
+    out = torch.empty(*h.shape[:-1], inner, dtype=torch.bfloat16)
+    _lib.dsvl2_silu_mul_bf16(h.data_ptr(), h.numel() // (2 * inner), inner, 2 * inner, out.data_ptr(),
+                             torch.get_num_threads())
+    return out
+
+
+def moe_combine(sorted_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+    """model/moe.py's combine step natively: sorted_out (N*k, D) bf16 (token copies sorted by
+    expert, row i being copy order[i]), weights (N, k) float32 -> (N, D) bf16, each token's
+    weighted sum of its k rows in float32. None when it does not apply."""
+    n, k = weights.shape
+    if (sorted_out.dim() != 2 or sorted_out.shape[0] != n * k or sorted_out.dtype != torch.bfloat16
+            or sorted_out.device.type != "cpu" or sorted_out.requires_grad or order.dtype != torch.long
+            or order.shape != (n * k,) or weights.dtype != torch.float32 or not _enabled()):
+        return None
+    sorted_out, order, weights = sorted_out.contiguous(), order.contiguous(), weights.contiguous()
+    d = sorted_out.shape[1]
+    out = torch.empty(n, d, dtype=torch.bfloat16)
+    inv = torch.empty(n * k, dtype=torch.long)
+    _lib.dsvl2_moe_combine_bf16(sorted_out.data_ptr(), order.data_ptr(), weights.data_ptr(), n, k, d,
+                                inv.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
 
 

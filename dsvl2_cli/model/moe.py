@@ -18,6 +18,12 @@ from torch import nn
 from .config import LanguageConfig
 
 
+def silu_gate(h: torch.Tensor, inner: int) -> torch.Tensor:
+    """The gated MLPs' activation: h = gate | up (..., 2 * inner) -> silu(gate) * up (..., inner)."""
+    gate, up = h.split(inner, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SiLU-gated MLP; gate_proj and up_proj are fused into one (2I, D) weight at load time."""
 
@@ -26,11 +32,11 @@ class MLP(nn.Module):
         self.inner = inner
         self.gate_up = nn.Parameter(torch.empty(2 * inner, hidden))
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.act = silu_gate  # (h, inner) -> silu(gate) * up; the engine may swap it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., D)."""
-        gate, up = F.linear(x, self.gate_up).split(self.inner, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(F.linear(x, self.gate_up), self.inner))
 
 
 class Router(nn.Module):
@@ -104,18 +110,23 @@ def looped_experts():
         _loop.value = previous
 
 
-def combine_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_experts: int, run) -> torch.Tensor:
+def combine_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_experts: int, run,
+                    combine=None) -> torch.Tensor:
     """The grouped MoE computation around `run(routed, counts) -> outputs`:
 
     token copies are sorted by expert (`routed` (N*k, D), expert by expert, `counts` (E,) how many
     rows each has), `run` applies every expert to its contiguous slice, and the outputs are put
     back in token order and summed with the router weights, in float32 as the reference does.
+    `combine(outputs, order, weights)`, where given, does that last step (None: it does not apply).
     """
     n, k = ids.shape
     flat = ids.flatten()  # (N*k,)
     order = flat.argsort(stable=True)  # token copies grouped by expert
     counts = torch.bincount(flat, minlength=n_experts)  # (E,), on x's device
     out = run(x[order // k], counts)  # (N*k, D), still sorted by expert
+    combined = combine(out, order, weights) if combine is not None else None
+    if combined is not None:
+        return combined
     unsorted = torch.empty_like(out)
     unsorted[order] = out
     return (unsorted.view(n, k, -1).float() * weights.unsqueeze(-1)).sum(1).to(x.dtype)
@@ -143,23 +154,23 @@ class Experts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * inner, hidden))
         self.down = nn.Parameter(torch.empty(n_experts, hidden, inner))
         self.grouped_mm = grouped_mm and HAS_GROUPED_MM
+        self.act = silu_gate  # (h, inner) -> silu(gate) * up; the engine may swap it
+        self.combine = None  # combine_experts' last step; the engine may set one
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x (n, D) -> (n, D)."""
-        gate, up = F.linear(x, self.gate_up[e]).split(self.inner, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down[e])
+        return F.linear(self.act(F.linear(x, self.gate_up[e]), self.inner), self.down[e])
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, D), ids/weights (N, k) -> sum_k weight * expert(x) as (N, D)."""
-        return combine_experts(x, ids, weights, self.n_experts, self._run)
+        return combine_experts(x, ids, weights, self.n_experts, self._run, self.combine)
 
     def _run(self, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if not self.grouped_mm or getattr(_loop, "value", False):
             return per_expert_loop(routed, counts, self.expert)
         offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's slice
         h = torch._grouped_mm(routed, self.gate_up.transpose(1, 2), offs=offs)  # (N*k, 2M)
-        gate, up = h.split(self.inner, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs)  # (N*k, D)
+        return torch._grouped_mm(self.act(h, self.inner), self.down.transpose(1, 2), offs=offs)  # (N*k, D)
 
 
 class MoE(nn.Module):
