@@ -343,7 +343,7 @@ def bench_family(work: Path, family: str, layers: int | None, quick: bool, peer:
     if not image.exists():
         synthetic_image(PHOTO).save(image)
     result["process"] = {"load_cached": bench_probes.load_cached(path),
-                         "first_token": bench_probes.process_first_token(path, image)}
+                         "first_token": bench_probes.process_first_token(path, image, 1 if quick else 3)}
     if peer:
         import dsvl2_cli
 

@@ -176,7 +176,7 @@ def _chat(path: Path, image: Path, question: str, extra: list[str]) -> dict:
             "prompt_tokens": record["usage"]["prompt_tokens"], "cached_tokens": record["usage"]["cached_tokens"]}
 
 
-def process_first_token(path: Path, image: Path) -> dict:
+def process_first_token(path: Path, image: Path, runs: int = 3) -> dict:
     """`dsvl2 chat IMG "question" --max-tokens 1 --json` in fresh processes.
 
     process_wall_s runs from spawning the process to its exit after the first (only) token:
@@ -185,18 +185,34 @@ def process_first_token(path: Path, image: Path) -> dict:
     benchmark read it just before; dropping the page cache needs root). "prompt_cache" is a later
     process with the same image and another question, after one run that filled the cache; it is
     recorded as not available where `chat --no-cache` does not exist yet. "cold_vision_int8" is
-    the cold run with the opt-in int8 vision tower (`--vision-int8`), where it runs here."""
+    the cold run with the opt-in int8 vision tower (`--vision-int8`), where it runs here. Cold
+    runs are `runs` processes each, bf16 and int8 alternating; each row is the run of median
+    time to first token (all of them in ttft_s_all): one cold run is at the mercy of the
+    machine's other tenants."""
     warm_page_cache(path)
     has_cache = cli_has_no_cache()
-    out = {"cold": _chat(path, image, "What is in this picture?", ["--no-cache"] if has_cache else [])}
+    int8 = has_cache and int8_vision_here()
+    question = "What is in this picture?"
+    cold, cold_int8 = [], []
+    for _ in range(runs):
+        cold.append(_chat(path, image, question, ["--no-cache"] if has_cache else []))
+        if int8:  # its own cache key: no reuse either way
+            cold_int8.append(_chat(path, image, question, ["--no-cache", "--vision-int8"]))
+    out = {"cold": _median_run(cold)}
+    if int8:
+        out["cold_vision_int8"] = _median_run(cold_int8)
     if not has_cache:
         out["prompt_cache"] = "not available (this dsvl2 has no chat --no-cache: no prompt cache across runs)"
         return out
-    _chat(path, image, "What is in this picture?", [])  # fills the prompt cache for this image
+    _chat(path, image, question, [])  # fills the prompt cache for this image
     out["prompt_cache"] = _chat(path, image, "Which colour is most common here?", [])
-    if int8_vision_here():  # the opt-in int8 tower, also cold (its own cache key: no reuse either way)
-        out["cold_vision_int8"] = _chat(path, image, "What is in this picture?", ["--no-cache", "--vision-int8"])
     return out
+
+
+def _median_run(samples: list[dict]) -> dict:
+    ordered = sorted(samples, key=lambda s: s["ttft_s"])
+    return {**ordered[len(ordered) // 2], "ttft_s_all": [s["ttft_s"] for s in samples],
+            "process_wall_s_all": [s["process_wall_s"] for s in samples]}
 
 
 def int8_vision_here() -> bool:
