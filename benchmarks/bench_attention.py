@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
+from dsvl2_cli.dev.bench_probes import interleaved
 from dsvl2_cli.engine import kernels
 from dsvl2_cli.engine.fast import install_vision
 from dsvl2_cli.model.config import VisionConfig
@@ -49,18 +48,6 @@ def inputs(b, h, t, d, dv):
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return (torch.randn(b, h, t, d, generator=g).bfloat16(), torch.randn(b, h, t, d, generator=g).bfloat16(),
             torch.randn(b, h, t, dv, generator=g).bfloat16())
-
-
-def interleaved(fns: dict, repeat: int) -> dict:
-    """Median seconds of each function, run in turns (one warm-up round first)."""
-    times = {name: [] for name in fns}
-    for i in range(repeat + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if i:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def attention_times(qkv, causal: bool, repeat: int) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,24 +37,13 @@ from PIL import Image, ImageDraw
 import dsvl2_cli
 from dsvl2_cli import settings
 from dsvl2_cli.dev import bench
+from dsvl2_cli.dev.bench_probes import interleaved
 from dsvl2_cli.engine import kernels
 from dsvl2_cli.engine.processor import user_message
 from dsvl2_cli.engine.runtime import TILE_BATCH
 
 GEMMS = {"qkv": (3456, 1152), "proj": (1152, 1152), "fc1": (4304, 1152), "fc2": (1152, 4304)}  # (N, K)
 ROWS = 4 * 729  # one batch of TILE_BATCH tiles
-
-
-def interleaved(fns: dict, repeat: int) -> dict:
-    """Median seconds of each function, run in turns (one warm-up round first)."""
-    times = {name: [] for name in fns}
-    for i in range(repeat + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if i:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def photo(width: int = 640, height: int = 480) -> Image.Image:

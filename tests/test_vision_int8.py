@@ -210,6 +210,23 @@ def test_load_switch_off_changes_nothing_and_on_changes_the_features(ckpt_tiny, 
     assert a == c and a.name != b.name and b.model == a.model + "+vision-int8"
 
 
+@needs_vnni
+def test_memory_plan_counts_the_int8_tower_it_will_make(ckpt_tiny):
+    """The memory check before a load with --vision-int8 counts the packed weights the load then
+    makes (their own weights component), and only where the int8 tower will run."""
+    from dsvl2_cli.engine import fit
+
+    vlm = dsvl2_cli.load(ckpt_tiny, dtype="bfloat16", device="cpu", vision_int8=True)
+    made = sum(m.int8.nbytes for m in vlm.model.vision.modules() if isinstance(m, vision_int8.Int8Linear))
+    assert made > 0 and fit.vision_int8_bytes(vlm.config) == made
+    plain = fit.check_load(ckpt_tiny, "tiny-like", torch.bfloat16, "cpu")
+    asked = fit.check_load(ckpt_tiny, "tiny-like", torch.bfloat16, "cpu", vision_int8=True)
+    assert asked.plan.weights["vision_int8"] == made and "vision_int8" not in plain.plan.weights
+    assert asked.plan.total == plain.plan.total + made
+    in_f32 = fit.check_load(ckpt_tiny, "tiny-like", torch.float32, "cpu", vision_int8=True)  # will not run
+    assert "vision_int8" not in in_f32.plan.weights
+
+
 def test_vision_int8_where_it_cannot_run_warns_once_and_loads_the_usual_path(ckpt_tiny):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

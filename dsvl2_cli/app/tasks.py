@@ -295,10 +295,12 @@ if TYPE_CHECKING:
 def check_memory(resolved, opts: Options) -> fit.Fit:
     """The memory check before a model command loads `resolved` (fit.check_load): MemoryFitError
     when the plan does not fit, else the verdict, with `--quantize auto` replaced by its choice."""
+    from .. import settings
     from ..engine import fit, runtime  # the engine (torch) only where a local model is involved
 
     return fit.check_load(resolved.path, resolved.name, runtime.resolve_dtype(opts.dtype),
-                          runtime.resolve_device(opts.device), opts.quantize, allow_paging=opts.allow_paging)
+                          runtime.resolve_device(opts.device), opts.quantize, allow_paging=opts.allow_paging,
+                          vision_int8=opts.vision_int8 or settings.vision_int8())
 
 
 def model_info(resolved, dtype: str, device: str, quantize: str | None = None) -> dict:

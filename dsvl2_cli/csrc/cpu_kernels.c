@@ -1238,6 +1238,22 @@ void dsvl2_moe_combine_bf16(const bf16 *sorted_out, const int64_t *order, const 
  * every build; the GEMM needs AVX512-VNNI and BW (dsvl2_int8_vnni() says whether this build has
  * it; without, dsvl2_int8_gemm returns -1 and the caller keeps the bf16 path). */
 
+/* max |x| over a bf16 row: the symmetric int8 scale of a weight row or an activation row */
+static float row_absmax(const bf16 *row, int64_t K) {
+    float amax = 0.0f;
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    __m512 vmax = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(ew_load_bf16(row + k)));
+    amax = _mm512_reduce_max_ps(vmax);
+#endif
+    for (; k < K; k++) {
+        float a = fabsf(bf16_to_f32(row[k]));
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+}
+
 #define I8_NR 64 /* output columns per packed panel: 4 zmm of int32 accumulators */
 #define I8_MR 6  /* rows per micro-tile: 6 x 4 = 24 accumulators + 4 weights + 1 broadcast <= 32 zmm */
 #define I8_MC 96 /* rows per work item (16 micro-tiles): items are (panel, row chunk) pairs */
@@ -1271,21 +1287,11 @@ void dsvl2_int8_pack_weights(const bf16 *w, int64_t N, int64_t K, int8_t *packed
             continue;
         }
         const bf16 *row = w + n * K;
-        float amax = 0.0f;
-        int64_t k = 0;
-#if defined(__AVX512F__)
-        __m512 vmax = _mm512_setzero_ps();
-        for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(ew_load_bf16(row + k)));
-        amax = _mm512_reduce_max_ps(vmax);
-#endif
-        for (; k < K; k++) {
-            float a = fabsf(bf16_to_f32(row[k]));
-            amax = a > amax ? a : amax;
-        }
+        const float amax = row_absmax(row, K);
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int8_t *panel = packed + (n / I8_NR) * (Kp * I8_NR) + (n % I8_NR) * 4;
         int32_t sum = 0;
-        k = 0;
+        int64_t k = 0;
 #if defined(__AVX512F__)
         /* 16 k at a time (4 groups of 4 bytes, one per k-step of the panel): the scalar loop
          * below took ~4 ns a weight, 1.6 s of load time for SigLIP-SO400M */
@@ -1322,19 +1328,9 @@ void dsvl2_int8_quantize_rows(const bf16 *x, int64_t M, int64_t K, int64_t ldx, 
     for (int64_t m = 0; m < M; m++) {
         const bf16 *row = x + m * ldx;
         uint8_t *dst = q + m * ldq;
-        float amax = 0.0f;
-        int64_t k = 0;
-#if defined(__AVX512F__)
-        __m512 vmax = _mm512_setzero_ps();
-        for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(ew_load_bf16(row + k)));
-        amax = _mm512_reduce_max_ps(vmax);
-#endif
-        for (; k < K; k++) {
-            float a = fabsf(bf16_to_f32(row[k]));
-            amax = a > amax ? a : amax;
-        }
+        const float amax = row_absmax(row, K);
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        k = 0;
+        int64_t k = 0;
 #if defined(__AVX512F__)
         const __m512 vinv = _mm512_set1_ps(inv);
         const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +62,19 @@ class BandwidthProbe:
         """The old ceiling, kept in the report to show why it was replaced."""
         self.buf.sum()
         return self.nbytes / best_time(self.buf.sum, self.repeat) / 1e9
+
+
+def interleaved(fns: dict, repeat: int) -> dict:
+    """Median seconds of each function, run in turns (one warm-up round first): the benchmark
+    scripts' A/B rows, so that a change in the machine's speed hits every side alike."""
+    times = {name: [] for name in fns}
+    for i in range(repeat + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def matmul_rate(quick: bool) -> float:

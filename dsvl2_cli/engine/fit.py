@@ -168,14 +168,31 @@ def loading_peak(cfg: ModelConfig, spec: QuantSpec | None) -> int:
     return RELEASE_BYTES + largest
 
 
+def vision_int8_bytes(cfg: ModelConfig) -> int:
+    """The private memory of the opt-in int8 vision tower (engine/vision_int8.py): each block's
+    qkv, proj, fc1 and fc2 packed as kernels.pack_int8 does (N up to 64 columns, K up to 4, int8
+    codes, then a float32 scale and an int32 correction per column). ~0.41 GB for SigLIP-SO400M."""
+    w, h = cfg.vision.width, cfg.vision.mlp_hidden
+
+    def packed(n: int, k: int) -> int:
+        n_pad, k_pad = -(-n // 64) * 64, -(-k // 4) * 4
+        return n_pad * k_pad + 8 * n_pad
+
+    return cfg.vision.layers * (packed(3 * w, w) + packed(w, w) + packed(h, w) + packed(w, h))
+
+
 def plan(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None, device: str | torch.device = "cpu",
-         context: int | None = None) -> MemoryPlan:
+         context: int | None = None, vision_int8: bool = False) -> MemoryPlan:
     """The memory plan of `cfg` in `dtype` with routed experts as `spec` (None: in `dtype`), batch 1,
-    the cache at `context` positions (default: the model's full context)."""
+    the cache at `context` positions (default: the model's full context); `vision_int8`: with the
+    opt-in int8 vision tower's packed weights (a weights component of their own)."""
     b = torch.empty((), dtype=dtype).element_size()
     lm = cfg.language
     context = lm.max_position_embeddings if context is None else int(context)
     weights = planned_weight_memory(cfg, dtype, spec)
+    if vision_int8:
+        extra = vision_int8_bytes(cfg)
+        weights = {**weights, "vision_int8": extra, "total": weights["total"] + extra}
     cache = lm.cache_values_per_token() * lm.num_hidden_layers * b * context
     dev = torch.device(device)
     overhead = CUDA_CONTEXT_OVERHEAD if dev.type == "cuda" else RUNTIME_OVERHEAD
@@ -198,14 +215,14 @@ def plan_for_folder(path: str | os.PathLike, dtype: torch.dtype, quantize: str |
 
 
 def plans_for_folder(path: str | os.PathLike, dtype: torch.dtype, device: str | torch.device = "cpu",
-                     methods: tuple[str, ...] = AUTO_ORDER) -> dict[str, MemoryPlan]:
+                     methods: tuple[str, ...] = AUTO_ORDER, vision_int8: bool = False) -> dict[str, MemoryPlan]:
     """Plans by method for `check_fits` / `choose_quantization`: `methods` for a float folder, the
     folder's own method only for a pre-quantized one (its float experts are gone)."""
     cfg = ModelConfig.from_dir(path)
     folder = read_spec(path)
     if folder is not None:
-        return {folder.method: plan(cfg, dtype, folder, device)}
-    return {m: plan(cfg, dtype, _spec(parse_method(m)), device) for m in methods}
+        return {folder.method: plan(cfg, dtype, folder, device, vision_int8=vision_int8)}
+    return {m: plan(cfg, dtype, _spec(parse_method(m)), device, vision_int8=vision_int8) for m in methods}
 
 
 # -------------------------------------------------------------------------------- what is available
@@ -413,22 +430,26 @@ class Fit:
 
 
 def check_load(path: str | os.PathLike, name: str, dtype: torch.dtype, device: str | torch.device,
-               quantize: str | None = None, *, allow_paging: bool = False) -> Fit:
+               quantize: str | None = None, *, allow_paging: bool = False, vision_int8: bool = False) -> Fit:
     """The check `load()` makes before reading any weight: the plan of `quantize` (None: the folder
     as it is; "auto": the first of none, int8, int4 that fits) against `available_memory(device)`.
-    Too big: MemoryFitError, or with allow_paging the same line as `Fit.warning`."""
+    Too big: MemoryFitError, or with allow_paging the same line as `Fit.warning`. vision_int8: the
+    opt-in int8 vision tower is asked for (counted where it will run: CPU, bf16, VNNI)."""
+    from .runtime import vision_int8_unavailable
+
     auto = quantize is not None and str(quantize).lower() == "auto"
     folder = read_spec(path)
     available = available_memory(device)
+    int8 = vision_int8 and vision_int8_unavailable(dtype, torch.device(device)) is None
     if auto:
-        plans = plans_for_folder(path, dtype, device)
+        plans = plans_for_folder(path, dtype, device, vision_int8=int8)
         method, line = choose_quantization(name, plans, available, allow_paging=allow_paging)
         fits = plans[method].total <= available.bytes
         return Fit(method, method, plans[method], available, line if fits else None, None if fits else line)
     spec = choose_spec(quantize, folder, str(path))  # a method the folder cannot load fails here, first
     method = spec.method if spec else "none"
     wanted = AUTO_ORDER if method in AUTO_ORDER else (*AUTO_ORDER, method)
-    plans = plans_for_folder(path, dtype, device, wanted)
+    plans = plans_for_folder(path, dtype, device, wanted, vision_int8=int8)
     warning = check_fits(name, plans, available, method, allow_paging=allow_paging)
     return Fit(quantize, method, plans[method], available, None, warning)
 

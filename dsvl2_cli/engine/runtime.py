@@ -256,11 +256,12 @@ def load(
     resolved = hub.resolve(model, download=download)
     dt, dev = resolve_dtype(dtype), resolve_device(device)
     cfg = ModelConfig.from_dir(resolved.path)
+    int8 = settings.vision_int8() if vision_int8 is None else bool(vision_int8)
     if memory_check or auto:
         from .fit import check_load  # not at the top: fit imports this module
 
         verdict = check_load(resolved.path, resolved.name, dt, dev, quantize,
-                             allow_paging=allow_paging or not memory_check)
+                             allow_paging=allow_paging or not memory_check, vision_int8=int8)
         quantize = verdict.quantize
         if on_fit is not None:
             on_fit(verdict)
@@ -271,6 +272,5 @@ def load(
         raise ModelError(f"{resolved.path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {cfg.language.vocab_size}; tokenizer and weights do not belong together")
     processor = Processor(tokenizer, ProcessorSettings.from_model_dir(resolved.path))
-    int8 = settings.vision_int8() if vision_int8 is None else bool(vision_int8)
     weights = load_model(resolved.path, cfg, dt, dev, on_progress, quantize, mmap, vision_int8=int8)
     return VLModel(resolved.name, resolved.path, resolved.source, cfg, weights, tokenizer, processor)
