@@ -33,7 +33,7 @@ VARIABLES = (
     Variable("DSVL2_MMAP_DIR", "", "folder for the converted layouts that CPU loads map; default <cache>/mapped "
              "(the cache folder as for DSVL2_CACHE)"),
     Variable("DSVL2_VISION_INT8", "0", "1: the vision tower's linears in int8 (AVX512-VNNI CPUs, bf16 weights; "
-             "~1.8x faster tower, small accuracy cost), as --vision-int8"),
+             "1.7-1.9x faster tower, small accuracy cost), as --vision-int8"),
     Variable("DSVL2_BENCH_DIR", "~/.cache/dsvl2/bench", "where `dsvl2 bench` writes its synthetic checkpoints"),
     Variable("DSVL2_MEMORY_LIMIT", "", "cap on the memory dsvl2 plans to use, in bytes or with a K/M/G/T suffix "
              "(powers of 1024: 12G, 800M, 1.5G); the lower of this and what the machine has is used"),

@@ -41,7 +41,7 @@ QuantizeOpt = Annotated[Optional[str], typer.Option(
          "auto: the first of none, int8, int4 that fits in memory. Default: the folder as it is.")]
 VisionInt8Opt = Annotated[bool, typer.Option(
     "--vision-int8", rich_help_panel=_M, show_default=False,
-    help="Run the vision tower's linears in int8 (CPU with AVX512-VNNI, bf16 weights): ~1.8x faster image "
+    help="Run the vision tower's linears in int8 (CPU with AVX512-VNNI, bf16 weights): 1.7-1.9x faster image "
          "encoding for a small accuracy cost. Default: $DSVL2_VISION_INT8, else off.")]
 AllowPagingOpt = Annotated[bool, typer.Option(
     "--allow-paging", rich_help_panel=_M,

@@ -244,7 +244,7 @@ def load(
     mmap: on CPU, use the weights in place from a memory-mapped converted layout, written once per
     model and dtype (None: DSVL2_MMAP, default on); False copies them out of the files.
     vision_int8: run the vision tower's linears in int8 (None: DSVL2_VISION_INT8, default off):
-    on CPU with bfloat16 weights and an AVX512-VNNI CPU, ~2x faster linears (the tower ~1.8x)
+    on CPU with bfloat16 weights and an AVX512-VNNI CPU, ~2x faster linears (the tower 1.7-1.9x)
     for a small accuracy cost (README, "Performance"); elsewhere a one-line warning and the
     usual path. The int8 weights are made at load: ~0.4 GB of private memory for SigLIP-SO400M,
     on top of the bf16 ones (kept, memory-mapped, as the fallback). The prompt cache keeps int8
