@@ -1385,7 +1385,8 @@ static inline __attribute__((always_inline)) void i8_tile(const int MR, const ui
         const __mmask16 keep = ncols - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ncols - c)) - 1u);
         const __m512i vc = _mm512_loadu_si512((const void *)(corr + c));
         const __m512 vs = _mm512_loadu_ps(sw + c);
-        const __m512 vb = bias ? _mm512_loadu_ps(bias + c) : _mm512_setzero_ps();
+        /* bias has N floats (sw and corr are padded to the panel): no lane past N is read */
+        const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias + c) : _mm512_setzero_ps();
 #pragma GCC unroll 6
         for (int r = 0; r < MR; r++) {
             __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], vc));
