@@ -14,8 +14,8 @@ model/ computes with plain torch. At load (engine/runtime.py) `install` replaces
   dense MLPs by `FastMLP`, float routed experts by `NativeExperts` (native GEMV / fused MoE for
   <= kernels.MAX_ROWS rows; torch's grouped GEMMs above), and for prefill the gated MLPs' and
   experts' `act` hook (silu(gate) * up) and the routed experts' `combine` hook (the weighted sum
-  back in token order) by native passes with torch's roundings (11% off tiny's 1024-token
-  prefill).
+  back in token order) by native passes with torch's roundings (0.89-0.92x the time of tiny's
+  1024-token prefill, benchmarks/bench_prefill_hooks.py).
 Each fast path checks at call time that it applies (`kernels.disabled()`, dtype, rows) and falls
 back to the plain module's own forward: results never depend on whether a swap happened beyond
 bf16 rounding. To add a kernel: a function in kernels.py that returns None when it does not
