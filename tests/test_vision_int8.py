@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import test_kernel_build as tkb  # module import: its tests are not collected twice
@@ -208,6 +209,44 @@ def test_load_switch_off_changes_nothing_and_on_changes_the_features(ckpt_tiny, 
     keys = [1, 2, 3]
     a, b, c = store.key_for(off, keys), store.key_for(on, keys), store.key_for(default, keys)
     assert a == c and a.name != b.name and b.model == a.model + "+vision-int8"
+
+
+@needs_vnni
+def test_packed_weights_are_cached_mapped_and_checked(ckpt_tiny, monkeypatch, tmp_path):
+    """The first int8 load packs and writes a mapped-folder entry; the next one maps it (packing
+    nothing: file pages, not private memory) with the same features; a damaged entry is caught,
+    named in a warning, and rebuilt; `dsvl2 cache` lists it; without mapping nothing is written."""
+    from dsvl2_cli.engine import mapped_store
+
+    monkeypatch.setenv("DSVL2_MMAP_DIR", str(tmp_path / "mapped"))
+    size = 384
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)).bfloat16() * 2 - 1
+    first = dsvl2_cli.load(ckpt_tiny, dtype="bfloat16", device="cpu", vision_int8=True)
+    entry = [e for e in mapped_store.entries() if e.quant == vision_int8.QUANT_KEY]
+    assert len(entry) == 1 and entry[0].state == mapped_store.READY and entry[0].source == str(ckpt_tiny.resolve())
+    base = _vision_features(first, pixels)
+
+    real_pack = kernels.pack_int8
+    monkeypatch.setattr(kernels, "pack_int8", lambda w: pytest.fail("packed again although the cache is sound"))
+    second = dsvl2_cli.load(ckpt_tiny, dtype="bfloat16", device="cpu", vision_int8=True)
+    assert second.vision_int8 and torch.equal(_vision_features(second, pixels), base)
+    maps = Path("/proc/self/maps")
+    assert not maps.exists() or str(entry[0].files[1]) in maps.read_text()  # the file is mapped, not copied
+    monkeypatch.setattr(kernels, "pack_int8", real_pack)
+
+    data = entry[0].files[1]
+    with open(data, "r+b") as f:  # one byte of the header: a foreign or rewritten file
+        f.seek(20)
+        byte = f.read(1)
+        f.seek(20)
+        f.write(bytes([byte[0] ^ 0x20]))
+    with pytest.warns(UserWarning, match="int8 vision cache not used"):
+        third = dsvl2_cli.load(ckpt_tiny, dtype="bfloat16", device="cpu", vision_int8=True)
+    assert torch.equal(_vision_features(third, pixels), base)
+
+    monkeypatch.setenv("DSVL2_MMAP_DIR", str(tmp_path / "unused"))
+    copied = dsvl2_cli.load(ckpt_tiny, dtype="bfloat16", device="cpu", vision_int8=True, mmap=False)
+    assert torch.equal(_vision_features(copied, pixels), base) and not (tmp_path / "unused").exists()
 
 
 @needs_vnni

@@ -169,7 +169,7 @@ def loading_peak(cfg: ModelConfig, spec: QuantSpec | None) -> int:
 
 
 def vision_int8_bytes(cfg: ModelConfig) -> int:
-    """The private memory of the opt-in int8 vision tower (engine/vision_int8.py): each block's
+    """The memory of the opt-in int8 vision tower's packed weights (engine/vision_int8.py): each block's
     qkv, proj, fc1 and fc2 packed as kernels.pack_int8 does (N up to 64 columns, K up to 4, int8
     codes, then a float32 scale and an int32 correction per column). ~0.41 GB for SigLIP-SO400M."""
     w, h = cfg.vision.width, cfg.vision.mlp_hidden

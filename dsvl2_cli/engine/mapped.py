@@ -39,7 +39,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -134,15 +134,23 @@ def write_entry(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, 
     `experts` hook, in `layout`), into a mapped layout. Temporary file + fsync + rename, then the
     completion record: a reader never sees half an entry."""
     table = param_table(model, dtype, layout)
-    header, spans, size = _layout(table, source, _quant_key(layout))
+    built = build_params(model, reader, cfg, dtype, experts if layout is not None else None)
+    write_tensors(data_path, record_path, table, built, source, dtype, _quant_key(layout), fingerprint, on_progress)
+
+
+def write_tensors(data_path: Path, record_path: Path, table: Table, tensors: Iterable[tuple[str, torch.Tensor]],
+                  source: str, dtype: torch.dtype, quant: str | None, fingerprint: str | None,
+                  on_progress: Callable[[int, int], None] | None = None) -> None:
+    """An entry holding `tensors` ((name, tensor) in `table`'s order, each as `table` says; made
+    one at a time if an iterator), then its completion record; stale entries are pruned after."""
+    header, spans, size = _layout(table, source, quant)
     folder = data_path.parent
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=mapped_store.TMP_PREFIX, suffix=mapped_store.DATA_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(len(header).to_bytes(8, "little") + header)
-            built = build_params(model, reader, cfg, dtype, experts if layout is not None else None)
-            for done, ((name, tensor), (span_name, offset, nbytes)) in enumerate(zip(built, spans, strict=True), 1):
+            for done, ((name, tensor), (span_name, offset, nbytes)) in enumerate(zip(tensors, spans, strict=True), 1):
                 if name != span_name or (tuple(tensor.shape), tensor.dtype) != table[name]:
                     raise WeightsError(f"{name}: built tensor does not fit the mapped layout (internal error)")
                 f.write(b"\0" * (offset - f.tell()))
@@ -154,7 +162,7 @@ def write_entry(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, 
             os.fsync(f.fileno())
         os.replace(tmp, data_path)
         record = {"format": FORMAT, "version": VERSION, "source": source, "dtype": COMPUTE_DTYPES[dtype],
-                  "quant": _quant_key(layout), "fingerprint": fingerprint, "size": size,
+                  "quant": quant, "fingerprint": fingerprint, "size": size,
                   "digest": _digest(data_path, len(header), size)}
         _write_atomic(record_path, json.dumps(record).encode())
     except BaseException:
@@ -165,6 +173,17 @@ def write_entry(model: torch.nn.Module, reader: TensorReader, cfg: ModelConfig, 
     # failure to prune must not fail the load that wrote this entry).
     with contextlib.suppress(OSError, CacheError):
         mapped_store.prune(folder, keep=(data_path,))
+
+
+def map_tensors(data_path: Path, spans, size: int, table: Table) -> dict[str, torch.Tensor]:
+    """Every tensor of a checked entry as a view of one private mapping of its file."""
+    storage = torch.UntypedStorage.from_file(str(data_path), shared=False, nbytes=size)
+    out = {}
+    for name, offset, _ in spans:
+        shape, dt = table[name]
+        elem = torch.empty((), dtype=dt).element_size()
+        out[name] = torch.empty(0, dtype=dt).set_(storage, offset // elem, shape, _contiguous_strides(shape))
+    return out
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -212,17 +231,14 @@ def map_entry(model: torch.nn.Module, data_path: Path, spans, size: int, table: 
               layout: KernelLayout | None = None) -> None:
     """Set every tensor of the meta `model` to a view of one private mapping of the file; with a
     quantized `layout`, each MoE layer's experts become a quantized module holding views."""
-    storage = torch.UntypedStorage.from_file(str(data_path), shared=False, nbytes=size)  # first: may fail
+    tensors = map_tensors(data_path, spans, size, table)  # first: may fail
     if layout is not None:
         for name, _ in list(model.named_parameters()):
             m = EXPERTS_PARAM.match(name)
             if m is not None and m.group(2) == "gate_up":
                 parent, _, attr = m.group(1).rpartition(".")
                 setattr(model.get_submodule(parent), attr, layout.empty_module())
-    for name, offset, _ in spans:
-        shape, dt = table[name]
-        elem = torch.empty((), dtype=dt).element_size()
-        t = torch.empty(0, dtype=dt).set_(storage, offset // elem, shape, _contiguous_strides(shape))
+    for name, t in tensors.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if attr in module._buffers:

@@ -120,7 +120,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
             warnings.warn(f"int8 vision is not available here ({why}); the vision tower runs in {_dtype_name(dtype)}",
                           stacklevel=2)
         else:
-            model.vision_int8 = vision_int8_module.install(model.vision) > 0
+            model.vision_int8 = vision_int8_module.install(model.vision, model_dir if use_mmap else None) > 0
     return model.eval()
 
 
@@ -246,9 +246,10 @@ def load(
     vision_int8: run the vision tower's linears in int8 (None: DSVL2_VISION_INT8, default off):
     on CPU with bfloat16 weights and an AVX512-VNNI CPU, ~2x faster linears (the tower 1.7-1.9x)
     for a small accuracy cost (README, "Performance"); elsewhere a one-line warning and the
-    usual path. The int8 weights are made at load: ~0.4 GB of private memory for SigLIP-SO400M,
-    on top of the bf16 ones (kept, memory-mapped, as the fallback). The prompt cache keeps int8
-    and bf16 image prefixes apart.
+    usual path. The packed int8 weights (~0.4 GB for SigLIP-SO400M, on top of the bf16 ones,
+    kept as the fallback) are made by the first such load and mapped from the mapped folder by
+    the later ones (packed into private memory each time without mapping). The prompt cache keeps
+    int8 and bf16 image prefixes apart.
     """
     auto = quantize is not None and str(quantize).lower() == "auto"
     if not auto:
