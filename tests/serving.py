@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+from subprocess_env import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,7 @@ class Server:
     def __init__(self, model: Path, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DSVL2_")}
-        env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = subprocess_env()
         cmd = [sys.executable, "-m", "dsvl2_cli.app.serve", "-m", str(model), "--dtype", "float32",
                "--device", "cpu", "--port", str(self.port), "--exit-with-parent", "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)

@@ -3,7 +3,6 @@ and a real Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pymupdf
 import pytest
+from subprocess_env import subprocess_env
 
 from dsvl2_cli.dev.synthetic import write_image
 
@@ -19,9 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("DSVL2_")}
-    e.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
-    return e
+    return subprocess_env(**extra)
 
 
 def dsvl2(*args) -> list[str]:

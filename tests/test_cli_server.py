@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 from serving import REPO, Server, free_port
+from subprocess_env import subprocess_env
 from test_cli import ANSWER_KEYS, _cached_load_weights, assert_clean, assert_one_line_error, model_args, run
 from test_client import Recorded, recorded  # noqa: F401 - fixture
 
@@ -178,8 +179,7 @@ def test_serve_warns_when_exposed_without_a_key():
 
 def test_dsvl2_serve_answers_and_stops_on_sigint(ckpt_tiny):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSVL2_")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "dsvl2_cli", "serve", "-m", str(ckpt_tiny), "--port", str(port),
                              "--dtype", "float32", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)

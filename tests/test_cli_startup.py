@@ -4,7 +4,6 @@ processes: exit 130 with `interrupted`, never a traceback (issue 14)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from subprocess_env import subprocess_env
 
 from dsvl2_cli.app import cli_options, tasks
 
@@ -23,9 +23,7 @@ ENTRY = ("import sys; sys.stderr.write('started\\n'); sys.stderr.flush(); sys.ar
 
 
 def env() -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("DSVL2_")}
-    e.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return e
+    return subprocess_env()
 
 
 def test_help_version_and_usage_errors_import_no_torch():

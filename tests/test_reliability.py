@@ -46,6 +46,7 @@ from reliability_support import (
     three_pages,  # noqa: F401 - fixture
 )
 from safetensors.torch import load_file, save_file
+from subprocess_env import subprocess_env
 from test_cli import _isolated, assert_clean, assert_one_line_error, model_args, run  # noqa: F401 - fixture
 
 from dsvl2_cli.app import backends, cli
@@ -366,8 +367,7 @@ def test_output_closed_stdout_pipe_ends_quietly(ckpt_tiny, tmp_path):
     EPIPE and dsvl2 exits 141 (128 + SIGPIPE, as `head` pipelines expect) with nothing on stderr
     but its usual status lines. (Closed before the first byte: test_cli_e2e.py.)"""
     pdf = make_pdf(tmp_path / "doc.pdf", pages=4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSVL2_")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "dsvl2_cli", "ocr", "-m", str(ckpt_tiny), "--dtype", "float32",
                              "--max-tokens", "4", "--dpi", "36", "--batch", "1", str(pdf)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -13,7 +13,6 @@ import pymupdf
 import pytest
 from PIL import Image
 from reliability_support import (
-    REPO,
     ZERO_PAGE_PDF,
     encoded,
     fake_model_answer,
@@ -25,6 +24,7 @@ from reliability_support import (
     seen_by_model,  # noqa: F401 - fixture
     three_pages,  # noqa: F401 - fixture
 )
+from subprocess_env import subprocess_env
 from test_cli import _isolated, assert_clean, assert_one_line_error, model_args, run  # noqa: F401 - fixture
 
 from dsvl2_cli.app import images as images_module
@@ -150,8 +150,7 @@ except MemoryError:
     print('control: MemoryError', file=sys.stderr)
 sys.exit(cli.main(['chat', '-m', {str(ckpt_tiny)!r}, '--dtype', 'float32', {str(bomb)!r}, 'hi']))
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSVL2_")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert "control: MemoryError" in proc.stderr, proc.stderr  # the limit really bites
     assert proc.returncode == 1, proc.stderr
