@@ -5,7 +5,7 @@ MLP 4304; random bf16 weights), and the four linears' GEMMs alone.
 - gemm: each of qkv (1152 -> 3456), proj (1152 -> 1152), fc1 (1152 -> 4304, bias + tanh-GELU in
   the int8 epilogue; the bf16 side as the bf16 tower runs it: a bias-free GEMM, then the native
   bias + GELU pass), fc2 (4304 -> 1152) on one 4-tile batch (2916 rows): torch's bf16 F.linear
-  against kernels.int8_linear (activation quantization included); GOP/s counts 2 M N K.
+  against int8_kernels.int8_linear (activation quantization included); GOP/s counts 2 M N K.
 - tower: one batch of 4 tiles of a 640x480 synthetic photo (a gradient with shapes; its global
   view and first local tiles as the processor makes them) through the vision tower, bf16 and
   int8, seconds per tile; and their accuracy per tile: cosine similarity (mean and min over the
@@ -38,7 +38,7 @@ import dsvl2_cli
 from dsvl2_cli import settings
 from dsvl2_cli.dev import bench
 from dsvl2_cli.dev.bench_probes import interleaved
-from dsvl2_cli.engine import kernels
+from dsvl2_cli.engine import int8_kernels, kernels
 from dsvl2_cli.engine.processor import user_message
 from dsvl2_cli.engine.runtime import TILE_BATCH
 
@@ -69,7 +69,7 @@ def gemms(repeat: int) -> dict:
         x = torch.randn(ROWS, k, generator=g).bfloat16()
         w = (torch.randn(n, k, generator=g) * 0.02).bfloat16()
         b = (torch.randn(n, generator=g) * 0.02).bfloat16()
-        packed, bf = kernels.pack_int8(w), b.float()
+        packed, bf = int8_kernels.pack_int8(w), b.float()
         gelu = name == "fc1"
         with torch.inference_mode():
             def plain():
@@ -77,8 +77,8 @@ def gemms(repeat: int) -> dict:
                     return kernels.bias_gelu_(F.linear(x, w), b)
                 return F.linear(x, w, b)
 
-            secs = interleaved({"bf16": plain, "int8": lambda: kernels.int8_linear(x, packed, bf, gelu)}, repeat)
-            want, got = plain().float(), kernels.int8_linear(x, packed, bf, gelu).float()
+            secs = interleaved({"bf16": plain, "int8": lambda: int8_kernels.int8_linear(x, packed, bf, gelu)}, repeat)
+            want, got = plain().float(), int8_kernels.int8_linear(x, packed, bf, gelu).float()
         ops = 2 * ROWS * n * k
         out[name] = {"m": ROWS, "n": n, "k": k, "bf16_ms": secs["bf16"] * 1e3, "int8_ms": secs["int8"] * 1e3,
                      "bf16_gflops": ops / secs["bf16"] / 1e9, "int8_gops": ops / secs["int8"] / 1e9,
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "vision-int8-cpu.json")
     args = ap.parse_args()
-    if not kernels.int8_gemm_available():
+    if not int8_kernels.int8_gemm_available():
         sys.exit(f"no AVX512-VNNI int8 kernel here ({kernels.status()})")
     result = {"benchmark": "int8 vision tower vs bf16, real SigLIP-SO400M shapes, synthetic bf16 weights",
               "threads": torch.get_num_threads(), "kernels": kernels.status(), "repeat": args.repeat,

@@ -341,6 +341,18 @@ def test_moe_combine_is_torch_bit_for_bit(n, k, d, experts):
     assert kernels.moe_combine(run(x, None)[:-1], ids.flatten().argsort(), weights) is None  # wrong row count
 
 
+def test_scratch_is_reused_grown_and_capped():
+    """The wrappers' per-thread scratch: at least what was asked, the same buffer again for as much
+    or less, a bigger one kept when more is asked, and one above SCRATCH_KEPT not kept."""
+    first = kernels.scratch(1000)
+    assert first.numel() >= 1000 and kernels.scratch(10).data_ptr() == first.data_ptr()
+    bigger = kernels.scratch(first.numel() + 1)
+    assert bigger.numel() > first.numel() and kernels.scratch(first.numel()).data_ptr() == bigger.data_ptr()
+    huge = kernels.scratch(kernels.SCRATCH_KEPT + 1)
+    assert huge.numel() > kernels.SCRATCH_KEPT and kernels.scratch(16).data_ptr() == bigger.data_ptr()
+    del huge
+
+
 @needs_kernels
 def test_vision_elementwise_fall_back_outside_their_domain():
     x = torch.randn(4, 32).bfloat16()

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 import dsvl2_cli
-from dsvl2_cli.engine import kernels, vision_int8
+from dsvl2_cli.engine import int8_kernels, kernels, vision_int8
 from dsvl2_cli.engine.fast import install_vision
 from dsvl2_cli.engine.prompt_store import PromptStore
 from dsvl2_cli.model.config import VisionConfig
 from dsvl2_cli.model.vision import VisionTower
 
-needs_vnni = pytest.mark.skipif(not (tk.EXPECTED_HERE and kernels.int8_gemm_available()),
+needs_vnni = pytest.mark.skipif(not (tk.EXPECTED_HERE and int8_kernels.int8_gemm_available()),
                                 reason="no AVX512-VNNI int8 kernel on this machine")
 
 
@@ -66,9 +66,9 @@ def test_int8_gemm_equals_the_dequantized_integer_math(m, n, k, bias, gelu):
     x[0, : min(k, 3)] *= 20  # an outlier: its row's scale is 20x the others'
     w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
     b = torch.randn(n, generator=g) if bias else None
-    packed = kernels.pack_int8(w)
+    packed = int8_kernels.pack_int8(w)
     assert packed is not None
-    y = kernels.int8_linear(x, packed, b, gelu)
+    y = int8_kernels.int8_linear(x, packed, b, gelu)
     assert y is not None and y.shape == (m, n) and y.dtype == torch.bfloat16
     ref = _gemm_reference(x, w, b, gelu)
     # bf16 store: half an ulp (2^-8 relative); float32 epilogue and GELU: ~1e-6 of the terms' size
@@ -77,7 +77,7 @@ def test_int8_gemm_equals_the_dequantized_integer_math(m, n, k, bias, gelu):
     err = (y.double() - ref).abs()
     assert (err <= bound).all(), f"worst excess {(err - bound).max().item():.3g}"
     # and the batched layout: (B, T, K) in, (B, T, N) out, the same rows
-    y3 = kernels.int8_linear(x.view(1, m, k), packed, b, gelu)
+    y3 = int8_kernels.int8_linear(x.view(1, m, k), packed, b, gelu)
     assert y3.shape == (1, m, n) and torch.equal(y3[0], y)
 
 
@@ -87,14 +87,14 @@ def test_quantization_is_torch_round_half_even():
     x = (torch.randn(9, 37, generator=g) * 4).bfloat16()
     x[3] = 0  # a zero row: scale 0, codes at the offset
     x[4, :5] = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.25]) * 127 / 127  # exact halves after scaling
-    codes, scales = kernels.quantize_rows(x)
+    codes, scales = int8_kernels.quantize_rows(x)
     want, want_s = _quantize_reference(x)
     assert codes.shape == (9, 40) and codes.dtype == torch.uint8
     assert torch.equal(codes[:, :37].to(torch.int32) - 128, want) and (codes[:, 37:] == 128).all()
     assert torch.equal(scales, want_s) and scales[3] == 0
     w = (torch.randn(70, 37, generator=g) * 0.1).bfloat16()
     w[5] = 0
-    packed = kernels.pack_int8(w)
+    packed = int8_kernels.pack_int8(w)
     qw, sw = _quantize_reference(w)
     assert packed.packed.shape == (2, 10, 64, 4)  # N 70 -> 128, K 37 -> 40
     assert torch.equal(packed.codes().to(torch.int32), qw)
@@ -106,17 +106,18 @@ def test_quantization_is_torch_round_half_even():
 
 def test_int8_linear_declines_what_it_cannot_run():
     w = torch.randn(20, 8).bfloat16()
-    packed = kernels.pack_int8(w)
+    packed = int8_kernels.pack_int8(w)
     if packed is None:
-        assert not kernels.int8_gemm_available()
+        assert not int8_kernels.int8_gemm_available()
         return
     x = torch.randn(3, 8)
-    assert kernels.int8_linear(x, packed) is None  # float32 input
-    assert kernels.int8_linear(x.bfloat16()[:, :7], packed) is None  # wrong K
-    assert kernels.int8_linear(x.bfloat16(), packed, torch.randn(20).bfloat16()) is None  # bias not float32
-    assert kernels.pack_int8(w.float()) is None and kernels.pack_int8(w.T) is None  # not bf16 / not contiguous
+    assert int8_kernels.int8_linear(x, packed) is None  # float32 input
+    assert int8_kernels.int8_linear(x.bfloat16()[:, :7], packed) is None  # wrong K
+    assert int8_kernels.int8_linear(x.bfloat16(), packed, torch.randn(20).bfloat16()) is None  # bias not float32
+    assert int8_kernels.pack_int8(w.float()) is None  # not bf16
+    assert int8_kernels.pack_int8(w.T) is None  # not contiguous
     with kernels.disabled():
-        assert not kernels.int8_gemm_available() and kernels.int8_linear(x.bfloat16(), packed) is None
+        assert not int8_kernels.int8_gemm_available() and int8_kernels.int8_linear(x.bfloat16(), packed) is None
 
 
 @pytest.mark.parametrize("variant", ["avx512", "avx2", "portable"])
@@ -125,7 +126,7 @@ def test_every_isa_variant_runs_it_or_says_it_cannot(variant):
     has_vnni = "avx512_vnni" in tkb._cpu_flags() and variant == "avx512"  # -mno-avx512f takes VNNI away too
     assert bool(lib.dsvl2_int8_vnni()) == has_vnni
     with kernels.using(variant):
-        assert kernels.int8_gemm_available() == has_vnni
+        assert int8_kernels.int8_gemm_available() == has_vnni
         if has_vnni:
             test_int8_gemm_equals_the_dequantized_integer_math(13, 200, 100, True, True)
             return
@@ -133,7 +134,7 @@ def test_every_isa_variant_runs_it_or_says_it_cannot(variant):
         x = torch.randn(5, 12).bfloat16()
         # packing is plain C in every build, the GEMM is not: it declines, the module runs bf16
         assert isinstance(layer, vision_int8.Int8Linear) and layer.int8 is not None
-        assert kernels.int8_linear(x, layer.int8, layer.bias_f32) is None
+        assert int8_kernels.int8_linear(x, layer.int8, layer.bias_f32) is None
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
         assert vision_int8.install(_towers()[1]) == 0  # and the tower is left as it is
 
@@ -226,13 +227,13 @@ def test_packed_weights_are_cached_mapped_and_checked(ckpt_tiny, monkeypatch, tm
     assert len(entry) == 1 and entry[0].state == mapped_store.READY and entry[0].source == str(ckpt_tiny.resolve())
     base = _vision_features(first, pixels)
 
-    real_pack = kernels.pack_int8
-    monkeypatch.setattr(kernels, "pack_int8", lambda w: pytest.fail("packed again although the cache is sound"))
+    real_pack = int8_kernels.pack_int8
+    monkeypatch.setattr(int8_kernels, "pack_int8", lambda w: pytest.fail("packed again although the cache is sound"))
     second = dsvl2_cli.load(ckpt_tiny, dtype="bfloat16", device="cpu", vision_int8=True)
     assert second.vision_int8 and torch.equal(_vision_features(second, pixels), base)
     maps = Path("/proc/self/maps")
     assert not maps.exists() or str(entry[0].files[1]) in maps.read_text()  # the file is mapped, not copied
-    monkeypatch.setattr(kernels, "pack_int8", real_pack)
+    monkeypatch.setattr(int8_kernels, "pack_int8", real_pack)
 
     data = entry[0].files[1]
     with open(data, "r+b") as f:  # one byte of the header: a foreign or rewritten file

@@ -12,6 +12,7 @@ startup, load with the checkpoint in the page cache, and process start to first 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -176,10 +177,15 @@ def load_cached(path: Path, runs: int = 3) -> dict:
     return out
 
 
+@functools.cache
+def _chat_options() -> str:
+    """`dsvl2 chat --help` of the dsvl2 under test: which switches its process rows can use."""
+    return _run(["-m", "dsvl2_cli", "chat", "--help"])[1].stdout
+
+
 def cli_has_no_cache() -> bool:
     """Whether this dsvl2 has the prompt-cache switch (`chat --no-cache`) the warm row needs."""
-    _, done = _run(["-m", "dsvl2_cli", "chat", "--help"])
-    return "--no-cache" in done.stdout
+    return "--no-cache" in _chat_options()
 
 
 def _chat(path: Path, image: Path, question: str, extra: list[str]) -> dict:
@@ -231,9 +237,8 @@ def _median_run(samples: list[dict]) -> dict:
 
 def int8_vision_here() -> bool:
     """Whether `chat --vision-int8` exists and would run int8 here (AVX512-VNNI kernels built)."""
-    from ..engine import kernels
+    from ..engine import int8_kernels, kernels
 
-    if not (kernels.available() and kernels.int8_gemm_available()):
+    if not (kernels.available() and int8_kernels.int8_gemm_available()):
         return False
-    _, done = _run(["-m", "dsvl2_cli", "chat", "--help"])
-    return "--vision-int8" in done.stdout
+    return "--vision-int8" in _chat_options()

@@ -30,7 +30,7 @@ from .. import settings
 from ..errors import Dsvl2Error, MemoryFitError
 from ..model.config import ModelConfig
 from .generate import DEFAULT_PREFILL_CHUNK
-from .runtime import TILE_BATCH
+from .runtime import TILE_BATCH, vision_int8_unavailable
 from .memory import planned_weight_memory
 from .quant.format import QuantSpec, choose_spec, parse_method, read_spec
 from .weights import RELEASE_BYTES
@@ -170,7 +170,7 @@ def loading_peak(cfg: ModelConfig, spec: QuantSpec | None) -> int:
 
 def vision_int8_bytes(cfg: ModelConfig) -> int:
     """The memory of the opt-in int8 vision tower's packed weights (engine/vision_int8.py): each block's
-    qkv, proj, fc1 and fc2 packed as kernels.pack_int8 does (N up to 64 columns, K up to 4, int8
+    qkv, proj, fc1 and fc2 packed as int8_kernels.pack_int8 does (N up to 64 columns, K up to 4, int8
     codes, then a float32 scale and an int32 correction per column). ~0.41 GB for SigLIP-SO400M."""
     w, h = cfg.vision.width, cfg.vision.mlp_hidden
 
@@ -435,8 +435,6 @@ def check_load(path: str | os.PathLike, name: str, dtype: torch.dtype, device: s
     as it is; "auto": the first of none, int8, int4 that fits) against `available_memory(device)`.
     Too big: MemoryFitError, or with allow_paging the same line as `Fit.warning`. vision_int8: the
     opt-in int8 vision tower is asked for (counted where it will run: CPU, bf16, VNNI)."""
-    from .runtime import vision_int8_unavailable
-
     auto = quantize is not None and str(quantize).lower() == "auto"
     folder = read_spec(path)
     available = available_memory(device)

@@ -11,7 +11,7 @@ so both share one thread pool.
 Used only where they apply: CPU tensors, bfloat16, a few rows (decode and small batches); and
 attention for many query rows (prefill, the vision tower: `prefill_attention`, ~2-3x torch's
 SDPA on AVX512-BF16); the vision tower's elementwise passes (`bias_gelu_`, `layer_norm`); opt-in,
-the vision tower's linears in int8 (`pack_int8`, `int8_linear`: AVX512-VNNI only). Set
+the vision tower's linears in int8 (engine/int8_kernels.py's wrappers: AVX512-VNNI only). Set
 DSVL2_KERNELS=0 to use torch everywhere (results agree within bf16 rounding; see the tests).
 """
 
@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -346,6 +345,12 @@ def _enabled() -> bool:
     return not getattr(_off, "value", False) and _load() is not None
 
 
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels for a wrapper outside this module (int8_kernels.py), None where they are
+    not built or are `disabled()` for this thread."""
+    return _lib if _enabled() else None
+
+
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a bf16 kernel can take x with these weights here and now (bf16 CPU tensors, no
     autograd, contiguous weights, kernels built and not `disabled()`)."""
@@ -358,18 +363,22 @@ def _usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             and _enabled())
 
 
-_scratch = threading.local()  # the decode kernels' float32 scratch, kept between calls of a thread
-_SCRATCH_KEPT = 16 << 20
+_scratch = threading.local()  # one call's scratch, kept per thread between calls (see `scratch`)
+SCRATCH_KEPT = 64 << 20  # larger scratch (long MLA prefills) is not kept after the call
 
 
-def _decode_scratch(nbytes: int) -> torch.Tensor:
-    """A uint8 buffer of at least `nbytes` for one call's scratch (its contents are not kept):
-    one per thread, reused up to _SCRATCH_KEPT, instead of a fresh allocation in every call."""
+def scratch(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer of at least `nbytes` for one native call's scratch (the contents are not
+    kept; no wrapper holds it past its call), one per thread, reused up to SCRATCH_KEPT: a fresh
+    15 MB one per vision layer cost ~3 ms of page faults, a tenth of the prefill kernel's time,
+    and decoding would allocate one per kernel call ~70 times a token. Beyond the cap the work
+    grows with the square of the length and the faults matter less."""
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
-        if nbytes <= _SCRATCH_KEPT:
-            _scratch.buf = buf
+    if buf is not None and buf.numel() >= nbytes:
+        return buf
+    buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    if nbytes <= SCRATCH_KEPT:
+        _scratch.buf = buf
     return buf
 
 
@@ -405,10 +414,10 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
         weights = weights.float()
     weights = weights.contiguous()
     items = t * k
-    scratch = _decode_scratch(4 * (items * (2 * m + d) + (items * m + 1) // 2))
+    work = scratch(4 * (items * (2 * m + d) + (items * m + 1) // 2))
     out = torch.empty(t, d, dtype=torch.bfloat16)
     _lib.dsvl2_moe_bf16(x.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), k, gate_up.data_ptr(),
-                        down.data_ptr(), m, out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+                        down.data_ptr(), m, out.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -428,7 +437,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return None
     q = q.contiguous()  # (B, H, Tq, d) = (B*Hk groups, H/Hk*Tq rows, d): a group's heads are adjacent
     groups, rows = b * hk, (h // hk) * tq
-    scores = _decode_scratch(4 * groups * rows * length)
+    scores = scratch(4 * groups * rows * length)
     out = torch.empty(b, h, tq, dv, dtype=torch.bfloat16)
     _lib.dsvl2_attn_decode_bf16(q.data_ptr(), groups, rows, d, k.data_ptr(), v.data_ptr(), hk,
                                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -438,25 +447,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 PREFILL_MAX_DIM = 256  # head dims the prefill kernel's scratch is sized for
 FAST_PREFILL_ISA = 3  # below AVX512-BF16 the kernel's plain-C loops are slower than torch's SDPA
-_workspace = threading.local()  # the prefill kernel's packed K/V and scratch, kept between calls
-
-
-_WORKSPACE_KEPT = 64 << 20  # larger workspaces (long MLA prefills) are not kept after the call
-
-
-def _prefill_workspace(nbytes: int) -> torch.Tensor:
-    """A buffer of at least `nbytes`, reused between calls of one thread up to _WORKSPACE_KEPT:
-    a fresh 15 MB one per vision layer cost ~3 ms of page faults, a tenth of the kernel's time;
-    beyond the cap the work grows with the square of the length and the faults matter less."""
-    buf = getattr(_workspace, "buf", None)
-    if buf is not None and buf.numel() >= nbytes:
-        return buf
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    if nbytes <= _WORKSPACE_KEPT:
-        _workspace.buf = buf
-    return buf
-
-
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False,
                       offset: int = 0, merge_heads: bool = False, min_isa: int = FAST_PREFILL_ISA
                       ) -> torch.Tensor | None:
@@ -481,7 +471,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             or not _enabled() or _lib.dsvl2_kernel_isa() < min_isa):
         return None
     threads = torch.get_num_threads()
-    work = _prefill_workspace(_lib.dsvl2_attn_prefill_bytes(b * hk, length, d, dv, threads))
+    work = scratch(_lib.dsvl2_attn_prefill_bytes(b * hk, length, d, dv, threads))
     out = torch.empty(b, t, h, dv, dtype=torch.bfloat16) if merge_heads else torch.empty(b, h, t, dv, dtype=torch.bfloat16)
     o_bs, o_hs, o_ts = (out.stride(0), out.stride(2), out.stride(1)) if merge_heads else out.stride()[:3]
     _lib.dsvl2_attn_prefill_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, hk, t, length, d, dv,
@@ -526,12 +516,12 @@ def moe_experts_quant(bits: int, x: torch.Tensor, ids: torch.Tensor, weights: to
     ids = ids.contiguous()
     weights = weights.to(torch.float32).contiguous()
     items = t * ids.shape[1]
-    scratch = torch.empty(t * (d + d // g1) + items * (3 * m + m // g2 + d), dtype=torch.float32)
+    work = scratch(4 * (t * (d + d // g1) + items * (3 * m + m // g2 + d)))  # float32s
     out = torch.empty(t, d, dtype=torch.float32)
     _lib.dsvl2_moe_quant(bits, xb.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), ids.shape[1],
                          gq.data_ptr(), gs.data_ptr(), gq[0].numel() * gq.element_size(), gs[0].numel(), g1,
                          dq.data_ptr(), ds.data_ptr(), dq[0].numel() * dq.element_size(), ds[0].numel(), g2, m,
-                         int(x.dtype != torch.float32), out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+                         int(x.dtype != torch.float32), out.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -646,107 +636,3 @@ def stream_read(buf: torch.Tensor, threads: int | None = None) -> int | None:
         return None
     return _lib.dsvl2_stream_read(buf.data_ptr(), buf.numel() * buf.element_size(),
                                   threads or torch.get_num_threads())
-
-
-# ------------------------------------------------------------------ int8 linears (opt-in, vision)
-
-INT8_PANEL = 64  # output columns per packed panel (I8_NR in cpu_kernels.c)
-
-
-def int8_gemm_available() -> bool:
-    """Whether the loaded kernels have the AVX512-VNNI int8 GEMM (and are not `disabled()` for
-    this thread). Other builds compile it as a stub: the callers keep their bf16 path."""
-    return _enabled() and bool(_lib.dsvl2_int8_vnni())
-
-
-@dataclass(frozen=True)
-class Int8Weight:
-    """An (N, K) weight quantized per output channel and packed for `int8_linear`.
-
-    packed (Np/64, Kp/4, 64, 4) int8 (Np = N up to a multiple of 64, Kp = K up to 4, zero padded),
-    scales (Np,) float32 (dequantized w = q * scale), corr (Np,) int32 = 128 * sum_k q (the
-    activations' +128 offset, taken off after the integer product)."""
-
-    packed: torch.Tensor
-    scales: torch.Tensor
-    corr: torch.Tensor
-    n: int
-    k: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.corr))
-
-    def codes(self) -> torch.Tensor:
-        """The (N, K) int8 codes in nn.Linear's layout (for tests and accuracy checks)."""
-        np_, kp = self.packed.shape[0] * INT8_PANEL, self.packed.shape[1] * 4
-        return self.packed.permute(0, 2, 1, 3).reshape(np_, kp)[: self.n, : self.k]
-
-
-def pack_int8(weight: torch.Tensor) -> Int8Weight | None:
-    """Quantize a bf16 (N, K) CPU weight to symmetric int8 per output channel (round half to
-    even of w * 127 / amax) and pack it for the VNNI GEMM; None when the kernels are not built.
-    The result is new private memory (N * K bytes and change); `weight` is only read."""
-    if (weight.dim() != 2 or weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
-            or not weight.is_contiguous() or weight.numel() == 0 or not _enabled()):
-        return None
-    n, k = weight.shape
-    np_, kp = -(-n // INT8_PANEL) * INT8_PANEL, -(-k // 4) * 4
-    packed = torch.empty(np_ // INT8_PANEL, kp // 4, INT8_PANEL, 4, dtype=torch.int8)
-    scales = torch.empty(np_, dtype=torch.float32)
-    corr = torch.empty(np_, dtype=torch.int32)
-    _lib.dsvl2_int8_pack_weights(weight.data_ptr(), n, k, packed.data_ptr(), scales.data_ptr(), corr.data_ptr(),
-                                 torch.get_num_threads())
-    return Int8Weight(packed, scales, corr, n, k)
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """x (M, K) bf16 -> (codes (M, Kp) uint8 = round(x * 127 / amax_row) + 128, padded with 128
-    to a multiple of 4; scales (M,) float32 = amax_row / 127); None without the kernels."""
-    if x.dim() != 2 or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(-1) != 1 or not _enabled():
-        return None
-    m, k = x.shape
-    kp = -(-k // 4) * 4
-    q = torch.empty(m, kp, dtype=torch.uint8)
-    scales = torch.empty(m, dtype=torch.float32)
-    _lib.dsvl2_int8_quantize_rows(x.data_ptr(), m, k, x.stride(0), q.data_ptr(), kp, scales.data_ptr(),
-                                  torch.get_num_threads())
-    return q, scales
-
-
-_int8_workspace = threading.local()  # the quantized activations, reused between calls (see below)
-
-
-def int8_linear(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None, gelu: bool = False
-                ) -> torch.Tensor | None:
-    """y = x W^T + bias (then tanh-GELU with `gelu`) with x quantized per row to int8 and W the
-    packed int8 `w`: x (..., K) bf16 CPU -> (..., N) bf16; bias (N,) float32 or None. None when it
-    does not apply (no VNNI build, kernels disabled, wrong dtype or shape): use the bf16 path."""
-    if (x.dim() == 0 or x.shape[-1] != w.k or x.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or x.requires_grad or x.numel() == 0 or not int8_gemm_available()
-            or (bias is not None and (bias.shape != (w.n,) or bias.dtype != torch.float32
-                                      or not bias.is_contiguous()))):
-        return None
-    rows = x.reshape(-1, w.k)  # (M, K): a view for the tower's contiguous activations
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    m, kp = rows.shape[0], w.packed.shape[1] * 4
-    # A fresh buffer per call (up to 12.5 MB for fc2 of 4 tiles) cost page faults every layer;
-    # one per thread, grown as needed, is kept instead (codes then scales).
-    need = m * kp + 4 * m
-    buf = getattr(_int8_workspace, "buf", None)
-    if buf is None or buf.numel() < need:
-        buf = torch.empty(need, dtype=torch.uint8)
-        if need <= _WORKSPACE_KEPT:
-            _int8_workspace.buf = buf
-    codes, scales = buf[: m * kp], buf[m * kp: need].view(torch.float32)
-    threads = torch.get_num_threads()
-    _lib.dsvl2_int8_quantize_rows(rows.data_ptr(), m, w.k, rows.stride(0), codes.data_ptr(), kp, scales.data_ptr(),
-                                  threads)
-    out = torch.empty(m, w.n, dtype=torch.bfloat16)
-    done = _lib.dsvl2_int8_gemm(codes.data_ptr(), kp, scales.data_ptr(), m, w.packed.data_ptr(), w.scales.data_ptr(),
-                                w.corr.data_ptr(), 0 if bias is None else bias.data_ptr(), w.n, kp, int(gelu),
-                                out.data_ptr(), w.n, threads)
-    if done != 0:
-        return None
-    return out.view(*x.shape[:-1], w.n)

@@ -21,7 +21,7 @@ from ..errors import Dsvl2Error, ModelError
 from ..model.config import ModelConfig
 from ..model.language import rope_table
 from ..model.vlm import DeepseekVL2
-from . import fast, hub, kernels, mapped, memory, quant
+from . import fast, hub, int8_kernels, kernels, mapped, memory, quant
 from . import vision_int8 as vision_int8_module
 from .cache import ModelCache, new_model_cache
 from .processor import Message, Prepared, PreparedImage, Processor, ProcessorSettings
@@ -136,7 +136,7 @@ def vision_int8_unavailable(dtype: torch.dtype, device: torch.device) -> str | N
         return f"it needs bfloat16 weights, not {_dtype_name(dtype)}"
     if not kernels.available():
         return f"no native CPU kernels: {kernels.status().removeprefix('torch (').removesuffix(')')}"
-    if not kernels.int8_gemm_available():
+    if not int8_kernels.int8_gemm_available():
         return "this CPU or kernel build has no AVX512-VNNI"
     return None
 

@@ -32,21 +32,21 @@ from torch import nn
 
 from .. import settings
 from ..model.vision import VisionMLP, VisionTower
-from . import kernels, mapped, mapped_store
+from . import int8_kernels, mapped, mapped_store
 from .prompt_store import model_fingerprint
 
-# the packing's version and panel width: a change to kernels.pack_int8's layout must change it
-QUANT_KEY = f"vision-int8-v1-p{kernels.INT8_PANEL}"
+# the packing's version and panel width: a change to int8_kernels.pack_int8's layout must change it
+QUANT_KEY = f"vision-int8-v1-p{int8_kernels.INT8_PANEL}"
 
 
 class Int8Linear(nn.Linear):
     """nn.Linear (bf16 weight and bias kept, untouched) with an int8 copy of the weight for the
     VNNI GEMM; `pack()` makes the copy. forward(x, gelu=True) applies tanh-GELU after the bias."""
 
-    def pack(self, packed: kernels.Int8Weight | None = None) -> bool:
+    def pack(self, packed: int8_kernels.Int8Weight | None = None) -> bool:
         """Quantize and pack the weight (once, at load), or take `packed` (mapped from the cache);
         False when the kernels cannot."""
-        self.int8 = packed if packed is not None else kernels.pack_int8(self.weight.detach())
+        self.int8 = packed if packed is not None else int8_kernels.pack_int8(self.weight.detach())
         # the epilogue adds a float32 bias (N,): converted once here, not per call
         self.bias_f32 = None if self.bias is None else self.bias.detach().float().contiguous()
         return self.int8 is not None
@@ -54,7 +54,7 @@ class Int8Linear(nn.Linear):
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         packed = getattr(self, "int8", None)
         if packed is not None:
-            out = kernels.int8_linear(x, packed, self.bias_f32, gelu)  # (..., N) bf16 or None
+            out = int8_kernels.int8_linear(x, packed, self.bias_f32, gelu)  # (..., N) bf16 or None
             if out is not None:
                 return out
         y = F.linear(x, self.weight, self.bias)
@@ -68,7 +68,7 @@ class Int8VisionMLP(VisionMLP):
         return self.fc2(self.fc1(x, gelu=True))
 
 
-def _int8_linear(old: nn.Module, packed: kernels.Int8Weight | None = None) -> nn.Module:
+def _int8_linear(old: nn.Module, packed: int8_kernels.Int8Weight | None = None) -> nn.Module:
     """An Int8Linear holding `old`'s very parameters (no copy), packed (or given `packed`); `old`
     itself when it is not a plain bf16 nn.Linear the kernels can pack."""
     if type(old) is not nn.Linear:
@@ -90,24 +90,24 @@ def _table(linears: dict[str, nn.Linear]) -> mapped.Table:
     table: mapped.Table = {}
     for name, lin in linears.items():
         n, k = lin.weight.shape
-        np_, kp = -(-n // kernels.INT8_PANEL) * kernels.INT8_PANEL, -(-k // 4) * 4
-        table[f"{name}.packed"] = ((np_ // kernels.INT8_PANEL, kp // 4, kernels.INT8_PANEL, 4), torch.int8)
+        np_, kp = -(-n // int8_kernels.INT8_PANEL) * int8_kernels.INT8_PANEL, -(-k // 4) * 4
+        table[f"{name}.packed"] = ((np_ // int8_kernels.INT8_PANEL, kp // 4, int8_kernels.INT8_PANEL, 4), torch.int8)
         table[f"{name}.scales"] = ((np_,), torch.float32)
         table[f"{name}.corr"] = ((np_,), torch.int32)
     return table
 
 
-def _entry_paths(model_dir: Path, fingerprint: str) -> tuple[Path, Path]:
+def _entry_paths(fingerprint: str) -> tuple[Path, Path]:
     stem = f"{fingerprint}-bf16-{QUANT_KEY}"
     folder = settings.mapped_dir()
     return folder / f"{stem}{mapped_store.DATA_SUFFIX}", folder / f"{stem}{mapped_store.RECORD_SUFFIX}"
 
 
-def _cached(model_dir: Path, linears: dict[str, nn.Linear]) -> dict[str, kernels.Int8Weight] | None:
+def _cached(model_dir: Path, linears: dict[str, nn.Linear]) -> dict[str, int8_kernels.Int8Weight] | None:
     """The packed weights of `linears`, mapped from the cache (written first when missing or
     unsound); None when the cache cannot be used (then the caller packs into memory)."""
     fingerprint = model_fingerprint(model_dir)
-    data_path, record_path = _entry_paths(model_dir, fingerprint)
+    data_path, record_path = _entry_paths(fingerprint)
     source, table = str(Path(model_dir).resolve()), _table(linears)
     checked = mapped.check_entry(data_path, record_path, table, source, torch.bfloat16, QUANT_KEY)
     if isinstance(checked, str):
@@ -119,7 +119,7 @@ def _cached(model_dir: Path, linears: dict[str, nn.Linear]) -> dict[str, kernels
 
         def packed():
             for name, lin in linears.items():
-                w = kernels.pack_int8(lin.weight.detach())
+                w = int8_kernels.pack_int8(lin.weight.detach())
                 yield from ((f"{name}.packed", w.packed), (f"{name}.scales", w.scales), (f"{name}.corr", w.corr))
 
         try:
@@ -139,7 +139,7 @@ def _cached(model_dir: Path, linears: dict[str, nn.Linear]) -> dict[str, kernels
     out = {}
     for name, lin in linears.items():
         n, k = lin.weight.shape
-        out[name] = kernels.Int8Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales"],
+        out[name] = int8_kernels.Int8Weight(tensors[f"{name}.packed"], tensors[f"{name}.scales"],
                                        tensors[f"{name}.corr"], n, k)
     return out
 
@@ -149,7 +149,7 @@ def install(tower: VisionTower, model_dir: Path | None = None) -> int:
     FastVisionMLPs become Int8VisionMLPs holding the same parameters); returns the bytes of int8
     weights in use (0: nothing swapped, no VNNI kernel here). With `model_dir` (the loader passes
     it when it maps the weights) the packed ones come from the mapped cache (module docstring)."""
-    if not kernels.int8_gemm_available():
+    if not int8_kernels.int8_gemm_available():
         return 0
     linears = _linears(tower)
     given = (_cached(Path(model_dir), linears) if model_dir is not None else None) or {}
