@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+import typer
 from subprocess_env import subprocess_env
 
-from dsvl2_cli.app import cli_options, tasks
+from dsvl2_cli.app import cli_options, exits, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "safetensors", "numpy", "dsvl2_cli.engine", "dsvl2_cli.model")
@@ -128,3 +130,24 @@ def test_finish_flushes_then_skips_torchs_teardown(with_torch, with_thread, tear
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 3 and proc.stdout == "x" * 200_000
     assert ("teardown ran" in proc.stderr) == teardown, proc.stderr
+
+
+def _interrupt_now(value: str) -> str:  # an option callback (module level: annotations are strings)
+    if value == "now":
+        raise KeyboardInterrupt
+    return value
+
+
+def test_ctrl_c_outside_a_command_body_says_interrupted_once(capsys):
+    """Typer turns a KeyboardInterrupt in its own code (parsing, an option's callback) into a
+    silent exit 130: `interrupted` must still be said, and only once when a command body said it."""
+    app = typer.Typer()
+
+    @app.command()
+    @exits.command
+    def cmd(when: Annotated[str, typer.Option(callback=_interrupt_now)] = "later"):
+        raise KeyboardInterrupt
+
+    for argv in (["--when", "now"], ["--when", "later"], ["--when", "now"]):
+        assert exits.run(app, argv) == 130, argv
+        assert capsys.readouterr().err == "interrupted\n", argv

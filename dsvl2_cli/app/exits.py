@@ -63,12 +63,18 @@ def _end_line() -> None:
             ui.end_line()
 
 
+_said_interrupted = False
+
+
 def _interrupted() -> None:
-    """Flush what was generated, on a finished line, and say why the command stopped."""
+    """Flush what was generated, on a finished line, and say why the command stopped (once)."""
+    global _said_interrupted
     _end_line()
     with contextlib.suppress(Exception):
         sys.stdout.flush()
-        sys.stderr.write("interrupted\n")
+        if not _said_interrupted:
+            sys.stderr.write("interrupted\n")
+    _said_interrupted = True
 
 
 def _silence_stdout() -> None:
@@ -145,6 +151,8 @@ def _out_of_memory(err: BaseException) -> str | None:
 
 
 def _run(app: typer.Typer, argv: list[str]) -> int:
+    global _said_interrupted
+    _said_interrupted = False
     try:
         command = typer.main.get_command(app)  # inside the try: Ctrl-C may come at any moment
         if not argv:  # bare `dsvl2`: the help, on stderr, as the usage error it is
@@ -153,6 +161,10 @@ def _run(app: typer.Typer, argv: list[str]) -> int:
             return 2
         result = command.main(args=argv, prog_name="dsvl2", standalone_mode=False)
         code = result if isinstance(result, int) else 0
+        if code == 130:
+            # Ctrl-C outside a `command` body (parsing the command line, an option's callback,
+            # Typer's own code): Typer turns that KeyboardInterrupt into a silent Exit(130).
+            _interrupted()
         sys.stdout.flush()
     except UsageError as err:
         if err.ctx is not None:
