@@ -34,6 +34,9 @@ VARIABLES = (
              "(the cache folder as for DSVL2_CACHE)"),
     Variable("DSVL2_VISION_INT8", "0", "1: the vision tower's linears in int8 (AVX512-VNNI CPUs, bf16 weights; "
              "1.7-1.9x faster tower, small accuracy cost), as --vision-int8"),
+    Variable("DSVL2_BF16_PRODUCTS", "auto", "how a bf16 model's prefill and vision products run on CPU: float32 "
+             "(converted per call; where the CPU lacks bf16 dot products, ~6x faster), native (torch's bf16 GEMMs), "
+             "auto: float32 exactly where the CPU lacks them (no AVX512-BF16/AMX)"),
     Variable("DSVL2_BENCH_DIR", "~/.cache/dsvl2/bench", "where `dsvl2 bench` writes its synthetic checkpoints"),
     Variable("DSVL2_MEMORY_LIMIT", "", "cap on the memory dsvl2 plans to use, in bytes or with a K/M/G/T suffix "
              "(powers of 1024: 12G, 800M, 1.5G); the lower of this and what the machine has is used"),
@@ -90,6 +93,19 @@ def mmap_enabled() -> bool:
 def vision_int8() -> bool:
     """$DSVL2_VISION_INT8 set to 1 (or true/yes/on): the int8 vision tower by default."""
     return _truthy(_get("DSVL2_VISION_INT8"))
+
+
+BF16_PRODUCTS = ("auto", "native", "float32")
+
+
+def bf16_products() -> str:
+    """$DSVL2_BF16_PRODUCTS: auto (default), native or float32 (engine/f32_products.py)."""
+    value = _get("DSVL2_BF16_PRODUCTS").strip().lower() or "auto"
+    if value not in BF16_PRODUCTS:
+        from .errors import InputError
+
+        raise InputError(f"DSVL2_BF16_PRODUCTS={value}: expected one of {', '.join(BF16_PRODUCTS)}")
+    return value
 
 
 def mapped_dir() -> Path:

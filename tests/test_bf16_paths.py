@@ -36,7 +36,7 @@ import torch
 
 import dsvl2_cli
 from dsvl2_cli.dev import synthetic
-from dsvl2_cli.engine import kernels, quant
+from dsvl2_cli.engine import f32_products, kernels, quant
 from dsvl2_cli.engine.fast import FastLayerNorm, FastMLP, FastVisionMLP, NativeExperts
 from dsvl2_cli.engine.quant import experts as quant_experts
 from dsvl2_cli.model.attention import LatentAttention
@@ -334,3 +334,91 @@ def test_vision_tower_kernel_logits_within_rounding_noise(wide_ckpts, wide_model
     assert not torch.equal(native, plain)  # the kernels did run: another rounding order
     layers = len(b16.model.vision.blocks)
     assert ran["gelu"] >= layers and ran["norm"] >= 2 * layers + 1, ran  # every block, once per tile batch
+
+
+# ------------------------------------------------------- float32 products (CPUs without bf16 dots)
+
+@pytest.mark.parametrize("family", list(WIDE))
+def test_float32_products_within_rounding_noise(wide_ckpts, wide_models, family, monkeypatch):
+    """DSVL2_BF16_PRODUCTS=float32 (the default where the CPU lacks bf16 dot products) and
+    =native, on every machine: prefill, decode steps after it, and an image prompt (the vision
+    tower and the adaptor) against the float32 model, within the bound of every bf16 path; the
+    float32 products did run (another rounding order than native's) and only where asked."""
+    f32, _, reference, noise = wide_models[family]
+    converted = []
+    real_up = f32_products._up
+    monkeypatch.setattr(f32_products, "_up", lambda x: converted.append(1) or real_up(x))
+    models = {}
+    for choice in ("native", "float32"):
+        monkeypatch.setenv("DSVL2_BF16_PRODUCTS", choice)
+        models[choice] = vlm = dsvl2_cli.load(wide_ckpts[family], dtype="bfloat16", device="cpu")
+        assert f32_products.installed(vlm.model.vision) == (choice == "float32")
+        for run in (lambda ids: full(vlm, ids), lambda ids: steps(vlm, ids)):
+            converted.clear()
+            err = median_rel(run, reference)
+            assert err <= RATIO * noise + U, (choice, err, noise)
+            assert bool(converted) == (choice == "float32"), choice
+    prepared = _image_prompt(f32)
+    with torch.inference_mode():
+        ref = f32.logits(prepared).float()
+        got = {choice: vlm.logits(prepared).float() for choice, vlm in models.items()}
+    rel = {c: ((x - ref).norm(dim=-1) / ref.norm(dim=-1)).median().item() for c, x in got.items()}
+    assert rel["float32"] <= RATIO * rel["native"] + U, rel
+    assert not torch.equal(got["float32"], got["native"])
+    # the prompt cache keeps the two apart (another rounding order of the same prefix)
+    from dsvl2_cli.engine.prompt_store import PromptStore
+    store = PromptStore(wide_ckpts[family].parent / "unused")
+    native_key, f32_key = (store.key_for(models[c], [1, 2]) for c in ("native", "float32"))
+    assert models["float32"].f32_products and not models["native"].f32_products
+    assert f32_key.model == native_key.model + "+f32-products"
+
+
+def test_float32_products_mode_converts_only_bf16_products_with_rows():
+    """Inside the mode: bf16 products with enough rows give bf16 computed in float32 (equal to
+    the float32 product rounded once); float32 products, few-row products and other ops are
+    untouched (bit for bit what they give outside)."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(32, 64, generator=g).bfloat16(), torch.randn(48, 64, generator=g).bfloat16()
+    b = torch.randn(48, generator=g).bfloat16()
+    img, kernel = torch.randn(1, 3, 28, 28, generator=g).bfloat16(), torch.randn(8, 3, 14, 14, generator=g).bfloat16()
+    cases = {
+        "linear": (lambda: torch.nn.functional.linear(x, w, b),
+                   lambda: torch.nn.functional.linear(x.float(), w.float(), b.float())),
+        "matmul": (lambda: x @ w.T, lambda: x.float() @ w.float().T),
+        "einsum": (lambda: torch.einsum("td,nd->tn", x, w), lambda: torch.einsum("td,nd->tn", x.float(), w.float())),
+        "conv2d": (lambda: torch.nn.functional.conv2d(img, kernel, stride=14),
+                   lambda: torch.nn.functional.conv2d(img.float(), kernel.float(), stride=14)),
+    }
+    for name, (op, wide) in cases.items():
+        with f32_products.Float32Products():
+            out = op()
+        assert out.dtype == torch.bfloat16, name
+        assert torch.equal(out, wide().bfloat16()), name
+    few = x[:f32_products.OP_MIN_ROWS - 1]
+    untouched = [lambda: few @ w.T, lambda: x.float() @ w.float().T, lambda: (x * 3).softmax(-1)]
+    for op in untouched:
+        with f32_products.Float32Products():
+            inside = op()
+        assert torch.equal(inside, op()) and inside.dtype == op().dtype
+
+
+def test_float32_products_choice(monkeypatch):
+    """auto: float32 exactly where the CPU flags lack bf16 dot products; bf16 models on CPU only;
+    a bad DSVL2_BF16_PRODUCTS is a one-line InputError."""
+    from dsvl2_cli.errors import InputError
+    cpu = torch.device("cpu")
+    for flags, native in ((frozenset({"avx2", "fma"}), False), (frozenset({"avx512f", "avx512_bf16"}), True),
+                          (frozenset({"amx_bf16"}), True), (frozenset({"asimd", "bf16"}), True), (None, True)):
+        monkeypatch.setattr(f32_products, "_cpu_flags", lambda flags=flags: flags)
+        assert f32_products.native_bf16_dot() == native, flags
+        monkeypatch.delenv("DSVL2_BF16_PRODUCTS", raising=False)
+        assert f32_products.wanted(torch.bfloat16, cpu) == (not native)
+        assert not f32_products.wanted(torch.float32, cpu)
+        assert not f32_products.wanted(torch.bfloat16, torch.device("meta"))
+        monkeypatch.setenv("DSVL2_BF16_PRODUCTS", "float32")
+        assert f32_products.wanted(torch.bfloat16, cpu)
+        monkeypatch.setenv("DSVL2_BF16_PRODUCTS", "Native")
+        assert not f32_products.wanted(torch.bfloat16, cpu)
+    monkeypatch.setenv("DSVL2_BF16_PRODUCTS", "fp32")
+    with pytest.raises(InputError, match="DSVL2_BF16_PRODUCTS=fp32: expected one of auto, native, float32"):
+        f32_products.wanted(torch.bfloat16, cpu)

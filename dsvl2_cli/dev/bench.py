@@ -379,7 +379,7 @@ def run(families: list[tuple[str, int | None]], work: Path, quick: bool, peer_fa
                            repeat=3 if quick else 5)
     ceilings = {"bandwidth_gb_s": probe.gb_s(), "bandwidth_method": probe.method,
                 "bandwidth_buffer_bytes": probe.nbytes, "torch_sum_gb_s": probe.torch_sum_gb_s(),
-                "matmul_bf16_gflop_s": matmul_rate(quick)}
+                "matmul_bf16_gflop_s": matmul_rate(quick), "matmul_dtype": bench_probes.matmul_dtype()}
     report = {"machine": machine_description(), "ceilings": ceilings,
               "help": bench_probes.help_startup(2 if quick else 5), "results": []}
     for family, layers in families:

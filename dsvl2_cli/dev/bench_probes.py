@@ -78,11 +78,21 @@ def interleaved(fns: dict, repeat: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def matmul_dtype() -> str:
+    """The dtype a bf16 model's prefill products run in on this CPU (engine/f32_products.py)."""
+    from ..engine import f32_products
+
+    return "float32" if f32_products.wanted(torch.bfloat16, torch.device("cpu")) else "bfloat16"
+
+
 def matmul_rate(quick: bool) -> float:
-    """bf16 GEMM GFLOP/s at a prefill-like shape (best of a few)."""
+    """GEMM GFLOP/s at a prefill-like shape (best of a few), as a bf16 model's prefill runs its
+    products here: bf16, or float32 where the CPU lacks bf16 dot products (f32_products.py; its
+    bf16 rate would be a floor far below what the model reaches)."""
+    dtype = getattr(torch, matmul_dtype())
     m, k, n = (512, 2048, 2048) if quick else (2048, 4096, 4096)
-    a = torch.randn(m, k, dtype=torch.bfloat16)
-    b = torch.randn(k, n, dtype=torch.bfloat16)
+    a = torch.randn(m, k, dtype=dtype)
+    b = torch.randn(k, n, dtype=dtype)
     a @ b
     return 2 * m * k * n / best_time(lambda: a @ b, 3 if quick else 5) / 1e9
 

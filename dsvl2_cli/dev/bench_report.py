@@ -86,7 +86,8 @@ def table(report: dict) -> str:
     m = report["machine"]
     lines = [f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['kernels']}",
              f"ceilings at the start: memory read {c['bandwidth_gb_s']:.1f} GB/s ({c['bandwidth_method']}; "
-             f"torch sum() {c['torch_sum_gb_s']:.1f}), bf16 matmul {c['matmul_bf16_gflop_s']:.0f} GFLOP/s; "
+             f"torch sum() {c['torch_sum_gb_s']:.1f}), {c.get('matmul_dtype', 'bfloat16')} matmul "
+             f"{c['matmul_bf16_gflop_s']:.0f} GFLOP/s; "
              "each figure below uses the probes of its own moment",
              *([f"`--help` startup: {report['help']['median_s']:.2f} s (median of {report['help']['runs']}) "
                 f"[{'met' if report['help']['median_s'] <= 0.3 else 'NOT MET'}: {GOALS['help']}]"]

@@ -16,6 +16,9 @@ model/ computes with plain torch. At load (engine/runtime.py) `install` replaces
   experts' `act` hook (silu(gate) * up) and the routed experts' `combine` hook (the weighted sum
   back in token order) by native passes with torch's roundings (0.89-0.92x the time of tiny's
   1024-token prefill, benchmarks/bench_prefill_hooks.py).
+On a CPU without bf16 dot products (f32_products.py: AVX2, AVX512 without BF16) a bf16 model's
+vision tower, adaptor and many-row language passes also compute their products in float32
+(`install_f32_products`), where torch's bf16 GEMMs have no fast kernel.
 Each fast path checks at call time that it applies (`kernels.disabled()`, dtype, rows) and falls
 back to the plain module's own forward: results never depend on whether a swap happened beyond
 bf16 rounding. To add a kernel: a function in kernels.py that returns None when it does not
@@ -44,7 +47,7 @@ from ..model.attention import (
 from ..model.moe import MLP, Experts, silu_gate
 from ..model.vision import VisionMLP, VisionTower, merged_attention
 from ..model.vlm import DeepseekVL2
-from . import kernels
+from . import f32_products, kernels
 
 
 class FastLinear(nn.Linear):
@@ -257,11 +260,26 @@ def _fast_mlp(old: MLP) -> FastMLP:
     return new
 
 
+def install_f32_products(model: DeepseekVL2) -> None:
+    """A CPU without bf16 dot products (f32_products.py): the vision tower, the adaptor and the
+    language model's many-row passes compute their products in float32; the routed experts loop
+    over experts, so that one expert's weights at a time are converted (not a layer's stack)."""
+    f32_products.wrap(model.vision)
+    f32_products.wrap(model.projector)
+    f32_products.wrap(model.language, rows_arg=0)  # (embeds (B, T, D), cache, last_only)
+    for layer in model.language.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if isinstance(experts, Experts):
+            experts.grouped_mm = False
+
+
 def install(model: DeepseekVL2) -> None:
     """Swap the fast paths into `model` where they apply (see the module docstring)."""
     if model.device.type != "cpu":
         return  # GPU/MPS: torch's own kernels (SDPA, cuBLAS) are the fast path
     native = model.dtype == torch.bfloat16 and kernels.available()
+    if f32_products.wanted(model.dtype, model.device):
+        install_f32_products(model)
     install_vision(model.vision, native)
     lm = model.language
     for layer in lm.model.layers:
@@ -296,4 +314,4 @@ def install(model: DeepseekVL2) -> None:
 
 
 __all__ = ["FastLayerNorm", "FastLinear", "FastMLP", "FastRMSNorm", "FastVisionMLP", "NativeExperts", "install",
-           "install_vision"]
+           "install_f32_products", "install_vision"]

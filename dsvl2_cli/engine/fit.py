@@ -29,6 +29,7 @@ import torch
 from .. import settings
 from ..errors import Dsvl2Error, MemoryFitError
 from ..model.config import ModelConfig
+from . import f32_products
 from .generate import DEFAULT_PREFILL_CHUNK
 from .runtime import TILE_BATCH, vision_int8_unavailable
 from .memory import planned_weight_memory
@@ -168,6 +169,18 @@ def loading_peak(cfg: ModelConfig, spec: QuantSpec | None) -> int:
     return RELEASE_BYTES + largest
 
 
+def f32_products_bytes(cfg: ModelConfig, chunk: int = DEFAULT_PREFILL_CHUNK) -> int:
+    """What float32 products (f32_products.py: a bf16 model on a CPU without bf16 dot products) add
+    to a prefill or vision peak: the largest weight converted at once (a dense MLP's fused gate_up,
+    or the vision MLP's fc1; routed experts convert one expert at a time) in float32, and a chunk's
+    float32 input and output of that product."""
+    lm, v = cfg.language, cfg.vision
+    d, inner = lm.hidden_size, 2 * lm.intermediate_size
+    weight = max(inner * d, v.mlp_hidden * v.width) * 4
+    rows = max(chunk, TILE_BATCH * v.grid * v.grid)
+    return weight + rows * (max(d, v.width) + max(inner, v.mlp_hidden)) * 4
+
+
 def vision_int8_bytes(cfg: ModelConfig) -> int:
     """The memory of the opt-in int8 vision tower's packed weights (engine/vision_int8.py): each block's
     qkv, proj, fc1 and fc2 packed as int8_kernels.pack_int8 does (N up to 64 columns, K up to 4, int8
@@ -196,10 +209,11 @@ def plan(cfg: ModelConfig, dtype: torch.dtype, spec: QuantSpec | None, device: s
     cache = lm.cache_values_per_token() * lm.num_hidden_layers * b * context
     dev = torch.device(device)
     overhead = CUDA_CONTEXT_OVERHEAD if dev.type == "cuda" else RUNTIME_OVERHEAD
+    f32 = f32_products_bytes(cfg) if f32_products.wanted(dtype, dev) else 0
     return MemoryPlan(dtype=_dtype_name(dtype), method=spec.method if spec else "none", weights=weights,
-                      cache=cache, context=context, vision=vision_peak(cfg, b),
-                      prefill=prefill_peak(cfg, b, context), loading=loading_peak(cfg, spec), overhead=overhead,
-                      device=dev.type)
+                      cache=cache, context=context, vision=vision_peak(cfg, b) + f32,
+                      prefill=prefill_peak(cfg, b, context) + f32, loading=loading_peak(cfg, spec),
+                      overhead=overhead, device=dev.type)
 
 
 def _spec(method: str) -> QuantSpec | None:

@@ -103,14 +103,17 @@ class PromptStore:
 
     def key_for(self, vlm, keys: Sequence) -> EntryKey:
         """The entry key of a loaded model (runtime.VLModel) and prefix position keys. Experts
-        quantized while loading, and the int8 vision tower (other image embeddings), compute
-        differently from the same folder: both are part of the model id."""
+        quantized while loading, the int8 vision tower (other image embeddings) and float32
+        products (another rounding order) compute differently from the same folder: all three
+        are part of the model id."""
         quant = vlm.quantization
         vision_int8 = bool(getattr(vlm, "vision_int8", False))
-        ident = (str(vlm.path), repr(quant), vision_int8)
+        f32 = bool(getattr(vlm, "f32_products", False))
+        ident = (str(vlm.path), repr(quant), vision_int8, f32)
         if ident not in self._models:
             experts = f"+{quant.method}/{quant.group_size}" if quant else ""
-            self._models[ident] = model_fingerprint(vlm.path) + experts + ("+vision-int8" if vision_int8 else "")
+            self._models[ident] = (model_fingerprint(vlm.path) + experts + ("+vision-int8" if vision_int8 else "")
+                                   + ("+f32-products" if f32 else ""))
         return EntryKey(self._models[ident], str(vlm.dtype), vlm.device.type, tuple(keys))
 
     def lookup(self, vlm, keys: Sequence) -> ModelCache | None:

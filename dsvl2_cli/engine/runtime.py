@@ -21,6 +21,7 @@ from ..errors import Dsvl2Error, ModelError
 from ..model.config import ModelConfig
 from ..model.language import rope_table
 from ..model.vlm import DeepseekVL2
+from . import f32_products as f32_products_module
 from . import fast, hub, int8_kernels, kernels, mapped, memory, quant
 from . import vision_int8 as vision_int8_module
 from .cache import ModelCache, new_model_cache
@@ -166,6 +167,12 @@ class VLModel:
     def vision_int8(self) -> bool:
         """Whether the vision tower's linears run in int8 (load(..., vision_int8=True) where available)."""
         return bool(getattr(self.model, "vision_int8", False))
+
+    @property
+    def f32_products(self) -> bool:
+        """Whether bf16 prefill and vision products run in float32 (engine/f32_products.py: a
+        CPU without bf16 dot products, or DSVL2_BF16_PRODUCTS=float32)."""
+        return f32_products_module.installed(self.model.language)
 
     @property
     def dtype(self) -> torch.dtype:
