@@ -1,9 +1,9 @@
 """bf16 matrix products in float32 on CPUs without bf16 dot products (AVX2, AVX512 without BF16).
 
-There torch's bf16 GEMMs have no fast kernel: on a 2-core AMD EPYC (Zen 3, AVX2) a vision-sized
-F.linear ran at 17 GFLOP/s in bf16 against 104 in float32, `torch._grouped_mm` (the routed
-experts) at 1 against 71, the patch-embedding convolution 38x slower
-(benchmarks/bench_f32_products.py). So on such a CPU the vision tower, the adaptor and every
+There torch's bf16 GEMMs have no fast kernel: on a 2-core AMD EPYC (Zen 3, AVX2) the vision
+MLP's fc1 ran at 16 GFLOP/s in bf16 against 88 in float32, the routed experts' grouped GEMMs at
+16 against 55 for a per-expert float32 loop, the patch-embedding convolution 28x slower
+(benchmarks/bench_f32_products.py; the tower 4.4x, a prefill 3.3x). So on such a CPU the vision tower, the adaptor and every
 prefill pass of a bf16 model compute their products in float32 from the bf16 weights (converted
 per call: the weights stay bf16, memory-mapped and shared) and round the result back to bf16.
 bf16 x bf16 products are exact in float32 and torch's bf16 GEMMs accumulate in float32 too, so
@@ -37,6 +37,7 @@ OP_MIN_ROWS = 4
 # Passes with fewer rows (decode steps) are left alone: the native kernels take up to
 # kernels.MAX_ROWS rows in bf16, and converting every weight of the model per step would cost more.
 PASS_MIN_ROWS = 16
+
 
 def native_bf16_dot() -> bool:
     """Whether this CPU has bf16 dot-product instructions torch's GEMMs use (x86 AVX512-BF16 or
@@ -95,6 +96,7 @@ def _worth_it(func, args) -> bool:
     if not any(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
         return False
     return func is F.conv2d or _rows(tensors[0]) >= OP_MIN_ROWS
+
 
 def _up(x):
     return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x
