@@ -38,7 +38,7 @@ def bf16_close(a, b, ulps=2):
 
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
-@pytest.mark.parametrize("n, k", [(64, 1280), (100, 100), (7, 33), (1000, 896), (3, 129)])
+@pytest.mark.parametrize("n, k", [(64, 1280), (100, 100), (7, 33), (1000, 896), (3, 129), (9, 120)])
 def test_linear_matches_torch(rows, n, k):
     g = torch.Generator().manual_seed(rows * n + k)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)

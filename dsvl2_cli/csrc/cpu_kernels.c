@@ -123,16 +123,32 @@ static inline float dot_row(const bf16 *x, const bf16 *w, int64_t K) {
     for (; k < K; k++) t += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
     return t;
 #elif defined(__AVX2__) && defined(__FMA__)
-#define LD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    /* 16 bf16 of one 32-byte load as two float32 vectors without a shuffle: the even elements
+     * shifted into the high half of each 32-bit lane, the odd ones masked in place (a bf16 is
+     * the high half of its float32). The dot product pairs even with even and odd with odd. */
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+#define EVEN(v) _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+#define ODD(v) _mm256_castsi256_ps(_mm256_and_si256(v, hi))
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        a0 = _mm256_fmadd_ps(LD8(w + k), LD8(x + k), a0);
-        a1 = _mm256_fmadd_ps(LD8(w + k + 8), LD8(x + k + 8), a1);
+    for (; k + 32 <= K; k += 32) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + k)), x0 = _mm256_loadu_si256((const __m256i *)(x + k));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + k + 16));
+        __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + k + 16));
+        a0 = _mm256_fmadd_ps(EVEN(w0), EVEN(x0), a0);
+        a1 = _mm256_fmadd_ps(ODD(w0), ODD(x0), a1);
+        a2 = _mm256_fmadd_ps(EVEN(w1), EVEN(x1), a2);
+        a3 = _mm256_fmadd_ps(ODD(w1), ODD(x1), a3);
     }
-#undef LD8
+    for (; k + 16 <= K; k += 16) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + k)), x0 = _mm256_loadu_si256((const __m256i *)(x + k));
+        a0 = _mm256_fmadd_ps(EVEN(w0), EVEN(x0), a0);
+        a1 = _mm256_fmadd_ps(ODD(w0), ODD(x0), a1);
+    }
+#undef EVEN
+#undef ODD
     float acc[8];
-    _mm256_storeu_ps(acc, _mm256_add_ps(a0, a1));
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     float t = 0;
     for (int i = 0; i < 8; i++) t += acc[i];
     for (; k < K; k++) t += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
