@@ -338,6 +338,21 @@ def test_vision_tower_kernel_logits_within_rounding_noise(wide_ckpts, wide_model
 
 # ------------------------------------------------------- float32 products (CPUs without bf16 dots)
 
+def _count_conversions(monkeypatch) -> list:
+    """A list that grows by one for each bf16 tensor the mode hands its product as float32."""
+    converted = []
+    real_up = f32_products._up
+
+    def up(x):
+        out = real_up(x)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 and out.dtype == torch.float32:
+            converted.append(1)
+        return out
+
+    monkeypatch.setattr(f32_products, "_up", up)
+    return converted
+
+
 @pytest.mark.parametrize("family", list(WIDE))
 def test_float32_products_within_rounding_noise(wide_ckpts, wide_models, family, monkeypatch):
     """DSVL2_BF16_PRODUCTS=float32 (the default where the CPU lacks bf16 dot products) and
@@ -345,9 +360,7 @@ def test_float32_products_within_rounding_noise(wide_ckpts, wide_models, family,
     tower and the adaptor) against the float32 model, within the bound of every bf16 path; the
     float32 products did run (another rounding order than native's) and only where asked."""
     f32, _, reference, noise = wide_models[family]
-    converted = []
-    real_up = f32_products._up
-    monkeypatch.setattr(f32_products, "_up", lambda x: converted.append(1) or real_up(x))
+    converted = _count_conversions(monkeypatch)
     models = {}
     for choice in ("native", "float32"):
         monkeypatch.setenv("DSVL2_BF16_PRODUCTS", choice)
@@ -373,10 +386,11 @@ def test_float32_products_within_rounding_noise(wide_ckpts, wide_models, family,
     assert f32_key.model == native_key.model + "+f32-products"
 
 
-def test_float32_products_mode_converts_only_bf16_products_with_rows():
-    """Inside the mode: bf16 products with enough rows give bf16 computed in float32 (equal to
-    the float32 product rounded once); float32 products, few-row products and other ops are
-    untouched (bit for bit what they give outside)."""
+def test_float32_products_mode_converts_only_bf16_products_with_rows(monkeypatch):
+    """Inside the mode: bf16 products with enough rows are converted and give bf16 computed in
+    float32 (equal to the float32 product rounded once); float32 products, few-row products and
+    other ops are not converted and are bit for bit what they give outside."""
+    converted = _count_conversions(monkeypatch)
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(32, 64, generator=g).bfloat16(), torch.randn(48, 64, generator=g).bfloat16()
     b = torch.randn(48, generator=g).bfloat16()
@@ -390,15 +404,19 @@ def test_float32_products_mode_converts_only_bf16_products_with_rows():
                    lambda: torch.nn.functional.conv2d(img.float(), kernel.float(), stride=14)),
     }
     for name, (op, wide) in cases.items():
+        converted.clear()
         with f32_products.Float32Products():
             out = op()
+        assert converted, name  # the mode saw the product (bf16 may round to the same values)
         assert out.dtype == torch.bfloat16, name
         assert torch.equal(out, wide().bfloat16()), name
     few = x[:f32_products.OP_MIN_ROWS - 1]
     untouched = [lambda: few @ w.T, lambda: x.float() @ w.float().T, lambda: (x * 3).softmax(-1)]
     for op in untouched:
+        converted.clear()
         with f32_products.Float32Products():
             inside = op()
+        assert not converted
         assert torch.equal(inside, op()) and inside.dtype == op().dtype
 
 

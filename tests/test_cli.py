@@ -230,6 +230,20 @@ def test_three_images_warn_about_tiling(monkeypatch, ckpt_tiny, images):
     assert r.json_lines[0]["usage"]["image_tokens"] == [421, 421, 421]
 
 
+def test_bad_bf16_products_setting_is_one_line_before_loading(monkeypatch, ckpt_tiny, images):
+    """A DSVL2_BF16_PRODUCTS typo: one line naming the variable and its choices, exit 1, before
+    any weight is read (the memory plan asks for it first)."""
+    def never(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(cli, "load_weights", never)
+    r = run(monkeypatch, "chat", "-m", ckpt_tiny, "--dtype", "bfloat16", images["a"], "hi",
+            env={"DSVL2_BF16_PRODUCTS": "fp32"})
+    assert r.code == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1] == "error: DSVL2_BF16_PRODUCTS=fp32: expected one of auto, native, float32"
+    assert_clean(r)
+
+
 def test_ctrl_c_flushes_what_was_generated(monkeypatch, ckpt_tiny, images):
     def interrupted(vlm, prepared, config=None, prompt_cache=None):
         yield Prefilled(10, 0, 0, 0.01)

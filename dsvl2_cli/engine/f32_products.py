@@ -3,9 +3,10 @@
 There torch's bf16 GEMMs have no fast kernel: on a 2-core AMD EPYC (Zen 3, AVX2) the vision
 MLP's fc1 ran at 16 GFLOP/s in bf16 against 88 in float32, the routed experts' grouped GEMMs at
 16 against 55 for a per-expert float32 loop, the patch-embedding convolution 28x slower
-(benchmarks/bench_f32_products.py; the tower 4.4x, a prefill 3.3x). So on such a CPU the vision tower, the adaptor and every
-prefill pass of a bf16 model compute their products in float32 from the bf16 weights (converted
-per call: the weights stay bf16, memory-mapped and shared) and round the result back to bf16.
+(benchmarks/bench_f32_products.py: the tower 4.4x faster in float32, a prefill 3.3x). So on such
+a CPU the vision tower, the adaptor and every prefill pass of a bf16 model compute their products
+in float32 from the bf16 weights (converted per call: the weights stay bf16, memory-mapped and
+shared) and round the result back to bf16.
 bf16 x bf16 products are exact in float32 and torch's bf16 GEMMs accumulate in float32 too, so
 the results differ from the bf16 path by summation order only (tested at logit level).
 
