@@ -2,7 +2,7 @@
 same requests run one after another, and the time to first token of a request whose image the
 server has already seen (shared prompt cache) against a fresh one.
 
-Runs the engine in process (engine/batching.BatchEngine, what `dsvl2 serve` runs; no HTTP, so it
+Runs the engine in process (engine/generate/scheduler.BatchEngine, what `dsvl2 serve` runs; no HTTP, so it
 measures the engine), bounded in requests and tokens.
 
     python benchmarks/bench_serve.py -m deepseek-ai/deepseek-vl2-tiny --dtype bfloat16
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import dsvl2_cli  # noqa: E402
-from dsvl2_cli.engine.batching import BatchEngine  # noqa: E402
+from dsvl2_cli.engine.generate.scheduler import BatchEngine  # noqa: E402
 from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Token  # noqa: E402
 from dsvl2_cli.engine.processor import user_message  # noqa: E402
 

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import dsvl2_cli
-from dsvl2_cli.engine.batching import BatchEngine, Failed, gather_rows
+from dsvl2_cli.engine.cache import gather_rows
+from dsvl2_cli.engine.generate.scheduler import BatchEngine, Failed
 from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Token, generate, stream_generate
 from dsvl2_cli.engine.processor import user_message
 from dsvl2_cli.engine.sampling import SamplingParams

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsvl2_cli.engine import generate
+from dsvl2_cli.engine.generate import Sequence
 from dsvl2_cli.engine.tokenizer import Tokenizer
 from test_cli import _isolated, images, model_args, run  # noqa: F401 (fixtures: a cached loader, test images)
 
@@ -20,7 +20,7 @@ def scripted(monkeypatch, ckpt_tiny):
     assert placeholder is not None
     ids = [*tok.encode(NASTY[:9]), placeholder, tok.pad_id, *tok.encode(NASTY[9:]), tok.eos_id]
     script = iter(ids * 4)
-    monkeypatch.setattr(generate._Sequence, "choose", lambda self, logits: next(script))
+    monkeypatch.setattr(Sequence, "choose", lambda self, logits: next(script))
     return ids[:-1]
 
 

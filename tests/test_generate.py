@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import dsvl2_cli
-from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, Prefilling, PromptCache, StopMatcher, Token,
+from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, Prefilling, Prefill, PromptCache, StopMatcher, Token,
                                        generate, generate_batch, stream_generate)
 from dsvl2_cli.engine.tokenizer import clean_text
 from dsvl2_cli.engine.processor import Message, user_message
@@ -74,9 +74,8 @@ def test_chunked_prefill_equals_one_shot(vlm, chunk):
     assert chunked.token_ids == whole.token_ids
     with torch.inference_mode():
         a, b = PromptCache(), PromptCache()
-        from dsvl2_cli.engine.generate import _prefill
-        la, _ = _prefill(vlm, prepared, a, 100_000)
-        lb, _ = _prefill(vlm, prepared, b, chunk)
+        la = Prefill(vlm, prepared, a, 100_000).run()
+        lb = Prefill(vlm, prepared, b, chunk).run()
     torch.testing.assert_close(la, lb, **TOL)
     for ca, cb in zip(a.cache.layers, b.cache.layers):
         assert ca.length == cb.length == prepared.input_ids.numel()
@@ -100,11 +99,11 @@ def test_multi_turn_follow_up_reuses_cache_and_skips_vision(vlm, monkeypatch):
 
     # same logits as processing the whole conversation from scratch
     with torch.inference_mode():
-        from dsvl2_cli.engine.generate import _prefill
-        fresh, _ = _prefill(vlm, follow, PromptCache(), 512)
+        fresh = Prefill(vlm, follow, PromptCache(), 512).run()
         cache2 = PromptCache()
         generate(vlm, vlm.prepare(first), GenerationConfig(max_tokens=5), cache2)
-        reused, n = _prefill(vlm, follow, cache2, 512)
+        job = Prefill(vlm, follow, cache2, 512)
+        reused, n = job.run(), job.reused
     assert n > 0
     torch.testing.assert_close(reused, fresh, **TOL)
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 import dsvl2_cli
 from dsvl2_cli.engine.chat import ChatSession
-from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, Prefilling, _chunks, generate,
+from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, Prefilling, prefill_chunks, generate,
                                        image_prefix, stream_generate)
 from dsvl2_cli.engine.processor import user_message
 from dsvl2_cli.engine.prompt_store import PromptStore
@@ -65,10 +65,10 @@ def test_chat_session_takes_the_store_from_its_config(vlm, tmp_path):
 
 
 def test_chunks_restart_at_the_image_prefix():
-    assert _chunks(0, 1100, 700, 512) == [(0, 512), (512, 700), (700, 1100)]
-    assert _chunks(700, 1300, 700, 512) == [(700, 1212), (1212, 1300)]  # loaded: the same cuts after it
-    assert _chunks(0, 300, 0, 512) == [(0, 300)]  # no images
-    assert _chunks(800, 1000, 700, 100) == [(800, 900), (900, 1000)]  # a follow-up past the images
+    assert prefill_chunks(0, 1100, 700, 512) == [(0, 512), (512, 700), (700, 1100)]
+    assert prefill_chunks(700, 1300, 700, 512) == [(700, 1212), (1212, 1300)]  # loaded: the same cuts after it
+    assert prefill_chunks(0, 300, 0, 512) == [(0, 300)]  # no images
+    assert prefill_chunks(800, 1000, 700, 100) == [(800, 900), (900, 1000)]  # a follow-up past the images
 
 
 def test_progress_events_come_in_order_with_their_totals(ckpt_tiny, tmp_path):

@@ -3,7 +3,7 @@
 Endpoints: POST /v1/chat/completions (streamed as SSE or not), GET /v1/models, GET /health.
 Requests are typed models validated at the edge (protocol.py, which also turns a request into
 the engine's own input: Messages -> Prepared + GenerationConfig); each handler here turns the
-engine's events back into OpenAI objects. The engine (engine/batching.py) knows nothing of HTTP:
+engine's events back into OpenAI objects. The engine (engine/generate/scheduler.py) knows nothing of HTTP:
 one worker thread owns the model and decodes concurrent requests together (continuous batching).
 
 Every bad request gets an OpenAI error object {"error": {"message", "type", "code"}} with a 4xx
@@ -91,7 +91,7 @@ def create_app(vlm, settings: ServeSettings | None = None, engine=None) -> FastA
     require_extra()
     from contextlib import asynccontextmanager
 
-    from ..engine.batching import BatchEngine, Failed
+    from ..engine.generate.scheduler import BatchEngine, Failed
 
     settings = settings or ServeSettings()
     engine = engine or BatchEngine(vlm, max_batch=settings.max_batch, cache_bytes=settings.cache_bytes)

@@ -9,6 +9,8 @@ once when the final length is known.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..model.config import LanguageConfig
@@ -182,4 +184,42 @@ def new_model_cache(cfg: LanguageConfig, batch: int, pad: torch.Tensor | None, d
     else:
         layers = [KVCache(batch, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
                   for _ in range(cfg.num_hidden_layers)]
+    return ModelCache(layers, pad)
+
+
+def _buffers(layer) -> list[str]:
+    return [name for name, value in vars(layer).items() if isinstance(value, _GrowingBuffer)]
+
+
+def gather_rows(rows: list[tuple[ModelCache, int]], headroom: int = 0) -> ModelCache:
+    """A new ModelCache whose row i holds the real (unpadded) positions of `rows[i]` = (cache,
+    row index), left-padded to the longest, with room for `headroom` more positions; pad
+    positions are zeros (masked, and never NaN). How a sequence joins a batch, and leaves it."""
+    if not rows:
+        raise ValueError("gather_rows needs at least one row")
+    starts = [int(c.pad[r]) if c.pad is not None else 0 for c, r in rows]
+    lengths = [c.length - s for (c, _), s in zip(rows, starts)]
+    width = max(lengths)
+    pads = [width - n for n in lengths]
+    layers, device = [], None
+    for li, layer in enumerate(rows[0][0].layers):
+        new_layer = copy.copy(layer)
+        for name in _buffers(layer):
+            proto: _GrowingBuffer = getattr(layer, name)
+            dim, device = proto._dim, proto._device
+            shape = list(proto.data.shape)
+            shape[0] = len(rows)
+
+            def shape_fn(cap, shape=tuple(shape), dim=dim):
+                return shape[:dim] + (cap,) + shape[dim + 1:]
+
+            buf = _GrowingBuffer(shape_fn, dim, proto._dtype, device)
+            buf.data = torch.zeros(shape_fn(width + headroom), dtype=proto._dtype, device=device)
+            for b, ((cache, r), start, n, pad) in enumerate(zip(rows, starts, lengths, pads)):
+                src = getattr(cache.layers[li], name)
+                buf.data[b:b + 1].narrow(dim, pad, n).copy_(src.data[r:r + 1].narrow(dim, start, n))
+            buf.length = width
+            setattr(new_layer, name, buf)
+        layers.append(new_layer)
+    pad = torch.tensor(pads, dtype=torch.long, device=device) if any(pads) else None
     return ModelCache(layers, pad)
