@@ -141,3 +141,56 @@ def test_errors_and_cancel_leave_the_engine_serving(vlm):
         assert isinstance(events[-1], Done) and not isinstance(events[-1], Failed)
     finally:
         engine.close()
+
+
+def test_a_new_prompt_is_prefilled_between_the_running_streams_steps(vlm, monkeypatch):
+    """The scheduler runs one prefill unit (a tile, or a prompt chunk) per decode step: while B's
+    image prompt is prefilled, A gets a token after every unit, instead of waiting for all of them."""
+    log = []  # appended on the engine's worker thread only: the order is the schedule
+    encode, forward = vlm.model.encode_tiles, vlm.forward
+    monkeypatch.setattr(vlm.model, "encode_tiles", lambda x: log.append("tile") or encode(x))
+    monkeypatch.setattr(vlm, "forward", lambda e, c=None, last_only=False:
+                        log.append("chunk" if e.shape[1] > 1 else "step") or forward(e, c, last_only))
+    engine = BatchEngine(vlm)
+    try:
+        a = vlm.prepare([user_message("Tell me a long story.")])
+        img = picture(640, 480, seed=5)
+        b = vlm.prepare([user_message("Describe it.", [img])])
+        chunk = 100  # b's ~1000 positions in 10 or 11 chunks
+        started = threading.Event()
+
+        def emit_a(event):
+            if isinstance(event, Token):
+                log.append("A")
+                started.set()
+
+        done_b = threading.Event()
+        handle_a = engine.submit(a, GenerationConfig(max_tokens=400), emit_a)
+        assert started.wait(300)
+        engine.submit(b, GenerationConfig(max_tokens=1, prefill_chunk=chunk),
+                      lambda e: done_b.set() if isinstance(e, (Done, Failed)) else None)
+        assert done_b.wait(300)
+        handle_a.cancel()
+    finally:
+        engine.close()
+    first = log.index("tile")
+    last = max(i for i, x in enumerate(log) if x == "chunk")
+    units = [x for x in log[first:last + 1] if x in ("tile", "chunk")]
+    tiles = b.images[0].pixel_values.shape[0]
+    assert units.count("tile") == tiles and units.count("chunk") >= b.input_ids.numel() // chunk
+    # between two consecutive units of B's prefill, A's step ran and A got its token
+    window = log[first:last + 1]
+    unit_positions = [i for i, x in enumerate(window) if x in ("tile", "chunk")]
+    for i, j in zip(unit_positions, unit_positions[1:]):
+        assert "A" in window[i + 1:j] and "step" in window[i + 1:j], window[i:j + 1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiles_encode_alike_one_at_a_time_and_together(ckpt_tiny, dtype):
+    """The server encodes one tile per unit, the library TILE_BATCH at a time: the same bits."""
+    model = dsvl2_cli.load(ckpt_tiny, dtype=dtype, device="cpu").model
+    x = torch.randn(4, 3, 384, 384, generator=torch.Generator().manual_seed(0)).to(model.dtype)
+    with torch.inference_mode():
+        together = model.encode_tiles(x)
+        alone = torch.cat([model.encode_tiles(x[i:i + 1]) for i in range(4)])
+    assert torch.equal(together, alone)

@@ -44,8 +44,8 @@ def prefill_chunks(start: int, total: int, prefix: int, chunk: int) -> list[tupl
 
 class Prefill:
     """One prompt into `pcache`. Iterate it for its Prefilling events (each marks the end of a
-    unit of work), or `run()` it; then `logits` (V,) are the last position's and `reused` the
-    positions taken from the cache or the store.
+    unit of work: `tile_batch` tiles, or `chunk` positions), or `run()` it; then `logits` (V,) are
+    the last position's and `reused` the positions taken from the cache or the store.
 
         job = Prefill(vlm, prepared, pcache)
         for progress in job: ...        # one unit of work per event
@@ -53,9 +53,9 @@ class Prefill:
     """
 
     def __init__(self, vlm: VLModel, prepared: Prepared, pcache: PromptCache,
-                 chunk: int = DEFAULT_PREFILL_CHUNK, store: PromptStore | None = None):
+                 chunk: int = DEFAULT_PREFILL_CHUNK, store: PromptStore | None = None, tile_batch: int = TILE_BATCH):
         self.vlm, self.prepared, self.pcache = vlm, prepared, pcache
-        self.chunk, self.store = chunk, store
+        self.chunk, self.store, self.tile_batch = chunk, store, tile_batch
         self.keys = position_keys(prepared)
         self.prefix = image_prefix(prepared)
         self.logits: torch.Tensor | None = None  # (V,) once done
@@ -100,9 +100,9 @@ class Prefill:
             pixels = torch.cat([img.pixel_values for img in new_images])  # (N, 3, 384, 384)
             n, parts = pixels.shape[0], []
             yield Prefilling("vision", 0, n)
-            for i in range(0, n, TILE_BATCH):
-                parts.append(vlm.model.encode_tiles(pixels[i:i + TILE_BATCH]))
-                yield Prefilling("vision", min(i + TILE_BATCH, n), n)
+            for i in range(0, n, self.tile_batch):
+                parts.append(vlm.model.encode_tiles(pixels[i:i + self.tile_batch]))  # rows alike at any batch
+                yield Prefilling("vision", min(i + self.tile_batch, n), n)
             tiles = torch.cat(parts)  # (N, 196, D) adaptor outputs
         embeds = vlm.model.embed(prepared.input_ids[start:][None], prepared.image_mask[start:][None],
                                  grids=[img.grid for img in new_images], tiles=tiles)  # (1, T - start, D)

@@ -2,7 +2,7 @@
 
 One worker thread owns the model (torch is not re-entrant here) and runs the loop of
 continuous-batching engines: each turn advances the oldest waiting request's `Prefill` by one
-unit (a batch of tiles through the vision tower, or one prompt chunk), then runs one `Decoder`
+unit (one tile through the vision tower, or one prompt chunk), then runs one `Decoder`
 step for every request already decoding. A new image prompt therefore delays the running streams
 by at most one unit of its prefill per token, instead of its whole prefill. A request whose
 prefill is done joins the batch at the next step; rows that end leave it at once. Each row samples
@@ -32,6 +32,9 @@ from ..processor import Prepared
 from .decoder import Decoder, Sequence
 from .prefill import Prefill
 from .prompt import PromptCache, check_context, position_keys
+
+
+SERVER_TILE_BATCH = 1
 
 
 class PromptCachePool:
@@ -221,7 +224,11 @@ class BatchEngine:
         check_context(self.vlm, request.prepared)
         request.t0 = time.perf_counter()
         request.entry = self.pool.checkout(position_keys(request.prepared), self._busy())
-        request.prefill = Prefill(self.vlm, request.prepared, request.entry, request.config.prefill_chunk)
+        # one tile per unit: a tile (~2 s on a 2-core CPU for tiny) costs less than a prompt chunk,
+        # so a running stream waits at most one chunk per token (a tile's rows are the same bits
+        # at any tile batch: tested)
+        request.prefill = Prefill(self.vlm, request.prepared, request.entry, request.config.prefill_chunk,
+                                  tile_batch=SERVER_TILE_BATCH)
 
     def _join(self, request: EngineRequest) -> None:
         job, prepared = request.prefill, request.prepared
