@@ -40,7 +40,9 @@ ground: the same keys, plus
      "problems": [str, ...],        # what in the answer could not be read as boxes
      "raw": str                     # the answer with its special tokens (<|ref|>, <|det|>, ...)
    where "text" is the answer without tags and box lists.
-ask adds "pages" (each image's page, prompt order) and, when the pages were chosen by their text,
+On a local model ask and ocr add "answer_budget" (the answer's planned length: a default
+--max-tokens may give way to detail). ask adds "pages" (each image's page, prompt order) and,
+when the pages were chosen by their text,
 "page_selection": {"method": "bm25", "ocr_pages", "scores": [{"input", "page", "score"}]};
 ocr --format json adds "boxes", "problems" and "raw" as ground does.
 """
