@@ -250,7 +250,7 @@ def test_ctrl_c_flushes_what_was_generated(monkeypatch, ckpt_tiny, images):
         yield Token(5, "partial answer")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dsvl2_cli.engine.chat.stream_generate", interrupted)
+    monkeypatch.setattr("dsvl2_cli.app.backends.stream_generate", interrupted)
     r = run(monkeypatch, "chat", *model_args(ckpt_tiny), images["a"], "hi")
     assert r.code == 130
     assert r.stdout == "partial answer\n"

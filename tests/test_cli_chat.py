@@ -1,4 +1,5 @@
-"""ChatSession: the conversation object behind `dsvl2 chat` (no terminal involved)."""
+"""ChatSession: the conversation object behind `dsvl2 chat` (no terminal involved), on the tiny
+model and on a stand-in backend (what a session asks of any Backend, a server's included)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import pytest
 import dsvl2_cli
 from dsvl2_cli.app.images import load_image
 from dsvl2_cli.dev.synthetic import write_image
-from dsvl2_cli.engine.chat import ChatSession
-from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Prefilling, Token
+from dsvl2_cli.app.backends import Backend, Prompt
+from dsvl2_cli.app.chat import ChatSession, chat_turn
+from dsvl2_cli.app.results import Answer
+from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Prefilling, Stats, Token
+from dsvl2_cli.engine.messages import Message
 from dsvl2_cli.errors import ContextTooLongError
 
 
@@ -54,7 +58,7 @@ def test_reset_forgets_everything_but_the_given_images(vlm, pictures):
     session = ChatSession(vlm, config=GenerationConfig(max_tokens=2), images=[pictures[0]])
     events(session, "one")
     session.reset([pictures[0]])
-    assert session.messages == [] and session.cache.nbytes == 0 and session.pending == [pictures[0]]
+    assert session.messages == [] and session.backend.cache.nbytes == 0 and session.pending == [pictures[0]]
     assert events(session, "two")[0].reused_tokens == 0
 
 
@@ -72,7 +76,7 @@ def test_abandoned_answer_keeps_what_was_said(vlm, pictures, monkeypatch):
         yield Token(8, " answer")
         raise AssertionError("never reached")
 
-    monkeypatch.setattr("dsvl2_cli.engine.chat.stream_generate", fake)
+    monkeypatch.setattr("dsvl2_cli.app.backends.stream_generate", fake)
     session = ChatSession(vlm, images=[pictures[0]])
     stream = session.ask("Tell me")
     next(stream), next(stream)
@@ -86,7 +90,7 @@ def test_interrupted_before_any_text_drops_the_question(vlm, pictures, monkeypat
         yield Prefilled(10, 0, 0, 0.0)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dsvl2_cli.engine.chat.stream_generate", fake)
+    monkeypatch.setattr("dsvl2_cli.app.backends.stream_generate", fake)
     session = ChatSession(vlm, images=[pictures[0]])
     with pytest.raises(KeyboardInterrupt):
         events(session, "Tell me")
@@ -98,7 +102,7 @@ def test_failed_question_is_dropped(vlm, pictures, monkeypatch):
         raise ContextTooLongError("too long")
         yield  # pragma: no cover
 
-    monkeypatch.setattr("dsvl2_cli.engine.chat.stream_generate", fake)
+    monkeypatch.setattr("dsvl2_cli.app.backends.stream_generate", fake)
     session = ChatSession(vlm, images=[pictures[0]])
     with pytest.raises(ContextTooLongError):
         events(session, "Tell me")
@@ -110,3 +114,64 @@ def test_bad_prompt_changes_nothing(vlm, pictures):
     with pytest.raises(dsvl2_cli.PromptError):
         events(session, "<image> and <image>")  # two placeholders, one image
     assert session.messages == [] and session.pending == [pictures[0]]
+
+
+class Scripted(Backend):
+    """A backend without a model: answers "reply N", records every prompt it was asked and how
+    often its conversation was reset. Like a server's, it prepares nothing."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.prompts: list[Prompt] = []
+        self.resets = 0
+        self.conversations: list[Scripted] = []
+
+    def for_conversation(self):
+        conversation = Scripted()
+        self.conversations.append(conversation)
+        return conversation
+
+    def reset(self):
+        self.resets += 1
+
+    def prepare(self, messages, system):
+        return Prompt(tuple(messages), system)
+
+    def answer(self, prompt, config, *, keep_special=False):
+        self.prompts.append(prompt)
+        text = f"reply {len(self.prompts)}"
+        yield Prefilled(5, 0, 0, 0.0)
+        yield Token(1, text)
+        yield Done("eos", text, (), Stats(5, 0, 0, 1, 0.1, 50.0, 10.0, 0))
+
+
+def test_a_session_runs_on_a_backend_of_its_own(pictures):
+    backend = Scripted()
+    session = ChatSession(backend, system="be brief", images=[pictures[0]])
+    assert backend.conversations == [session.backend]  # its own: a local one keeps its own prompt cache
+    list(session.ask("one"))
+    list(session.ask("two"))
+    first, second = session.backend.prompts
+    assert [m.kind for m in second.messages] == ["user", "assistant", "user"]  # the whole conversation each turn
+    assert second.messages[1].content == "reply 1" and second.system == "be brief"
+    assert first.messages[0].images == (pictures[0],) and session.pending == []
+    session.reset()
+    assert session.backend.resets == 1 and session.messages == [] and session.last_prepared is None
+
+
+def test_chat_turn_records_a_backend_answer(pictures):
+    session = ChatSession(Scripted(), images=[pictures[0]])
+    *events, answer = chat_turn(session, "What is this?")
+    assert isinstance(answer, Answer) and answer.text == "reply 1"
+    assert answer.record["model"] == "scripted" and answer.record["images"][0]["grid"] is None  # nothing prepared
+    assert session.last_prepared is None and isinstance(events[-1], Done)
+
+
+def test_a_loaded_conversation_is_answered_as_it_stands(pictures):
+    session = ChatSession(Scripted())
+    session.load([Message("user", "hi"), Message("assistant", "")])  # the generation slot is dropped
+    *_, answer = chat_turn(session)
+    assert answer.text == "reply 1" and [m.kind for m in session.messages] == ["user", "assistant"]
+    with pytest.raises(dsvl2_cli.PromptError):
+        session.load([Message("assistant", "no question")])

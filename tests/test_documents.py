@@ -42,7 +42,7 @@ class Generations:
         self.streamed, self.batched, self.batches, self.prompts, self.max_tokens = 0, 0, 0, [], []
         self.text, self.interrupt_at_batch = text, interrupt_at_batch
         monkeypatch.setattr(backends, "stream_generate", self.stream)
-        monkeypatch.setattr(documents, "generate_batch", self.batch)
+        monkeypatch.setattr(backends, "generate_batch", self.batch)
 
     def stream(self, vlm, prepared, config=None, prompt_cache=None):
         self.streamed += 1

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import dsvl2_cli
-from dsvl2_cli.engine.chat import ChatSession
+from dsvl2_cli.app.chat import ChatSession
 from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, Prefilling, prefill_chunks, generate,
                                        image_prefix, stream_generate)
 from dsvl2_cli.engine.processor import user_message

@@ -97,6 +97,29 @@ def test_read_pages_yields_results_and_errors_in_order(answer_is):
     assert all(p.endswith(tasks.OCR_PROMPTS["text"]) for p in vlm.prompts)
 
 
+def test_read_pages_on_a_server_reads_one_page_at_a_time():
+    """A server plans, tiles and batches itself: no planning here, no batch, the same events."""
+    asked = []
+
+    class Server(backends.Backend):
+        name = "server/model"
+
+        def prepare(self, messages, system):
+            return backends.Prompt(tuple(messages), system)
+
+        def answer(self, prompt, config, *, keep_special=False):
+            asked.append(config.max_tokens)
+            yield from answering("remote text")(None, None)
+
+    page = lambda: Image.new("RGB", (40, 30))  # noqa: E731
+    sources = [Source("doc.pdf", p, page, 2) for p in (1, 2)]
+    events = list(tasks.read_pages(Server(), sources, tasks.OCR_PROMPTS["text"], tasks.Options(), batch=4))
+    assert [type(e).__name__ for e in events] == ["PageStarted", "Prefilled", "Token", "Done", "Answer"] * 2
+    assert asked == [tasks.task_defaults("ocr").max_tokens] * 2
+    answers = [e for e in events if isinstance(e, tasks.Answer)]
+    assert [a.record["page"] for a in answers] == [1, 2] and answers[0].record["images"][0]["grid"] is None
+
+
 def test_page_failure_names_the_page_when_the_error_does_not():
     src = Source("doc.pdf", 4, lambda: None, 9)
     assert tasks.PageFailed(src, InputError("context too long")).message == "doc.pdf page 4: context too long"
@@ -158,6 +181,8 @@ def test_ocr_targets_skip_existing_and_refuse_clashes(tmp_path):
 def test_options_limits_per_task_and_sampling_note():
     opts = tasks.Options()
     assert [opts.generation(t).max_tokens for t in ("chat", "ocr", "ground")] == [1024, 2048, 1024]
+    assert opts.generation("a-new-task").max_tokens == tasks.task_defaults("a-new-task").max_tokens == 1024
+    assert tasks.task_defaults("ocr").prompts is tasks.OCR_PROMPTS
     assert tasks.Options(max_tokens=7).generation("ocr").max_tokens == 7
     assert opts.sampling_note() is None
     assert "above 0.7" in tasks.Options(temperature=0.9).sampling_note()

@@ -2,10 +2,14 @@
 and `answer(prompt, config, keep_special=) -> Iterator[Event]` (Prefilled, Token..., Done).
 
 `LocalBackend` runs the engine (prepare = the processor's token ids and image layout, so a prompt
-too long fails before anything runs); `RemoteBackend` sends the messages to an OpenAI-compatible
-server (app/client.RemoteModel). Chat is a ChatSession either way: the local one keeps its prompt
-cache, the remote one (`RemoteChatSession`) sends the whole conversation each turn (the server
-reuses its own cache).
+too long fails before anything runs; `answer_batch` reads several prompts at once);
+`RemoteBackend` sends the messages to an OpenAI-compatible server (app/client.RemoteModel).
+A conversation (chat.ChatSession) asks its backend for one of its own (`for_conversation`): a
+local one then keeps the conversation's prompt cache, so each turn runs only its new tokens; a
+server's sends the whole conversation each turn and reuses its own cache.
+
+The engine (torch) is imported when a local model first answers: a command answered by a
+server never imports it.
 """
 
 from __future__ import annotations
@@ -13,15 +17,32 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from ..engine.chat import ChatSession, stream_generate
 from ..engine.events import Done, Event, GenerationConfig
 from ..engine.messages import Message
 from ..engine.tokenizer import GROUNDING_TOKENS
 
 if TYPE_CHECKING:  # a server's backend runs without torch: the engine loads with a local model
+    from ..engine.generate import PromptCache
     from ..engine.processor import Prepared
+    from ..engine.runtime import VLModel
+
+
+def stream_generate(vlm: VLModel, prepared: Prepared, config: GenerationConfig,
+                    prompt_cache: PromptCache | None = None) -> Iterator[Event]:
+    """engine.generate.stream_generate, imported when a local model first answers (torch)."""
+    from ..engine.generate import stream_generate as run
+
+    return run(vlm, prepared, config, prompt_cache)
+
+
+def generate_batch(vlm: VLModel, prompts: Sequence[Prepared], config: GenerationConfig,
+                   max_tokens: Sequence[int] | None = None) -> list[Done]:
+    """engine.generate.generate_batch, imported when a local model first reads a batch (torch)."""
+    from ..engine.generate import generate_batch as run
+
+    return run(vlm, prompts, config, max_tokens=max_tokens)
 
 
 @dataclass(frozen=True)
@@ -33,30 +54,54 @@ class Prompt:
     prepared: Prepared | None = None  # None on a server: it builds the prompt itself
 
 
-class Backend(Protocol):
-    """What a task runs on (module docstring)."""
+class Backend:
+    """What a task runs on (module docstring): LocalBackend, RemoteBackend, or a test's stand-in."""
 
     name: str
 
-    def prepare(self, messages: Sequence[Message], system: str | None) -> Prompt: ...
+    def prepare(self, messages: Sequence[Message], system: str | None) -> Prompt:
+        raise NotImplementedError
 
-    def answer(self, prompt: Prompt, config: GenerationConfig, *, keep_special: bool = False
-               ) -> Iterator[Event]: ...
+    def answer(self, prompt: Prompt, config: GenerationConfig, *, keep_special: bool = False) -> Iterator[Event]:
+        raise NotImplementedError
+
+    def for_conversation(self) -> Backend:
+        """The backend one conversation runs on (what it keeps between turns is its own)."""
+        return self
+
+    def reset(self) -> None:
+        """Forget what this backend keeps of a conversation (nothing, unless it caches)."""
 
 
-class LocalBackend:
-    """A loaded model (VLModel): the engine's prepare and stream_generate."""
+class LocalBackend(Backend):
+    """A loaded model (VLModel): the engine's prepare and stream_generate, with the prompt cache
+    of one conversation when it has one (`for_conversation`)."""
 
-    def __init__(self, vlm):
+    def __init__(self, vlm: VLModel, cache: PromptCache | None = None):
         self.vlm = vlm
         self.name = vlm.name
+        self.cache = cache
 
     def prepare(self, messages: Sequence[Message], system: str | None) -> Prompt:
         return Prompt(tuple(messages), system, self.vlm.prepare(list(messages), system=system))
 
     def answer(self, prompt: Prompt, config: GenerationConfig, *, keep_special: bool = False) -> Iterator[Event]:
         # keep_special needs nothing here: the local decoder always keeps the grounding tokens
-        return stream_generate(self.vlm, prompt.prepared, config)
+        return stream_generate(self.vlm, prompt.prepared, config, self.cache)
+
+    def answer_batch(self, prompts: Sequence[Prompt], config: GenerationConfig,
+                     max_tokens: Sequence[int] | None = None) -> list[Done]:
+        """Several prompts decoded together (generate_batch): their Done events, in order."""
+        return generate_batch(self.vlm, [p.prepared for p in prompts], config, max_tokens=max_tokens)
+
+    def for_conversation(self) -> LocalBackend:
+        from ..engine.generate import PromptCache
+
+        return LocalBackend(self.vlm, PromptCache())
+
+    def reset(self) -> None:
+        if self.cache is not None:
+            self.cache.reset()
 
 
 # The model's special tokens (<|User|>, <｜end▁of▁sentence｜>, <image>...): what a server keeps
@@ -68,7 +113,7 @@ def _local_specials_only(text: str) -> str:
     return _SPECIAL.sub(lambda m: m.group(0) if m.group(0) in GROUNDING_TOKENS else "", text)
 
 
-class RemoteBackend:
+class RemoteBackend(Backend):
     """A model behind an OpenAI-compatible server (`client.RemoteModel`, or anything with its
     `name` and `stream`). Nothing is prepared here: the server tiles and tokenizes."""
 
@@ -91,18 +136,4 @@ class RemoteBackend:
 
 def as_backend(model) -> Backend:
     """A Backend as it is; a loaded model (VLModel) in a LocalBackend."""
-    return model if isinstance(model, (LocalBackend, RemoteBackend)) else LocalBackend(model)
-
-
-class RemoteChatSession(ChatSession):
-    """A ChatSession whose answers come from a server (`vlm` is a RemoteBackend): each turn sends
-    the whole conversation; the prompt cache is the server's. Its `last_prepared` is a Prompt."""
-
-    def _new_cache(self) -> None:
-        return None
-
-    def _prepare(self, messages: Sequence[Message]) -> Prompt:
-        return self.vlm.prepare(messages, self.system)
-
-    def _generate(self, prepared: Prompt) -> Iterator[Event]:
-        return self.vlm.answer(prepared, self.config)
+    return model if isinstance(model, Backend) else LocalBackend(model)

@@ -129,7 +129,7 @@ def open_backend(opts: Options, ui: UI):
 
 def _local_only_options(opts: Options) -> list[str]:
     """The loading options given that a server cannot honour (it loaded its model already)."""
-    from .results import Options  # the defaults (cli.py imports the task layer lazily)
+    from .options import Options  # the defaults (cli.py imports the task layer lazily)
 
     plain = Options()
     given = [("--device", opts.device != plain.device), ("--dtype", opts.dtype != plain.dtype),

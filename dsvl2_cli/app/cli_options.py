@@ -12,9 +12,7 @@ import typer
 
 from .. import settings
 from ..settings import DEFAULT_MODEL
-
-# tasks.TEMPERATURE_ADVICE, written out: tasks imports torch (test_cli checks that the two agree).
-TEMPERATURE_ADVICE = 0.7
+from .defaults import TEMPERATURE_ADVICE  # engine-free: --help stays instant
 
 
 class Dtype(str, enum.Enum):

@@ -1,6 +1,6 @@
 """Whole documents on a local model: prompts planned to fit the context with their answer
-(app/budget.py; a Notice when the tiling was lowered), OCR pages read in batches through
-generate_batch, ocr's default batch, and the refusal before loading (`preflight`)."""
+(app/budget.py; a Notice when the tiling was lowered), ocr's default batch, and the refusal
+before loading (`preflight`). The page loop that uses them is tasks.read_pages."""
 
 from __future__ import annotations
 
@@ -10,21 +10,15 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from ..engine.events import Done, GenerationConfig
+from ..engine.events import GenerationConfig
 from ..engine.messages import user_message
-from ..errors import ContextTooLongError, Dsvl2Error
+from ..errors import ContextTooLongError
 from .inputs import Source, image_origin
-from .results import Notice, Options, PageFailed, PageStarted, TaskEvent, answer_with_plan
+from .options import Options
+from .results import Notice
 
 if TYPE_CHECKING:  # planning needs the processor (torch): imported where a local model plans
     from . import budget
-
-
-def generate_batch(vlm, prompts, config: GenerationConfig, max_tokens: Sequence[int] | None = None) -> list[Done]:
-    """engine.generate.generate_batch, imported when a local model first reads a batch."""
-    from ..engine.generate import generate_batch as run
-
-    return run(vlm, prompts, config, max_tokens=max_tokens)
 
 
 def image_title(img: Image.Image) -> str:
@@ -65,33 +59,6 @@ def page_planner(vlm, prompt: str, opts: Options, config: GenerationConfig, max_
         return img, plan, Notice(note) if fresh else None
 
     return plan_page
-
-
-def read_batched(vlm, sources: Sequence[Source], plan_page, config: GenerationConfig, batch: int
-                  ) -> Iterator[TaskEvent]:
-    for start in range(0, len(sources), batch):
-        ready: list[tuple[Source, Image.Image, budget.Plan] | PageFailed] = []
-        for src in sources[start:start + batch]:
-            try:
-                img, plan, notice = plan_page(src)
-                if notice:
-                    yield notice
-                ready.append((src, img, plan))
-            except Dsvl2Error as err:
-                ready.append(PageFailed(src, err))
-        runs = [r for r in ready if not isinstance(r, PageFailed)]
-        try:
-            dones = iter(generate_batch(vlm, [plan.prepared for _, _, plan in runs], config,
-                                        max_tokens=[plan.answer_budget for _, _, plan in runs]))
-        except Dsvl2Error as err:  # the batch as a whole could not run: every page of it failed
-            dones, ready = iter(()), [r if isinstance(r, PageFailed) else PageFailed(r[0], err) for r in ready]
-        for item in ready:  # page order, failures in their place
-            if isinstance(item, PageFailed):
-                yield item
-                continue
-            src, img, plan = item
-            yield PageStarted(src)
-            yield answer_with_plan(vlm, next(dones), plan.prepared, [img], plan)
 
 
 OCR_BATCH_CPU, OCR_BATCH_GPU = 4, 8  # decoding reads the weights once per step for every row

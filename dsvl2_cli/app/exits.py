@@ -55,9 +55,9 @@ def command(fn):
 
 def _end_line() -> None:
     """End a half-written answer line, if a command has written one."""
-    # render.py (and its UI) is loaded only once a command has run; before that nothing is shown.
-    render = sys.modules.get(f"{__package__}.render")
-    ui = render.UI.current if render is not None else None
+    # ui.py (and its UI) is loaded only once a command has run; before that nothing is shown.
+    module = sys.modules.get(f"{__package__}.ui")
+    ui = module.UI.current if module is not None else None
     with contextlib.suppress(Exception):
         if ui is not None:
             ui.end_line()

@@ -1,4 +1,5 @@
-"""Grounding: the prompts that ask DeepSeek-VL2 for boxes, and a tolerant parser of its answers.
+"""Grounding: the prompts that ask DeepSeek-VL2 for boxes, a tolerant parser of its answers, and
+an answer read as boxes in an image's pixels (`read_grounded`: ground and ocr --format json).
 
 The model answers a referring expression with `<|ref|>the red cup<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>`,
 coordinates in 0..999 of the image's width and height (pixel = v / 999 * W); one ref may carry
@@ -69,6 +70,39 @@ def to_pixels(box: Box | tuple, width: int, height: int) -> tuple[int, int, int,
 def to_xywh(xyxy: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     x1, y1, x2, y2 = xyxy
     return x1, y1, x2 - x1, y2 - y1
+
+
+@dataclass(frozen=True)
+class PixelBox:
+    """A grounding box in the image's pixels, with its place in the answer."""
+
+    label: str
+    box_999: tuple[int, int, int, int]
+    xyxy: tuple[int, int, int, int]
+    ref_index: int  # which distinct label, in order of appearance
+
+
+@dataclass(frozen=True)
+class Grounded:
+    """An answer read as boxes: `raw` the answer with its tags, `text` without tags and box lists."""
+
+    raw: str
+    text: str
+    boxes: tuple[PixelBox, ...]
+    problems: list[str]
+
+    def box_records(self) -> list[dict]:
+        """The JSON "boxes" of a grounded answer (ground, ocr --format json)."""
+        return [{"label": b.label, "box_999": list(b.box_999), "xyxy": list(b.xyxy), "xywh": list(to_xywh(b.xyxy))}
+                for b in self.boxes]
+
+
+def read_grounded(answer: str, width: int, height: int) -> Grounded:
+    """An answer's boxes, parsed (parse_grounding) and put in the pixels of a width x height image."""
+    raw = answer.strip()
+    result = parse_grounding(raw)
+    boxes = tuple(PixelBox(b.label, b.box_999, to_pixels(b, width, height), b.ref_index) for b in result.boxes)
+    return Grounded(raw, result.text, boxes, result.problems)
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -9,12 +9,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..engine.chat import ChatSession
 from .. import settings
 from ..errors import Dsvl2Error
+from .chat import ChatSession, chat_turn
 from .inputs import isatty, load_image_arg
-from .render import UI, AnswerView, render_answer, warn_untiled
-from .tasks import Options, chat_turn
+from .options import Options
+from .render import AnswerView, render_answer, warn_untiled
+from .ui import UI
 
 CHAT_HELP = """commands:
   /image PATH...   attach images to your next message
@@ -87,7 +88,7 @@ def interactive_chat(session: ChatSession, opts: Options, ui: UI, images: list, 
     reader = LineReader(ui)
     n = len(images)
     attached = f" · {n} image{'s' if n != 1 else ''} attached" if n else ""
-    ui.status(f"chatting with {session.vlm.name}{attached} · /help for commands · /quit or Ctrl-D to leave")
+    ui.status(f"chatting with {session.backend.name}{attached} · /help for commands · /quit or Ctrl-D to leave")
     failed = False
     try:
         while True:

@@ -1,6 +1,5 @@
-"""The task layer's vocabulary: the options every model command shares, what each task asks and
-how long it may answer, the typed results the tasks yield (Answer, GroundAnswer, PageStarted,
-PageFailed, Notice) and the JSON record of an answer (its schema: tasks.py)."""
+"""What the tasks yield: the typed results (Answer, GroundAnswer, PageStarted, PageFailed, Notice)
+and the JSON record of an answer (its schema: tasks.py)."""
 
 from __future__ import annotations
 
@@ -10,79 +9,15 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from .. import settings
-from ..engine.events import Done, Event, GenerationConfig, SamplingParams
+from ..engine.events import Done, Event
 from ..engine.messages import MAX_TILED_IMAGES
 from ..errors import Dsvl2Error
+from .grounding import PixelBox
 from .inputs import Source, image_origin
 
 if TYPE_CHECKING:  # types only: a command answered by a server never imports torch
     from ..engine.processor import Prepared
-    from ..engine.prompt_store import PromptStore
 
-TEMPERATURE_ADVICE = 0.7  # the model card: higher temperatures degrade quality
-OCR_PROMPTS = {
-    "text": "Read all the text in this image and write it out exactly as it appears, in reading order, "
-            "keeping the line breaks. Output only the text.",
-    "markdown": "Convert this page to Markdown: keep its headings, lists, tables and emphasis, and write out "
-                "all of its text in reading order. Output only the Markdown.",
-    # <|grounding|> asks the model to tie what it names to boxes (as in grounded captions);
-    # --format json keeps them per page where it does.
-    "json": "<|grounding|>Read all the text in this image and write it out exactly as it appears, in reading "
-            "order, keeping the line breaks.",
-}
-MAX_TOKENS = {"chat": 1024, "ocr": 2048, "ground": 1024}
-
-
-@dataclass
-class Options:
-    """The options every model command shares: which model, how to sample, how to answer."""
-
-    model: str | None = None
-    device: str = "auto"
-    dtype: str = "bfloat16"
-    quantize: str | None = None  # also "auto": check_memory chooses
-    allow_paging: bool = False  # load even when the plan does not fit (a warning instead)
-    vision_int8: bool = False  # --vision-int8: the vision tower's linears in int8 (or $DSVL2_VISION_INT8)
-    max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    system: str | None = None
-    stream: bool = True
-    json: bool = False
-    quiet: bool = False
-    prompt_store: PromptStore | None = None  # image prefixes saved across runs (None: --no-cache)
-    server: str | None = None    # --server URL (else $DSVL2_SERVER): answer through that server
-    api_key: str | None = None   # --api-key (else $DSVL2_API_KEY): sent to the server
-
-    def server_url(self) -> str:
-        """The server to use ("" = a local model)."""
-        return (self.server or "").strip().rstrip("/") or settings.server_url()
-
-    def server_key(self) -> str | None:
-        return self.api_key or settings.api_key() or None
-
-    def generation(self, task: str) -> GenerationConfig:
-        sampling = SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
-        return GenerationConfig(max_tokens=self.max_tokens or MAX_TOKENS[task], sampling=sampling,
-                                prompt_store=self.prompt_store)
-
-    def sampling_note(self) -> str | None:
-        """A warning for a temperature the model card advises against (None when fine)."""
-        if self.temperature > TEMPERATURE_ADVICE:
-            return (f"temperature {self.temperature:g} is above {TEMPERATURE_ADVICE}, where the model card says "
-                    "quality degrades")
-        return None
-
-
-def untiled_note(n: int, what: str = "images", advice: str = "") -> str:
-    """Why detail is lost with more than MAX_TILED_IMAGES images in one prompt."""
-    return (f"{n} {what}: with more than {MAX_TILED_IMAGES} images the model sees each at 384x384 without "
-            f"tiling, so small text and detail are lost; {advice or f'use at most {MAX_TILED_IMAGES} for detail'}")
-
-
-# ------------------------------------------------------------------------------------ results
 
 @dataclass(frozen=True)
 class Answer:
@@ -94,16 +29,6 @@ class Answer:
     @property
     def text(self) -> str:
         return self.record["text"]
-
-
-@dataclass(frozen=True)
-class PixelBox:
-    """A grounding box in the image's pixels, with its place in the answer."""
-
-    label: str
-    box_999: tuple[int, int, int, int]
-    xyxy: tuple[int, int, int, int]
-    ref_index: int  # which distinct label, in order of appearance
 
 
 @dataclass(frozen=True)
@@ -148,9 +73,15 @@ class Notice:
 TaskEvent = Event | Answer | PageStarted | PageFailed | Notice
 
 
-def answer_record(vlm, done: Done, prepared: Prepared | None, images: Sequence[Image.Image]) -> dict:
-    """The JSON object of one answer (schema above); `prepared` None: a server's answer, whose
-    image layout is unknown here."""
+def untiled_note(n: int, what: str = "images", advice: str = "") -> str:
+    """Why detail is lost with more than MAX_TILED_IMAGES images in one prompt."""
+    return (f"{n} {what}: with more than {MAX_TILED_IMAGES} images the model sees each at 384x384 without "
+            f"tiling, so small text and detail are lost; {advice or f'use at most {MAX_TILED_IMAGES} for detail'}")
+
+
+def answer_record(model, done: Done, prepared: Prepared | None, images: Sequence[Image.Image]) -> dict:
+    """The JSON object of one answer by `model` (a Backend: its name; schema in tasks.py);
+    `prepared` None: a server's answer, whose image layout is unknown here."""
     st = done.stats
     entries = [image_origin(img).as_json() for img in images]
     for entry in entries:
@@ -161,7 +92,7 @@ def answer_record(vlm, done: Done, prepared: Prepared | None, images: Sequence[I
     image_tokens = list(prepared.num_image_tokens) if prepared is not None else [None] * len(images)
     inputs = {e["input"] for e in entries}
     return {
-        "model": vlm.name,
+        "model": model.name,
         "input": entries[0]["input"] if len(inputs) == 1 else None,
         "page": entries[0]["page"] if len(entries) == 1 else None,
         "images": entries,

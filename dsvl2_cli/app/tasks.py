@@ -4,14 +4,16 @@ loaded.
 
 A task accepts a Backend (backends.py) or a VLModel (wrapped in a LocalBackend). On a local model
 `ask` and `ocr` plan each prompt to fit the context with its answer (documents.py, budget.py),
-and ocr reads pages in batches; on a server the server tiles and batches.
+and ocr reads pages in batches; on a server the server tiles and batches. Chat is chat.py's
+ChatSession (`chat_session`, `chat_turn`; re-exported here).
 
-What each task asks the model (OCR_PROMPTS; grounding prompts come from grounding.py), how long
-its answers may be (MAX_TOKENS), and what comes back: every task is a generator of the engine's
-events (Prefilled, Token, Done) ending with a typed result, an `Answer` (`GroundAnswer` for
-ground). `read_pages` yields the events of each page in turn, bracketed by `PageStarted` and
-ending in that page's `Answer` or a `PageFailed`. Nothing here writes to a terminal: the CLI
-renders these events (render.render_answer), and a server can turn them into HTTP responses.
+What each task asks the model and how long its answers may be come from one registry
+(defaults.py: OCR_PROMPTS, task_defaults; grounding prompts from grounding.py); what comes back:
+every task is a generator of the engine's events (Prefilled, Token, Done) ending with a typed
+result (results.py), an `Answer` (`GroundAnswer` for ground). `read_pages` yields the events of
+each page in turn, bracketed by `PageStarted` and ending in that page's `Answer` or a
+`PageFailed`. Nothing here writes to a terminal: the CLI renders these events
+(render.render_answer).
 
 The JSON record of an answer (`answer_record`; `--json` prints one per line):
     {"model": str,                  # the model as asked for (-m, DSVL2_MODEL or the default)
@@ -38,57 +40,59 @@ ground: the same keys, plus
      "problems": [str, ...],        # what in the answer could not be read as boxes
      "raw": str                     # the answer with its special tokens (<|ref|>, <|det|>, ...)
    where "text" is the answer without tags and box lists.
-ask adds "pages" (each image's page, prompt order) and, when the pages were chosen by their text,
+On a local model ask and ocr add "answer_budget" (the answer's planned length: a default
+--max-tokens may give way to detail). ask adds "pages" (each image's page, prompt order) and,
+when the pages were chosen by their text,
 "page_selection": {"method": "bm25", "ocr_pages", "scores": [{"input", "page", "score"}]};
 ocr --format json adds "boxes", "problems" and "raw" as ground does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from ..engine.chat import ChatSession
 from ..engine.events import Done, Event, GenerationConfig
 from ..engine.messages import MAX_TILED_IMAGES, user_message
 from ..errors import Dsvl2Error
 from . import documents, pages
-from .backends import Backend, LocalBackend, Prompt, RemoteBackend, RemoteChatSession, as_backend
+from .backends import Backend, LocalBackend, Prompt, RemoteBackend, as_backend
+from .chat import ChatSession, chat_session, chat_turn
+from .defaults import MAX_TOKENS, OCR_PROMPTS, TEMPERATURE_ADVICE, task_defaults
 from .documents import default_ocr_batch, preflight
-from .grounding import Box, caption_prompt, parse_grounding, referring_prompt, to_pixels, to_xywh
+from .grounding import PixelBox, caption_prompt, read_grounded, referring_prompt
 from .inputs import Source, image_origin, output_paths
+from .options import Options
 from .results import (
-    MAX_TOKENS,
-    OCR_PROMPTS,
-    TEMPERATURE_ADVICE,
     Answer,
     GroundAnswer,
     Notice,
-    Options,
     PageFailed,
     PageStarted,
-    PixelBox,
     TaskEvent,
     answer_record,
     answer_with_plan,
     untiled_note,
 )
 
+if TYPE_CHECKING:
+    from .budget import Plan
+
 __all__ = [  # the task layer's names, wherever they are defined
-    "MAX_TOKENS", "OCR_PROMPTS", "TEMPERATURE_ADVICE", "Answer", "Backend", "GroundAnswer", "LocalBackend",
-    "Notice", "Options", "PageFailed", "PageStarted", "PixelBox", "Prompt", "RemoteBackend", "RemoteChatSession",
+    "MAX_TOKENS", "OCR_PROMPTS", "TEMPERATURE_ADVICE", "Answer", "Backend", "ChatSession", "GroundAnswer",
+    "LocalBackend", "Notice", "Options", "PageFailed", "PageStarted", "PixelBox", "Prompt", "RemoteBackend",
     "TaskEvent", "answer_record", "as_backend", "ask", "ask_note", "chat_session", "chat_turn", "check_memory",
     "default_ocr_batch", "ground", "ground_prompt", "grounded", "model_info", "ocr_extension", "ocr_targets",
-    "ocr_texts", "preflight", "read_pages", "untiled_note", "with_boxes",
+    "ocr_texts", "preflight", "read_pages", "task_defaults", "untiled_note", "with_boxes",
 ]
 
 
 def _generate(backend: Backend, prompt: Prompt, images: Sequence[Image.Image], config: GenerationConfig,
-              keep_special: bool = False, plan=None) -> Iterator[Event | Answer]:
+              keep_special: bool = False, plan: Plan | None = None) -> Iterator[Event | Answer]:
     done = None
     for event in backend.answer(prompt, config, keep_special=keep_special):
         if isinstance(event, Done):
@@ -98,25 +102,6 @@ def _generate(backend: Backend, prompt: Prompt, images: Sequence[Image.Image], c
 
 
 # -------------------------------------------------------------------------------------- tasks
-
-def chat_turn(session: ChatSession, text: str | None = None) -> Iterator[Event | Answer]:
-    """One answer in a chat: to `text` (with the session's pending images), or with None to the
-    conversation as loaded (ChatSession.load). Closing this generator closes the session's, so
-    an interrupted answer is kept or dropped as ChatSession.ask says."""
-    events = session.ask(text) if text is not None else session.respond()
-    done = None
-    try:
-        for event in events:
-            if isinstance(event, Done):
-                done = event
-            yield event
-    finally:
-        events.close()
-    prepared = session.last_prepared
-    if isinstance(prepared, Prompt):  # a RemoteChatSession's
-        prepared = prepared.prepared
-    yield Answer(done, answer_record(session.vlm, done, prepared, session.images))
-
 
 def ask_note(pages: int) -> str | None:
     """ask: why so many pages lose detail, and what to do (None when they are all tiled)."""
@@ -137,10 +122,9 @@ def ask(model, images: Sequence[Image.Image], question: str, opts: Options, *, m
     if isinstance(backend, LocalBackend):
         plan = yield from documents.plan_prompt(backend.vlm, question, images, opts, config, max_tiles)
         prompt = Prompt((message,), opts.system, plan.prepared)
+        config = replace(config, max_tokens=plan.answer_budget)
     else:
         prompt = backend.prepare([message], opts.system)
-    if plan is not None:
-        config = replace(config, max_tokens=plan.answer_budget)
     for event in _generate(backend, prompt, images, config, plan=plan):
         if isinstance(event, Answer):
             event.record["pages"] = [image_origin(img).page for img in images]
@@ -186,32 +170,21 @@ def ground(model, image: Image.Image, prompt: str, opts: Options, caption: bool 
             answer = event
         else:
             yield event
-    yield grounded(backend, answer, image, caption)
+    yield grounded(answer, image, caption)
 
 
-def grounded(vlm, answer: Answer, image: Image.Image, caption: bool = False) -> GroundAnswer:
+def grounded(answer: Answer, image: Image.Image, caption: bool = False) -> GroundAnswer:
     """An answer read as boxes: parsed, put in pixels, and its record given the grounding keys."""
     # The streamed text keeps the grounding tokens (<|ref|>, <|det|>...) the parser needs, and
     # nothing else of the specials (placeholders, pad) nor control characters; it is also all
     # a remote server gives (no token ids).
-    raw = answer.done.text.strip()
-    result = parse_grounding(raw)
     w, h = image.size
-    boxes = tuple(_in_pixels(b, w, h) for b in result.boxes)
+    found = read_grounded(answer.done.text, w, h)
     record = dict(answer.record)
-    record.update(text=result.text, image_size=[w, h], problems=result.problems, raw=raw, boxes=_box_records(boxes))
-    return GroundAnswer(answer.done, record, image=image, boxes=boxes, problems=tuple(result.problems), raw=raw,
-                        caption=caption)
-
-
-def _box_records(boxes: Sequence[PixelBox]) -> list[dict]:
-    """The JSON "boxes" of a grounded answer (ground, ocr --format json)."""
-    return [{"label": b.label, "box_999": list(b.box_999), "xyxy": list(b.xyxy), "xywh": list(to_xywh(b.xyxy))}
-            for b in boxes]
-
-
-def _in_pixels(box: Box, w: int, h: int) -> PixelBox:
-    return PixelBox(box.label, box.box_999, to_pixels(box, w, h), box.ref_index)
+    record.update(text=found.text, image_size=[w, h], problems=found.problems, raw=found.raw,
+                  boxes=found.box_records())
+    return GroundAnswer(answer.done, record, image=image, boxes=found.boxes, problems=tuple(found.problems),
+                        raw=found.raw, caption=caption)
 
 
 def ocr_extension(fmt: str, as_json: bool) -> str:
@@ -224,12 +197,9 @@ def with_boxes(events: Iterator[TaskEvent]) -> Iterator[TaskEvent]:
     "problems" and "raw" where the model grounded what it read; "text" is then without tags."""
     for event in events:
         if isinstance(event, Answer):
-            raw = event.done.text.strip()
-            result = parse_grounding(raw)
-            w, h = event.record["images"][0]["size"]
-            boxes = [_in_pixels(b, w, h) for b in result.boxes]
-            event.record.update(text=result.text if boxes else event.record["text"], raw=raw,
-                                problems=result.problems, boxes=_box_records(boxes))
+            found = read_grounded(event.done.text, *event.record["images"][0]["size"])
+            event.record.update(text=found.text if found.boxes else event.record["text"], raw=found.raw,
+                                problems=found.problems, boxes=found.box_records())
         yield event
 
 
@@ -246,6 +216,19 @@ def ocr_targets(sources: list[Source], out: Path | None, ext: str, skip_existing
     return [sources[i] for i in keep], [targets[i] for i in keep], len(sources) - len(keep)
 
 
+# ------------------------------------------------------------------------------ the page loop
+
+@dataclass(frozen=True)
+class _Page:
+    """A page ready to read: its image, its prompt and how it generates (locally its Plan)."""
+
+    source: Source
+    image: Image.Image
+    prompt: Prompt
+    config: GenerationConfig
+    plan: Plan | None = None
+
+
 def read_pages(model, sources: Sequence[Source], prompt: str, opts: Options, *, max_tiles: int | None = None,
                batch: int = 1) -> Iterator[TaskEvent]:
     """ocr: read every source in order. Per page: PageStarted, its generation events and its
@@ -253,39 +236,72 @@ def read_pages(model, sources: Sequence[Source], prompt: str, opts: Options, *, 
     On a local model each page is planned to fit the context with its answer (a Notice when the
     tiling changes from the previous page's), and with `batch` > 1 pages are read `batch` at a
     time through generate_batch: each page's PageStarted and Answer come, in page order, when
-    its batch is done (no Token events); greedy answers equal one-by-one reading."""
+    its batch is done (no Token events); greedy answers equal one-by-one reading. A server plans,
+    tiles and batches itself: its pages are read one at a time."""
     backend, config = as_backend(model), opts.generation("ocr")
-    if not isinstance(backend, LocalBackend):  # the server plans, tiles and batches itself
-        for src in sources:
+    prepare = _page_preparer(backend, prompt, opts, config, max_tiles)
+    size = max(1, batch) if isinstance(backend, LocalBackend) else 1
+    for start in range(0, len(sources), size):
+        group: list[_Page | PageFailed] = []
+        for src in sources[start:start + size]:
             try:
-                img = src.image()
-                ready = backend.prepare([user_message(prompt, [img])], opts.system)
-                yield PageStarted(src)
-                yield from _generate(backend, ready, [img], config)
+                page, notice = prepare(src)
             except Dsvl2Error as err:
-                yield PageFailed(src, err)
-        return
-    plan_page = documents.page_planner(backend.vlm, prompt, opts, config, max_tiles)
-    if batch > 1:
-        yield from documents.read_batched(backend.vlm, sources, plan_page, config, batch)
-        return
-    for src in sources:
-        try:
-            img, plan, notice = plan_page(src)
+                group.append(PageFailed(src, err))
+                continue
             if notice:
                 yield notice
-            yield PageStarted(src)
-            ready = Prompt((user_message(prompt, [img]),), opts.system, plan.prepared)
-            yield from _generate(backend, ready, [img], replace(config, max_tokens=plan.answer_budget), plan=plan)
-        except Dsvl2Error as err:
-            yield PageFailed(src, err)
+            group.append(page)
+        yield from (_read_one(backend, group[0]) if size == 1 else _read_together(backend, group, config))
 
 
-def chat_session(model, opts: Options, images: Sequence[Image.Image] = ()) -> ChatSession:
-    """A chat with `images` attached to its first question."""
-    kind = RemoteChatSession if isinstance(model, RemoteBackend) else ChatSession
-    vlm = model.vlm if isinstance(model, LocalBackend) else model
-    return kind(vlm, system=opts.system, config=opts.generation("chat"), images=images)
+def _page_preparer(backend: Backend, prompt: str, opts: Options, config: GenerationConfig, max_tiles: int | None
+                   ) -> Callable[[Source], tuple[_Page, Notice | None]]:
+    """src -> (its _Page, a Notice or None); raises the Dsvl2Error of a page that cannot be
+    loaded or prepared. Locally each page is planned (documents.page_planner)."""
+    if not isinstance(backend, LocalBackend):
+        def prepare(src: Source) -> tuple[_Page, None]:
+            img = src.image()
+            return _Page(src, img, backend.prepare([user_message(prompt, [img])], opts.system), config), None
+
+        return prepare
+    plan_page = documents.page_planner(backend.vlm, prompt, opts, config, max_tiles)
+
+    def prepare_planned(src: Source) -> tuple[_Page, Notice | None]:
+        img, plan, notice = plan_page(src)
+        ready = Prompt((user_message(prompt, [img]),), opts.system, plan.prepared)
+        return _Page(src, img, ready, replace(config, max_tokens=plan.answer_budget), plan), notice
+
+    return prepare_planned
+
+
+def _read_one(backend: Backend, page: _Page | PageFailed) -> Iterator[TaskEvent]:
+    """One page, streamed: PageStarted, its events and Answer (or a PageFailed)."""
+    if isinstance(page, PageFailed):
+        yield page
+        return
+    try:
+        yield PageStarted(page.source)
+        yield from _generate(backend, page.prompt, [page.image], page.config, plan=page.plan)
+    except Dsvl2Error as err:
+        yield PageFailed(page.source, err)
+
+
+def _read_together(backend: LocalBackend, group: list[_Page | PageFailed], config: GenerationConfig
+                   ) -> Iterator[TaskEvent]:
+    """Pages decoded together (generate_batch), then PageStarted and Answer each, in page order."""
+    ready = [p for p in group if not isinstance(p, PageFailed)]
+    try:
+        dones = iter(backend.answer_batch([p.prompt for p in ready], config,
+                                          max_tokens=[p.config.max_tokens for p in ready]))
+    except Dsvl2Error as err:  # the batch as a whole could not run: every page of it failed
+        dones, group = iter(()), [p if isinstance(p, PageFailed) else PageFailed(p.source, err) for p in group]
+    for page in group:  # page order, failures in their place
+        if isinstance(page, PageFailed):
+            yield page
+            continue
+        yield PageStarted(page.source)
+        yield answer_with_plan(backend, next(dones), page.prompt.prepared, [page.image], page.plan)
 
 
 if TYPE_CHECKING:

@@ -1,16 +1,19 @@
-"""A multi-turn conversation with a loaded model: messages, pending images and a prompt cache.
+"""The chat task: a multi-turn conversation (`ChatSession`) over a Backend, local or a server's,
+and one answer in it as a task's events (`chat_turn`).
 
-Library-level (no terminal I/O): the CLI's interactive loop drives it, and so can any program.
+No terminal I/O: the CLI's interactive loop (interactive.py) drives it, and so can any program.
 
-    session = ChatSession(vlm, images=[load_image("cat.png")])
+    session = ChatSession(vlm, images=[load_image("cat.png")])   # a VLModel or a Backend
     for event in session.ask("What is this?"):
         ...                      # Prefilled, Token..., Done, as stream_generate yields them
-    for event in session.ask("And its colour?"):   # reuses the cached prompt: only new tokens run
+    for event in session.ask("And its colour?"):   # locally the cached prompt is reused: only new tokens run
         ...
 
-Images attached with `add_image` (or given at construction) go with the next question. With 3
-or more images in a conversation the processor stops tiling every image (`tiling` turns False),
-which also means the cached image tokens are recomputed once.
+The session runs on a backend of its own (Backend.for_conversation): a local model's keeps the
+conversation's prompt cache, a server's sends the whole conversation each turn. Images attached
+with `add_image` (or given at construction) go with the next question. With 3 or more images in
+a conversation the processor stops tiling every image (`tiling` turns False), which also means
+the cached image tokens are recomputed once.
 """
 
 from __future__ import annotations
@@ -20,34 +23,26 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from ..engine.events import Done, Event, GenerationConfig, Token
+from ..engine.messages import MAX_TILED_IMAGES, Message, user_message
 from ..errors import Dsvl2Error, PromptError
-from .events import Done, Event, GenerationConfig, Token
-from .messages import MAX_TILED_IMAGES, Message, user_message
+from .backends import Prompt, as_backend
+from .options import Options
+from .results import Answer, answer_record
 
-if TYPE_CHECKING:  # a session over a server (app/backends.py) runs without torch: no tensors here
-    from .generate import PromptCache
-    from .processor import Prepared
-    from .runtime import VLModel
-
-
-def stream_generate(vlm: VLModel, prepared: Prepared, config: GenerationConfig,
-                    prompt_cache: PromptCache | None = None) -> Iterator[Event]:
-    """engine.generate.stream_generate, imported when a local model first answers (torch)."""
-    from .generate import stream_generate as run
-
-    return run(vlm, prepared, config, prompt_cache)
+if TYPE_CHECKING:  # a session over a server runs without torch: no tensors here
+    from ..engine.processor import Prepared
 
 
 class ChatSession:
-    def __init__(self, vlm: VLModel, *, system: str | None = None, config: GenerationConfig | None = None,
+    def __init__(self, model, *, system: str | None = None, config: GenerationConfig | None = None,
                  images: Sequence[Image.Image] = ()):
-        self.vlm = vlm
+        self.backend = as_backend(model).for_conversation()
         self.system = system
         self.config = config or GenerationConfig()
         self.messages: list[Message] = []
         self.pending: list[Image.Image] = list(images)
-        self.cache = self._new_cache()
-        self.last_prepared: Prepared | None = None
+        self.last_prepared: Prepared | None = None  # the latest prompt's layout (None on a server)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -72,8 +67,7 @@ class ChatSession:
         """Forget the conversation, pending images and cache; `images` are attached anew."""
         self.messages = []
         self.pending = list(images)
-        if self.cache is not None:
-            self.cache.reset()
+        self.backend.reset()
         self.last_prepared = None
 
     def load(self, messages: Sequence[Message]) -> None:
@@ -98,33 +92,21 @@ class ChatSession:
         """
         attached = [*self.pending, *images]
         message = user_message(text, attached)
-        prepared = self._prepare([*self.messages, message])  # may refuse: state unchanged
+        prompt = self.backend.prepare([*self.messages, message], self.system)  # may refuse: state unchanged
         self.pending = []
         self.messages.append(message)
-        yield from self._respond(attached, prepared)
+        yield from self._respond(attached, prompt)
 
     def respond(self) -> Iterator[Event]:
         """Answer the conversation as it stands (it ends with a user message, see `load`)."""
-        return self._respond([], self._prepare(self.messages))
+        return self._respond([], self.backend.prepare(self.messages, self.system))
 
-    # The three steps a session over another model (app/backends.py: a server's) replaces.
-    def _new_cache(self) -> PromptCache | None:
-        from .generate import PromptCache
-
-        return PromptCache()
-
-    def _prepare(self, messages: Sequence[Message]) -> Prepared:
-        return self.vlm.prepare(messages, system=self.system)
-
-    def _generate(self, prepared: Prepared) -> Iterator[Event]:
-        return stream_generate(self.vlm, prepared, self.config, self.cache)
-
-    def _respond(self, attached: list[Image.Image], prepared: Prepared) -> Iterator[Event]:
-        self.last_prepared = prepared
+    def _respond(self, attached: list[Image.Image], prompt: Prompt) -> Iterator[Event]:
+        self.last_prepared = prompt.prepared
         parts: list[str] = []
         finished = failed = False
         try:
-            for event in self._generate(prepared):
+            for event in self.backend.answer(prompt, self.config):
                 if isinstance(event, Token):
                     parts.append(event.text)
                 elif isinstance(event, Done):
@@ -143,3 +125,24 @@ class ChatSession:
                     self.messages.pop()
                     if not failed:
                         self.pending = attached  # interrupted before any answer: keep them for the retry
+
+
+def chat_session(model, opts: Options, images: Sequence[Image.Image] = ()) -> ChatSession:
+    """A chat on `model` (a Backend or a loaded model) with `images` attached to its first question."""
+    return ChatSession(model, system=opts.system, config=opts.generation("chat"), images=images)
+
+
+def chat_turn(session: ChatSession, text: str | None = None) -> Iterator[Event | Answer]:
+    """One answer in a chat: to `text` (with the session's pending images), or with None to the
+    conversation as loaded (ChatSession.load). Closing this generator closes the session's, so
+    an interrupted answer is kept or dropped as ChatSession.ask says."""
+    events = session.ask(text) if text is not None else session.respond()
+    done = None
+    try:
+        for event in events:
+            if isinstance(event, Done):
+                done = event
+            yield event
+    finally:
+        events.close()
+    yield Answer(done, answer_record(session.backend, done, session.last_prepared, session.images))
