@@ -5,6 +5,10 @@ A thin layer: parse the command line, call the library, show the result (render.
 carries only the answer, so pipes work; status, progress, timings and warnings go to stderr.
 When stdout is not a terminal, or NO_COLOR is set, stdout is plain text: no colour, no pictures.
 
+A model command lists only its own parameters: `@shared_options()` (cli_options.py) adds the
+options every model command shares and hands them in gathered, as `opts`. A new one is a function
+here, decorated as chat is, that calls its task (tasks.py).
+
 Model: -m/--model (a folder or a Hugging Face id), else $DSVL2_MODEL, else
 deepseek-ai/deepseek-vl2-tiny. Sampling is greedy unless --temperature > 0. With --server URL
 (or $DSVL2_SERVER) chat, ocr, ask and ground load no model: a server answers (tasks.RemoteBackend).
@@ -38,7 +42,8 @@ import typer
 from .. import __version__
 from ..errors import InputError
 from . import cli_admin, exits
-from .cli_options import BatchOpt, DpiOpt, MaxTilesOpt, OcrFormat, PagesOpt, PasswordOpt, shared_options
+from .cli_options import (BatchOpt, DpiOpt, MaxTilesOpt, OcrFormat, PagesOpt, PasswordOpt, local_only_options,
+                          shared_options)
 from .exits import UsageError
 from .pdf import DEFAULT_DPI
 
@@ -117,22 +122,11 @@ def open_backend(opts: Options, ui: UI):
 
     backend = tasks.RemoteBackend(RemoteModel(url, api_key=opts.server_key(), model=opts.model))
     ui.status(f"{backend.name} at {url}")
-    local_only = _local_only_options(opts)
+    local_only = local_only_options(opts)
     if local_only:
         ui.warn(f"{', '.join(local_only)} chose how a local model loads; the server at {url} has loaded its own, "
                 "so they are ignored")
     return backend
-
-
-def _local_only_options(opts: Options) -> list[str]:
-    """The loading options given that a server cannot honour (it loaded its model already)."""
-    from .results import Options  # the defaults (cli.py imports the task layer lazily)
-
-    plain = Options()
-    given = [("--device", opts.device != plain.device), ("--dtype", opts.dtype != plain.dtype),
-             ("--quantize", opts.quantize != plain.quantize), ("--vision-int8", opts.vision_int8),
-             ("--allow-paging", opts.allow_paging)]
-    return [name for name, differs in given if differs]
 
 
 def _note_sampling(opts: Options, ui: UI) -> None:

@@ -1,6 +1,7 @@
 """The `dsvl2` commands around the model: serve, info, quantize, bench, pull and cache. cli.py
 registers them on its app (`register`), handing in how a command opens a model, so that they
-load exactly as chat and ocr do (and tests can replace the loader in one place)."""
+load exactly as chat and ocr do (and tests can replace the loader in one place).
+`python -m dsvl2_cli.app.serve` (serve.py) runs this `serve` alone; the server: server_run.py."""
 
 from __future__ import annotations
 

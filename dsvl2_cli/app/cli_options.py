@@ -10,12 +10,15 @@ import enum
 import functools
 import inspect
 from collections.abc import Callable, Collection
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from .. import settings
 from ..settings import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # types only: the task layer is too heavy to import for --help
+    from .tasks import Options
 
 # tasks.TEMPERATURE_ADVICE, written out: tasks imports torch (test_cli checks that the two agree).
 TEMPERATURE_ADVICE = 0.7
@@ -115,8 +118,8 @@ def shared_options(*only: str, without: Collection[str] = ()) -> Callable[[Calla
               if (not only or name in only) and name not in without]
 
     def decorate(fn: Callable) -> Callable:
-        # `opts: Options` names a class imported for type checkers only (the task layer loads the
-        # engine); it leaves the signature, so it need not resolve.
+        # `opts: Options` names a class imported for type checkers only (the task layer is too heavy
+        # for --help); it leaves the signature, so it need not resolve.
         own = inspect.signature(fn, eval_str=True, locals={"Options": None})
         if "opts" not in own.parameters:
             raise TypeError(f"{fn.__name__} must take `opts`, the shared options gathered")
@@ -136,13 +139,13 @@ def shared_options(*only: str, without: Collection[str] = ()) -> Callable[[Calla
     return decorate
 
 
-def options(**given):
+def options(**given) -> Options:
     """tasks.Options from the shared options a command took, by their parameter names (Typer gives
     enum members; Options holds their values). `json_` is Options.json; a command without
     --no-stream shows whole answers (stream=False). A model command's `no_cache` decides whether
     its answers use the persistent prompt cache (a local model's: with a server, whose cache is
     its own, none is opened, nor torch imported)."""
-    from .tasks import Options
+    from .tasks import Options  # noqa: F811 - at run time
 
     kw = dict(given)
     if isinstance(kw.get("dtype"), enum.Enum):
@@ -155,6 +158,17 @@ def options(**given):
     if no_cache is False and not opts.server_url():
         opts.prompt_store = prompt_store()
     return opts
+
+
+def local_only_options(opts: Options) -> list[str]:
+    """The loading options given that a server cannot honour (it loaded its model already)."""
+    from .tasks import Options  # noqa: F811 - the defaults, at run time
+
+    plain = Options()
+    given = [("--device", opts.device != plain.device), ("--dtype", opts.dtype != plain.dtype),
+             ("--quantize", opts.quantize != plain.quantize), ("--vision-int8", opts.vision_int8),
+             ("--allow-paging", opts.allow_paging)]
+    return [name for name, differs in given if differs]
 
 
 def prompt_store():
