@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pymupdf
 import pytest
+import typer
 from PIL import Image
 
-from dsvl2_cli.app import backends, cli, tasks
+from dsvl2_cli.app import backends, cli, cli_options, tasks
 from dsvl2_cli.app.pictures import colour
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
@@ -517,6 +518,52 @@ def test_usage_errors_exit_2(monkeypatch, args):
 def test_help_exits_0(monkeypatch):
     r = run(monkeypatch, "--help")
     assert r.code == 0 and "chat" in r.stdout and "ground" in r.stdout
+
+
+def _declaration(param) -> tuple:
+    """What a user sees of an option: its flags, default, help, panel, type and range, visibility."""
+    kind = param.type
+    return (param.opts, param.secondary_opts, param.default, param.help, getattr(param, "rich_help_panel", None),
+            type(kind).__name__, getattr(kind, "choices", None), getattr(kind, "min", None), getattr(kind, "max", None),
+            param.is_flag, param.hidden, param.metavar)
+
+
+def test_model_commands_take_the_shared_options_declared_once():
+    """The model commands (chat, ocr, ask, ground: those that generate) take every shared option
+    (ground: no --no-stream; it shows whole answers), declared alike; serve and info take some of
+    them, declared the same way."""
+    shared = [name for name, _, _ in cli_options.SHARED]
+    commands = typer.main.get_command(cli.app).commands
+    model_commands = {name for name, c in commands.items() if any(p.name == "temperature" for p in c.params)}
+    assert model_commands >= {"chat", "ocr", "ask", "ground"}  # a new one is checked as these are
+    reference = {p.name: _declaration(p) for p in commands["chat"].params if p.name in shared}
+    assert list(reference) == shared
+    for name, command in commands.items():
+        options = [p for p in command.params if p.param_type_name == "option"]
+        taken = {p.name: _declaration(p) for p in options if p.name in shared}
+        assert taken == {k: reference[k] for k in taken}, name
+        if name in model_commands:
+            assert list(taken) == [k for k in shared if not (name == "ground" and k == "no_stream")], name
+    assert {p.name for p in commands["serve"].params} & set(shared) == {"model", "device", "dtype", "quantize",
+                                                                         "vision_int8", "quiet", "api_key"}
+    assert {p.name for p in commands["info"].params} & set(shared) == {"model", "device", "dtype", "quantize",
+                                                                       "json_", "quiet"}
+
+
+def test_serve_defaults_are_the_servers():
+    """One set of defaults: `dsvl2 serve` (and `python -m dsvl2_cli.app.serve`) as ServeSettings."""
+    from dsvl2_cli.app.images import MAX_PIXELS
+    from dsvl2_cli.app.protocol import ServeSettings
+
+    serve = typer.main.get_command(cli.app).commands["serve"]
+    defaults = {p.name: p.default for p in serve.params}
+    plain = ServeSettings()
+    for name in ("host", "port", "allow_remote_images", "cache_bytes", "max_batch", "log_level", "max_images",
+                 "max_image_pixels", "max_body_bytes"):
+        assert defaults[name] == getattr(plain, name), name
+    assert plain.max_image_pixels == MAX_PIXELS
+    hidden = {p.name for p in serve.params if p.hidden}
+    assert hidden == {"max_images", "max_image_pixels", "max_body_bytes", "exit_with_parent"}
 
 
 def test_debug_shows_the_traceback(monkeypatch, ckpt_tiny, tmp_path):

@@ -19,7 +19,7 @@ from subprocess_env import subprocess_env
 from test_cli import ANSWER_KEYS, _cached_load_weights, assert_clean, assert_one_line_error, model_args, run
 from test_client import Recorded, recorded  # noqa: F401 - fixture
 
-from dsvl2_cli.app import backends, cli, serve
+from dsvl2_cli.app import backends, cli, server_run
 from dsvl2_cli.app.protocol import ServeSettings
 from dsvl2_cli.dev.synthetic import write_image
 
@@ -170,11 +170,11 @@ def test_serve_refuses_a_port_in_use_before_loading(monkeypatch, ckpt_tiny):
 
 
 def test_serve_warns_when_exposed_without_a_key():
-    assert serve.exposure_warning(ServeSettings(host="0.0.0.0")) is not None
-    assert serve.exposure_warning(ServeSettings(host="0.0.0.0", api_key="k")) is None
-    assert serve.exposure_warning(ServeSettings(host="127.0.0.1")) is None
-    assert serve.exposure_warning(ServeSettings(host="::1")) is None
-    assert serve.base_url(ServeSettings(host="::1", port=9)) == "http://[::1]:9"
+    assert server_run.exposure_warning(ServeSettings(host="0.0.0.0")) is not None
+    assert server_run.exposure_warning(ServeSettings(host="0.0.0.0", api_key="k")) is None
+    assert server_run.exposure_warning(ServeSettings(host="127.0.0.1")) is None
+    assert server_run.exposure_warning(ServeSettings(host="::1")) is None
+    assert server_run.base_url(ServeSettings(host="::1", port=9)) == "http://[::1]:9"
 
 
 def test_dsvl2_serve_answers_and_stops_on_sigint(ckpt_tiny):

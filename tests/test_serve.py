@@ -92,9 +92,9 @@ def test_multi_turn_system_and_grounding_tags(vlm, server):
 
 
 def test_parts_map_to_the_prompt_of_the_processor(vlm):
-    from dsvl2_cli.app.serve import ChatCompletionRequest, ServeSettings, _Translator
+    from dsvl2_cli.app.protocol import ChatCompletionRequest, ServeSettings, Translator
     img = picture(64, 64, seed=2)
-    t = _Translator(vlm, ServeSettings())
+    t = Translator(vlm, ServeSettings())
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(img)}}, {"type": "text", "text": "What is it?"}]}]})
     got = vlm.prepare(t.messages(req)).input_ids

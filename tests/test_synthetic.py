@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dsvl2_cli.dev import synthetic as S
+from dsvl2_cli.dev.synthetic_families import config_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "processor_config.json")
@@ -468,23 +469,23 @@ def test_real_shapes_match_published_sizes(family):
 
 
 def test_real_configs():
-    tiny = S._config(S.family_spec("tiny"), torch.bfloat16)["language_config"]
+    tiny = config_json(S.family_spec("tiny"), torch.bfloat16)["language_config"]
     assert tiny["use_mla"] is False and tiny["kv_lora_rank"] is None
     assert tiny["qk_nope_head_dim"] == tiny["qk_rope_head_dim"] == tiny["v_head_dim"] == 0
     assert (tiny["num_hidden_layers"], tiny["hidden_size"], tiny["num_attention_heads"],
             tiny["vocab_size"], tiny["bos_token_id"]) == (12, 1280, 10, 129280, 0)
-    small = S._config(S.family_spec("small", layers=4), torch.bfloat16)["language_config"]
+    small = config_json(S.family_spec("small", layers=4), torch.bfloat16)["language_config"]
     for absent in ("bos_token_id", "eos_token_id", "use_mla", "kv_lora_rank",
                    "qk_nope_head_dim", "scoring_func"):
         assert absent not in small, absent
     assert (small["num_hidden_layers"], small["hidden_size"], small["vocab_size"]) == \
         (4, 2048, 102400)
-    vl2 = S._config(S.family_spec("vl2"), torch.bfloat16)
+    vl2 = config_json(S.family_spec("vl2"), torch.bfloat16)
     for absent in ("num_hidden_layers", "num_attention_heads", "kv_lora_rank", "use_mla",
                    "qk_rope_head_dim"):
         assert absent not in vl2["language_config"], absent
     assert "heads" not in vl2["vision_config"] and "input_dim" not in vl2["projector_config"]
-    vl2_4 = S._config(S.family_spec("vl2", layers=4), torch.bfloat16)["language_config"]
+    vl2_4 = config_json(S.family_spec("vl2", layers=4), torch.bfloat16)["language_config"]
     assert vl2_4["num_hidden_layers"] == 4
     assert set(vl2_4) - set(vl2["language_config"]) == {"num_hidden_layers"}
 

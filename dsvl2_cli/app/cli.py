@@ -5,6 +5,10 @@ A thin layer: parse the command line, call the library, show the result (render.
 carries only the answer, so pipes work; status, progress, timings and warnings go to stderr.
 When stdout is not a terminal, or NO_COLOR is set, stdout is plain text: no colour, no pictures.
 
+A model command lists only its own parameters: `@shared_options()` (cli_options.py) adds the
+options every model command shares and hands them in gathered, as `opts`. A new one is a function
+here, decorated as chat is, that calls its task (tasks.py).
+
 Model: -m/--model (a folder or a Hugging Face id), else $DSVL2_MODEL, else
 deepseek-ai/deepseek-vl2-tiny. Sampling is greedy unless --temperature > 0. With --server URL
 (or $DSVL2_SERVER) chat, ocr, ask and ground load no model: a server answers (tasks.RemoteBackend).
@@ -38,10 +42,8 @@ import typer
 from .. import __version__
 from ..errors import InputError
 from . import cli_admin, exits
-from .cli_options import (AllowPagingOpt, ApiKeyOpt, BatchOpt, DeviceOpt, DpiOpt, Dtype, DtypeOpt, JsonOpt, MaxTilesOpt,
-                          MaxTokensOpt, ModelOpt, NoCacheOpt, NoStreamOpt, OcrFormat, PagesOpt, PasswordOpt,
-                          QuantizeOpt, QuietOpt, SeedOpt, ServerOpt, SystemOpt, TemperatureOpt, TopPOpt, VisionInt8Opt,
-                          options)
+from .cli_options import (BatchOpt, DpiOpt, MaxTilesOpt, OcrFormat, PagesOpt, PasswordOpt, local_only_options,
+                          shared_options)
 from .exits import UsageError
 from .pdf import DEFAULT_DPI
 
@@ -49,7 +51,7 @@ from .pdf import DEFAULT_DPI
 # --version and usage errors answer at once (test_cli checks that none of them is imported).
 if TYPE_CHECKING:
     from .render import UI
-    from .tasks import Options
+    from .options import Options
 
 
 app = typer.Typer(
@@ -120,22 +122,11 @@ def open_backend(opts: Options, ui: UI):
 
     backend = tasks.RemoteBackend(RemoteModel(url, api_key=opts.server_key(), model=opts.model))
     ui.status(f"{backend.name} at {url}")
-    local_only = _local_only_options(opts)
+    local_only = local_only_options(opts)
     if local_only:
         ui.warn(f"{', '.join(local_only)} chose how a local model loads; the server at {url} has loaded its own, "
                 "so they are ignored")
     return backend
-
-
-def _local_only_options(opts: Options) -> list[str]:
-    """The loading options given that a server cannot honour (it loaded its model already)."""
-    from .options import Options  # the defaults (cli.py imports the task layer lazily)
-
-    plain = Options()
-    given = [("--device", opts.device != plain.device), ("--dtype", opts.dtype != plain.dtype),
-             ("--quantize", opts.quantize != plain.quantize), ("--vision-int8", opts.vision_int8),
-             ("--allow-paging", opts.allow_paging)]
-    return [name for name, differs in given if differs]
 
 
 def _note_sampling(opts: Options, ui: UI) -> None:
@@ -153,6 +144,7 @@ def _stdin_once(files: list[str]) -> None:
 
 @app.command()
 @exits.command
+@shared_options()
 def chat(
     args: Annotated[Optional[list[str]], typer.Argument(
         metavar="IMAGE|PROMPT", show_default=False,
@@ -166,12 +158,7 @@ def chat(
         "--conversation", metavar="FILE", show_default=False,
         help="Answer a conversation given exactly: a JSON file in the official message format "
              "(- reads it from stdin); image paths are relative to the file.")] = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False, allow_paging: AllowPagingOpt = False,
-    no_cache: NoCacheOpt = False,
-    max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
-    seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
-    quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+    *, opts: Options,
 ):
     """Ask about images: once, with a prompt; else an interactive chat (/help inside)."""
     from . import tasks
@@ -179,12 +166,7 @@ def chat(
     from .interactive import interactive_chat
     from .render import UI, AnswerView, render_answer, warn_untiled
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8,
-                   allow_paging=allow_paging,
-                 max_tokens=max_tokens,
-                 temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
-    ui = UI(quiet)
+    ui = UI(opts.quiet)
     if conversation is not None:
         if args or prompt is not None:
             raise UsageError("--conversation takes the whole conversation from the file; give no images or prompt")
@@ -231,6 +213,7 @@ def answer_conversation(source: str, opts: Options, ui: UI, interactive: bool) -
 
 @app.command()
 @exits.command
+@shared_options()
 def ocr(
     files: Annotated[list[str], typer.Argument(metavar="FILE", show_default=False,
                                                help="Images and PDFs (- reads one from stdin).")],
@@ -246,12 +229,7 @@ def ocr(
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="With --out: skip pages whose file exists (resume a run).")] = False,
     max_tiles: MaxTilesOpt = None, batch: BatchOpt = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False, allow_paging: AllowPagingOpt = False,
-    no_cache: NoCacheOpt = False,
-    max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
-    seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
-    quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+    *, opts: Options,
 ):
     """Read the text of images and PDF pages: to stdout with a header per page, or a file per page."""
     from ..engine import hub
@@ -259,12 +237,7 @@ def ocr(
     from .inputs import collect_sources
     from .render import UI, render_pages
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8,
-                   allow_paging=allow_paging,
-                 max_tokens=max_tokens,
-                 temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
-    ui = UI(quiet)
+    ui = UI(opts.quiet)
     with contextlib.ExitStack() as stack:
         _stdin_once(files)
         sources = collect_sources(files, pages, dpi, password, ui.warn, stack)
@@ -297,6 +270,7 @@ def ocr(
 
 @app.command()
 @exits.command
+@shared_options()
 def ask(
     files: Annotated[list[str], typer.Argument(
         metavar="FILE", show_default=False, help="PDFs or images of pages (- reads one from stdin).")],
@@ -304,12 +278,7 @@ def ask(
                                             help="The question about them.")],
     pages: PagesOpt = None, dpi: DpiOpt = DEFAULT_DPI, password: PasswordOpt = None,
     max_tiles: MaxTilesOpt = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False, allow_paging: AllowPagingOpt = False,
-    no_cache: NoCacheOpt = False,
-    max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
-    seed: SeedOpt = None, system: SystemOpt = None, no_stream: NoStreamOpt = False, json_: JsonOpt = False,
-    quiet: QuietOpt = False, server: ServerOpt = None, api_key: ApiKeyOpt = None,
+    *, opts: Options,
 ):
     """Ask a question about document pages. Without --pages, the pages that best match the
     question (by their text) are chosen and read at full detail."""
@@ -319,12 +288,7 @@ def ask(
     from .inputs import collect_sources
     from .render import UI, AnswerView, render_answer
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8,
-                   allow_paging=allow_paging,
-                 max_tokens=max_tokens,
-                 temperature=temperature, top_p=top_p, seed=seed, system=system, stream=not no_stream, json=json_,
-                 quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
-    ui = UI(quiet)
+    ui = UI(opts.quiet)
     if not question.strip():
         raise InputError("empty question; ask something about the pages")
     backend = selection = None
@@ -373,6 +337,7 @@ def _choose_pages(sources, question: str, opts: Options, ui: UI):
 
 @app.command()
 @exits.command
+@shared_options(without={"no_stream"})
 def ground(
     image: Annotated[str, typer.Argument(metavar="IMAGE", show_default=False,
                                          help="The image (- reads it from stdin).")],
@@ -383,12 +348,7 @@ def ground(
         "--caption", "-c", help="Grounded caption: describe the image with boxes for what it names.")] = False,
     save: Annotated[Optional[Path], typer.Option(
         "--save", dir_okay=False, show_default=False, help="Save the image with the boxes drawn (PNG, JPEG...).")] = None,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False, allow_paging: AllowPagingOpt = False,
-    no_cache: NoCacheOpt = False,
-    max_tokens: MaxTokensOpt = None, temperature: TemperatureOpt = 0.0, top_p: TopPOpt = 1.0,
-    seed: SeedOpt = None, system: SystemOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
-    server: ServerOpt = None, api_key: ApiKeyOpt = None,
+    *, opts: Options,
 ):
     """Find things in an image and draw their boxes (referring-expression grounding)."""
     from . import tasks
@@ -396,12 +356,7 @@ def ground(
     from .pictures import image_format
     from .render import UI, AnswerView, render_answer
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8,
-                   allow_paging=allow_paging,
-                 max_tokens=max_tokens,
-                 temperature=temperature, top_p=top_p, seed=seed, system=system, stream=False, json=json_,
-                 quiet=quiet, server=server, api_key=api_key, no_cache=no_cache)
-    ui = UI(quiet)
+    ui = UI(opts.quiet)
     if not caption and not (what or "").strip():
         raise UsageError('say what to find, e.g. dsvl2 ground photo.jpg "the red cup", or use --caption')
     if save is not None:

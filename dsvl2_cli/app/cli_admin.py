@@ -1,6 +1,7 @@
 """The `dsvl2` commands around the model: serve, info, quantize, bench, pull and cache. cli.py
 registers them on its app (`register`), handing in how a command opens a model, so that they
-load exactly as chat and ocr do (and tests can replace the loader in one place)."""
+load exactly as chat and ocr do (and tests can replace the loader in one place).
+`python -m dsvl2_cli.app.serve` (serve.py) runs this `serve` alone; the server: server_run.py."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ import typer
 
 from ..settings import DEFAULT_MODEL
 from . import exits
-from .cli_options import (ApiKeyOpt, DeviceOpt, Dtype, DtypeOpt, JsonOpt, ModelOpt, QuantizeOpt, QuietOpt,
-                          VisionInt8Opt, options)
+from .cli_options import JsonOpt, QuietOpt, shared_options
 from .exits import UsageError
 
 if TYPE_CHECKING:
-    pass
+    from .tasks import Options
 
 _open_model = None  # set by register: cli.open_model
 
@@ -35,13 +35,11 @@ def register(app: typer.Typer, open_model) -> None:
 
 # -------------------------------------------------------------------------------------- serve
 
+@shared_options("model", "device", "dtype", "quantize", "vision_int8", "quiet", "api_key")
 def serve(
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-    quantize: QuantizeOpt = None, vision_int8: VisionInt8Opt = False,
     host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 for every interface.")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
-    api_key: ApiKeyOpt = None,
     allow_remote_images: Annotated[bool, typer.Option(
         "--allow-remote-images", help="Fetch http(s) image URLs (else only data: URLs are accepted).")] = False,
     cache_bytes: Annotated[int, typer.Option(
@@ -50,41 +48,52 @@ def serve(
     log_level: Annotated[str, typer.Option(
         "--log-level", metavar="LEVEL", help="uvicorn's log: warning, info (one line per request), debug.")
                          ] = "warning",
-    quiet: QuietOpt = False,
+    # Hidden: limits a test or a benchmark sets, and the test servers' tie to their parent.
+    max_images: Annotated[int, typer.Option("--max-images", hidden=True, help="Most images per request.")] = 8,
+    max_image_pixels: Annotated[int, typer.Option(
+        "--max-image-pixels", hidden=True, help="Most pixels per image.")] = 89_478_485,  # images.MAX_PIXELS
+    max_body_bytes: Annotated[int, typer.Option(
+        "--max-body-bytes", hidden=True, help="Largest request body (bytes).")] = 32 << 20,
+    exit_with_parent: Annotated[bool, typer.Option(
+        "--exit-with-parent", hidden=True, help="Stop when the process that started the server ends.")] = False,
+    *, opts: Options,
 ):
     """Serve the model over HTTP with the OpenAI chat-completions API (for --server, curl, any
     OpenAI client), until Ctrl-C."""
-    from . import serve as server
+    from . import server_run
+    from .protocol import ServeSettings, require_extra
     from .render import UI
 
-    opts = options(model=model, device=device, dtype=dtype, quantize=quantize, vision_int8=vision_int8, quiet=quiet)
-    ui = UI(quiet)
-    settings = server.ServeSettings(host=host, port=port, api_key=api_key or opts.server_key() or "",
-                                    allow_remote_images=allow_remote_images, cache_bytes=cache_bytes,
-                                    max_batch=max_batch, log_level=log_level)
-    server.require_extra()
-    server.check_bind(settings)  # a taken port fails now, not after the model loaded
-    warning = server.exposure_warning(settings)
+    ui = UI(opts.quiet)
+    settings = ServeSettings(host=host, port=port, api_key=opts.server_key() or "",
+                             allow_remote_images=allow_remote_images, cache_bytes=cache_bytes, max_batch=max_batch,
+                             max_images=max_images, max_image_pixels=max_image_pixels,
+                             max_body_bytes=max_body_bytes, log_level=log_level)
+    require_extra()
+    server_run.check_bind(settings)  # a taken port fails now, not after the model loaded
+    warning = server_run.exposure_warning(settings)
     if warning:
         ui.warn(warning)
+    if exit_with_parent:
+        server_run.exit_with_parent()
     vlm = _open_model(opts, ui)
-    ui.status(f"serving {vlm.name} at {server.base_url(settings)}/v1 (OpenAI-compatible; Ctrl-C stops)")
-    server.run(vlm, settings)
+    ui.status(f"serving {vlm.name} at {server_run.base_url(settings)}/v1 (OpenAI-compatible; Ctrl-C stops)")
+    server_run.run(vlm, settings)
 
 
 # --------------------------------------------------------------------------------- info, pull
 
-def info(model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = Dtype.bfloat16,
-         quantize: QuantizeOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False):
+@shared_options("model", "device", "dtype", "quantize", "json_", "quiet")
+def info(*, opts: Options):
     """Show the resolved model and its architecture (reads config.json; loads no weights)."""
     from ..engine import hub
     from . import tasks
     from .render import UI, info_lines, print_json
 
-    ui = UI(quiet)
-    resolved = hub.resolve_local(model)  # info never downloads gigabytes
-    facts = tasks.model_info(resolved, options(dtype=dtype).dtype, device, quantize)
-    if json_:
+    ui = UI(opts.quiet)
+    resolved = hub.resolve_local(opts.model)  # info never downloads gigabytes
+    facts = tasks.model_info(resolved, opts.dtype, opts.device, opts.quantize)
+    if opts.json:
         print_json(facts, ui)
         return
     for line in info_lines(facts):

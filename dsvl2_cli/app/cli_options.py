@@ -1,18 +1,25 @@
-"""The command-line options the model commands share, as Typer declarations (each command lists
-the ones it takes), and `options` to gather them into the task layer's `Options`.
+"""The command-line options the model commands share, declared once: `SHARED` lists them and
+`shared_options` gives a command all of them (or a subset) after its own parameters, gathered into
+the task layer's `Options` (`options`). The options of a single command stay in its signature.
 
 Declaring them imports nothing heavy (no torch, no engine), so `--help` and usage errors start fast."""
 
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Optional
+import functools
+import inspect
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from .. import settings
 from ..settings import DEFAULT_MODEL
 from .defaults import TEMPERATURE_ADVICE  # engine-free: --help stays instant
+
+if TYPE_CHECKING:  # types only
+    from .options import Options
 
 
 class Dtype(str, enum.Enum):
@@ -82,19 +89,84 @@ PasswordOpt = Annotated[Optional[str], typer.Option("--password", show_default=F
                                                     help="Password of an encrypted PDF.")]
 
 
-def options(**kw):
-    """tasks.Options from a command's parameters (Typer gives enum members; Options holds their values).
-    A model command's `no_cache` decides whether its answers use the persistent prompt cache (a
-    local model's: with a server, whose cache is its own, none is opened, nor torch imported)."""
-    from .tasks import Options
+# Every shared option, in the order --help shows it: (parameter name, declaration, default).
+SHARED: tuple[tuple[str, Any, Any], ...] = (
+    ("model", ModelOpt, None), ("device", DeviceOpt, "auto"), ("dtype", DtypeOpt, Dtype.bfloat16),
+    ("quantize", QuantizeOpt, None), ("vision_int8", VisionInt8Opt, False), ("allow_paging", AllowPagingOpt, False),
+    ("no_cache", NoCacheOpt, False),
+    ("max_tokens", MaxTokensOpt, None), ("temperature", TemperatureOpt, 0.0), ("top_p", TopPOpt, 1.0),
+    ("seed", SeedOpt, None), ("system", SystemOpt, None),
+    ("no_stream", NoStreamOpt, False), ("json_", JsonOpt, False), ("quiet", QuietOpt, False),
+    ("server", ServerOpt, None), ("api_key", ApiKeyOpt, None),
+)
 
+
+def shared_options(*only: str, without: Collection[str] = ()) -> Callable[[Callable], Callable]:
+    """Decorate a command to take the shared options (every one, or `only` these; less `without`)
+    after its own parameters. The command is called with them gathered into `opts` (tasks.Options,
+    see `options`) instead: its body never repeats them.
+
+    Typer reads a command's parameters from its signature, so the decorated command gets one that
+    lists both (their annotations evaluated: Typer needs the objects, not strings)."""
+    known = {name for name, _, _ in SHARED}
+    unknown = (set(only) | set(without)) - known
+    if unknown:
+        raise ValueError(f"no shared option {', '.join(sorted(unknown))}")
+    chosen = [(name, decl, default) for name, decl, default in SHARED
+              if (not only or name in only) and name not in without]
+
+    def decorate(fn: Callable) -> Callable:
+        # `opts: Options` names a class imported for type checkers only (the task layer is too heavy
+        # for --help); it leaves the signature, so it need not resolve.
+        own = inspect.signature(fn, eval_str=True, locals={"Options": None})
+        if "opts" not in own.parameters:
+            raise TypeError(f"{fn.__name__} must take `opts`, the shared options gathered")
+        params = [p for p in own.parameters.values() if p.name != "opts"]
+        params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=decl)
+                   for name, decl, default in chosen]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            opts = options(**{name: kwargs.pop(name) for name, _, _ in chosen})
+            return fn(*args, opts=opts, **kwargs)
+
+        command.__signature__ = own.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+def options(**given) -> Options:
+    """tasks.Options from the shared options a command took, by their parameter names (Typer gives
+    enum members; Options holds their values). `json_` is Options.json; a command without
+    --no-stream shows whole answers (stream=False). A model command's `no_cache` decides whether
+    its answers use the persistent prompt cache (a local model's: with a server, whose cache is
+    its own, none is opened, nor torch imported)."""
+    from .options import Options  # noqa: F811 - at run time
+
+    kw = dict(given)
     if isinstance(kw.get("dtype"), enum.Enum):
         kw["dtype"] = kw["dtype"].value
+    if "json_" in kw:
+        kw["json"] = kw.pop("json_")
+    kw["stream"] = not kw.pop("no_stream", True)
     no_cache = kw.pop("no_cache", None)
     opts = Options(**kw)
     if no_cache is False and not opts.server_url():
         opts.prompt_store = prompt_store()
     return opts
+
+
+def local_only_options(opts: Options) -> list[str]:
+    """The loading options given that a server cannot honour (it loaded its model already)."""
+    from .tasks import Options  # noqa: F811 - the defaults, at run time
+
+    plain = Options()
+    given = [("--device", opts.device != plain.device), ("--dtype", opts.dtype != plain.dtype),
+             ("--quantize", opts.quantize != plain.quantize), ("--vision-int8", opts.vision_int8),
+             ("--allow-paging", opts.allow_paging)]
+    return [name for name, differs in given if differs]
 
 
 def prompt_store():

@@ -63,7 +63,7 @@ class ServeSettings:
     remote_timeout: float = 10.0
     cache_bytes: int = 1 << 30          # shared prompt caches (LRU)
     max_batch: int = 8                  # requests decoding together
-    log_level: str = "info"
+    log_level: str = "warning"          # uvicorn's; the `serve` command's default
 
 
 # ------------------------------------------------------------------------------- the protocol
