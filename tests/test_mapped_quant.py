@@ -14,12 +14,12 @@ import dsvl2_cli
 from dsvl2_cli.engine import mapped, quant
 from dsvl2_cli.engine.generate import GenerationConfig, generate
 from dsvl2_cli.engine.processor import user_message
-from dsvl2_cli.engine.quant import experts as quant_experts
+from dsvl2_cli.engine.quant import nf4 as quant_nf4
 from dsvl2_cli.engine.quant.experts import QuantizedExperts
 from dsvl2_cli.model.config import ModelConfig
 
 try:
-    quant_experts._bitsandbytes()
+    quant_nf4.bitsandbytes()
     HAVE_BNB = True
 except quant.QuantizationError:
     HAVE_BNB = False
