@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dsvl2_cli
+from dsvl2_cli import files
 from dsvl2_cli.engine import mapped, quant
 from dsvl2_cli.engine.generate import GenerationConfig, generate
 from dsvl2_cli.engine.processor import user_message
@@ -167,7 +168,7 @@ def test_unwritable_cache_folder_copies_with_one_warning(ckpt_tiny, tmp_path, mo
 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(mapped.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)  # the one atomic write (dsvl2_cli/files.py)
     with pytest.warns(UserWarning, match="cannot write the mapped layout .*Permission denied.*copying") as caught:
         model = _load(folder, "int4")
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
