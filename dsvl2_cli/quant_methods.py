@@ -53,3 +53,7 @@ QUANTIZE_METAVAR = "|".join(("auto", "none", *NAMES))
 QUANTIZE_HELP = ("Quantize the routed experts while loading: "
                  + ", ".join(f"{m.name} ({m.note})" if m.note else m.name for m in METHODS)
                  + f"; auto: the first of {', '.join(AUTO_ORDER)} that fits in memory. Default: the folder as it is.")
+# `dsvl2 quantize`'s --method and --group-size (a folder must say its method: no auto, no none)
+FOLDER_METAVAR = "|".join(NAMES)
+GROUP_SIZE_HELP = ("Values per scale (default: "
+                   + ", ".join(f"{m.name} {m.default_group}" for m in METHODS if m.default_group) + ").")
