@@ -229,8 +229,8 @@ def test_available_cuda():
 def _fake_plan(method, total_gb):
     """A plan whose total is `total_gb` (weights take all but the overhead)."""
     total = int(total_gb * GB)
-    return memory_plan.MemoryPlan(dtype="bfloat16", method=method, weights={"total": total - 1000}, cache=0, context=4096,
-                          vision=0, prefill=0, loading=0, overhead=1000)
+    return memory_plan.MemoryPlan(dtype="bfloat16", method=method, weights={"total": total - 1000}, cache=0,
+                                  context=4096, vision=0, prefill=0, loading=0, overhead=1000)
 
 
 PLANS = {"none": _fake_plan("none", 33.4), "int8": _fake_plan("int8", 19.0), "int4": _fake_plan("int4", 12.3)}
