@@ -1,7 +1,7 @@
 """The decode GEMV of two versions of csrc/cpu_kernels.c, in one process: a kernel change's A/B.
 
 Compiles the file as it is at git revision --base (default HEAD) and as it is in the working tree
-(or at --head REV) with the flags the runtime uses (kernels._flags("native")), loads both, checks
+(or at --head REV) with the flags the runtime uses (kernel_build._flags("native")), loads both, checks
 that they agree (bf16 outputs within one rounding of each other's scale), then times
 `dsvl2_gemv_bf16` on 1 GiB of bf16 weights (12 matrices of 32768 x 1280, far beyond the caches)
 for each row count, the two versions in turns (--repeat rounds, medians), against the native
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from dsvl2_cli.dev import bench  # noqa: E402
 from dsvl2_cli.dev.bench_probes import BANDWIDTH_BYTES, BandwidthProbe  # noqa: E402
-from dsvl2_cli.engine import kernels  # noqa: E402
+from dsvl2_cli.engine import kernel_build, kernels  # noqa: E402
 
 SOURCE = "dsvl2_cli/csrc/cpu_kernels.c"
 N, K, MATRICES = 32768, 1280, 12
@@ -46,7 +46,8 @@ def source_at(rev: str | None) -> str:
 def build(text: str, out: Path) -> ctypes.CDLL:
     src = out.with_suffix(".c")
     src.write_text(text)
-    subprocess.run([*kernels._compiler(), *kernels._flags("native"), str(src), "-o", str(out), "-lm"], check=True)
+    subprocess.run([*kernel_build._compiler(), *kernel_build._flags("native"), str(src), "-o", str(out), "-lm"],
+                   check=True)
     return ctypes.CDLL(str(out))
 
 

@@ -1,4 +1,4 @@
-"""The memory plan (engine/fit.py) against measured peak RSS, real tiny shapes, CPU.
+"""The memory plan (engine/memory_plan.py) against measured peak RSS, real tiny shapes, CPU.
 
 For each method (default none and int4), in a fresh subprocess so that the peak is that run's
 own: load the real-shape tiny synthetic checkpoint (bf16, random weights: memory does not depend
@@ -110,14 +110,14 @@ def main() -> int:
 
     from dsvl2_cli import settings
     from dsvl2_cli.dev.bench import ensure_checkpoint
-    from dsvl2_cli.engine import fit
+    from dsvl2_cli.engine import memory_plan
     from dsvl2_cli.engine.quant.format import QuantSpec
     from dsvl2_cli.model.config import ModelConfig
 
     def add_plan(measured: dict, ckpt: Path) -> dict:
         method = measured["method"]
-        p = fit.plan_for_folder(ckpt, torch.bfloat16, method)
-        at_run = fit.plan(ModelConfig.from_dir(ckpt), torch.bfloat16, None if method == "none" else
+        p = memory_plan.plan_for_folder(ckpt, torch.bfloat16, method)
+        at_run = memory_plan.plan(ModelConfig.from_dir(ckpt), torch.bfloat16, None if method == "none" else
                           QuantSpec.make(method), context=measured["context"])
         measured["plan"] = p.as_dict()
         measured["plan_at_run_context"] = at_run.as_dict()
@@ -130,7 +130,7 @@ def main() -> int:
         report = json.loads(args.out.read_text())
         ckpt = Path(report["checkpoint"])
         results = [add_plan(r, ckpt) for r in report["results"]]
-        report["runtime_overhead_constant"] = fit.RUNTIME_OVERHEAD
+        report["runtime_overhead_constant"] = memory_plan.RUNTIME_OVERHEAD
         return finish(report, results, args.out)
 
     ckpt = args.ckpt or ensure_checkpoint(settings.bench_dir(), "tiny", None)
@@ -150,7 +150,7 @@ def main() -> int:
     report = {"benchmark": "memory plan vs peak RSS, real tiny shapes, synthetic bf16 weights, CPU",
               "checkpoint": str(ckpt), "workload": f"load + one {PHOTO[0]}x{PHOTO[1]} image prompt + "
               f"{args.tokens} decoded tokens, bfloat16", "gb": "1e9 bytes",
-              "runtime_overhead_constant": fit.RUNTIME_OVERHEAD,
+              "runtime_overhead_constant": memory_plan.RUNTIME_OVERHEAD,
               "machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "platform": platform.platform(), "threads": torch.get_num_threads()},
               "seconds": round(time.time() - t0), "results": results}

@@ -123,7 +123,7 @@ def bench_dir() -> Path:
 
 
 def memory_limit() -> str:
-    """$DSVL2_MEMORY_LIMIT as given, stripped ("" when unset); engine/fit.py parses it."""
+    """$DSVL2_MEMORY_LIMIT as given, stripped ("" when unset); engine/host_memory.py parses it."""
     return _get("DSVL2_MEMORY_LIMIT").strip()
 
 

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dsvl2_cli
 from dsvl2_cli.dev import bench, bench_probes
 from dsvl2_cli.dev.synthetic import write_config
-from dsvl2_cli.engine import kernels
+from dsvl2_cli.engine import kernel_build, kernels
 from dsvl2_cli.model.config import ModelConfig
 from dsvl2_cli.model.moe import looped_experts
 
@@ -115,7 +115,7 @@ def test_stream_read_checksum_matches_torch_in_every_variant(variant):
 
     lib = _variant_library(variant)
     with kernels.using(variant):
-        assert kernels._load().dsvl2_kernel_isa() == lib.dsvl2_kernel_isa() == kernels.VARIANTS[variant][1]
+        assert kernels._load().dsvl2_kernel_isa() == lib.dsvl2_kernel_isa() == kernel_build.VARIANTS[variant][1]
         _probe_checksums()
 
 

@@ -38,11 +38,11 @@ import dsvl2_cli
 from dsvl2_cli.dev import synthetic
 from dsvl2_cli.engine import f32_products, kernels, quant
 from dsvl2_cli.engine.fast import FastLayerNorm, FastMLP, FastVisionMLP, NativeExperts
-from dsvl2_cli.engine.quant import experts as quant_experts
+from dsvl2_cli.engine.quant import nf4 as quant_nf4
 from dsvl2_cli.model.attention import LatentAttention
 
 try:
-    quant_experts._bitsandbytes()
+    quant_nf4.bitsandbytes()
     HAVE_BNB = True
 except quant.QuantizationError:
     HAVE_BNB = False

@@ -12,18 +12,18 @@ from test_cli import _cached_load_weights, _isolated, assert_one_line_error, run
 
 from dsvl2_cli.app import cli
 from dsvl2_cli.dev.synthetic import write_image
-from dsvl2_cli.engine import fit, runtime
+from dsvl2_cli.engine import host_memory, memory_plan, runtime
 from dsvl2_cli.errors import MemoryFitError
 
 pytestmark = pytest.mark.usefixtures("_isolated")
 
 
 @pytest.fixture(scope="module")
-def plans(ckpt_tiny) -> dict[str, fit.MemoryPlan]:
-    return fit.plans_for_folder(ckpt_tiny, torch.float32, "cpu")
+def plans(ckpt_tiny) -> dict[str, memory_plan.MemoryPlan]:
+    return memory_plan.plans_for_folder(ckpt_tiny, torch.float32, "cpu")
 
 
-def between(low: fit.MemoryPlan, high: fit.MemoryPlan) -> str:
+def between(low: memory_plan.MemoryPlan, high: memory_plan.MemoryPlan) -> str:
     """A DSVL2_MEMORY_LIMIT that `low` fits in and `high` does not."""
     assert low.total < high.total - 2048
     return f"{(low.total + high.total) // 2 // 1024}K"
@@ -96,7 +96,7 @@ def test_info_shows_the_plans_and_what_fits(monkeypatch, ckpt_tiny, plans, loads
     facts = run(monkeypatch, "info", "-m", ckpt_tiny, "--device", "cpu", "--dtype", "float32", "--json",
                 env={"DSVL2_MEMORY_LIMIT": limit}).json_lines[0]
     mem = facts["memory"]
-    assert mem["available"] == {"bytes": fit.parse_memory_size(limit), "source": "DSVL2_MEMORY_LIMIT"}
+    assert mem["available"] == {"bytes": host_memory.parse_memory_size(limit), "source": "DSVL2_MEMORY_LIMIT"}
     assert {m: p["fits"] for m, p in mem["plans"].items()} == {"none": False, "int8": True, "int4": True}
     assert mem["method"] == "none"
     for m, p in mem["plans"].items():
@@ -162,3 +162,41 @@ def test_library_load_checks_and_opts_out(monkeypatch, ckpt_tiny, plans):
                        on_fit=verdicts.append)
     assert vlm.quantization.method == "int4" and "paged from disk" in verdicts[-1].warning
     assert len(read) == 4
+
+
+# ------------------------------------------------------------------- one loading path
+
+@pytest.fixture
+def counted(monkeypatch) -> dict[str, int]:
+    """Calls of hub.resolve and fit.check_load (the real ones, counted)."""
+    from dsvl2_cli.engine import fit, hub
+
+    calls = {"resolve": 0, "check_load": 0}
+    for module, name in ((hub, "resolve"), (fit, "check_load")):
+        def spy(*a, _real=getattr(module, name), _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_library_load_resolves_and_checks_once(ckpt_tiny, counted):
+    runtime.load(ckpt_tiny, device="cpu", dtype="float32")
+    assert counted == {"resolve": 1, "check_load": 1}
+    plan = runtime.plan_load(ckpt_tiny, device="cpu", dtype="float32", quantize="auto")
+    assert counted == {"resolve": 2, "check_load": 2} and plan.quantize in ("none", "int8", "int4")
+    plan.load()  # reads the weights only
+    assert counted == {"resolve": 2, "check_load": 2}
+    runtime.plan_load(plan.model, device="cpu", memory_check=False)  # a resolved model is not resolved again
+    assert counted == {"resolve": 2, "check_load": 2}
+
+
+@pytest.mark.parametrize("command", ["chat", "ocr"])
+def test_cli_resolves_and_checks_once(monkeypatch, ckpt_tiny, img, loads, counted, command):
+    args = [img, "What is it?"] if command == "chat" else [img]
+    r = run(monkeypatch, command, "-m", ckpt_tiny, "--device", "cpu", "--dtype", "float32", "--max-tokens", "2",
+            "--quantize", "auto", *args)
+    assert r.code == 0, r.stderr
+    assert counted == {"resolve": 1, "check_load": 1}  # ocr's preflight and the load share one resolve
+    assert len(loads) == 1 and loads[0]["quantize"] in ("none", "int8", "int4")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from _pytest.mark.structures import ParameterSet
 
-from dsvl2_cli.engine import kernels
+from dsvl2_cli.engine import kernel_build, kernels
 from dsvl2_cli.model.moe import Experts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +44,10 @@ def _cpu_flags() -> set[str]:
 def _compiler_can_target(variant: str) -> str | None:
     """None when the compiler takes the variant's flags, else why not."""
     try:
-        cc = kernels._compiler()
-    except kernels.KernelBuildError as err:
+        cc = kernel_build._compiler()
+    except kernel_build.KernelBuildError as err:
         return str(err)
-    cmd = [*cc, "-O3", "-march=native", *kernels.VARIANTS[variant][0], "-x", "c", "-fsyntax-only", "-"]
+    cmd = [*cc, "-O3", "-march=native", *kernel_build.VARIANTS[variant][0], "-x", "c", "-fsyntax-only", "-"]
     done = subprocess.run(cmd, input="int main(void) { return 0; }\n", capture_output=True, text=True,
                           check=False)
     return None if done.returncode == 0 else f"{' '.join(cc)} cannot target {variant}: {done.stderr.strip()[:200]}"
@@ -64,7 +64,7 @@ def _variant_library(variant: str):
     missing = [f for f in CPU_NEEDS[variant] if f not in _cpu_flags()]
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(missing)} for the {variant} path")
-    lib, why = kernels.probe(variant)
+    lib, why = kernel_build.probe(variant)
     assert lib is not None, why
     return lib
 
@@ -97,11 +97,11 @@ CHECKS = [tk.test_linear_matches_torch, tk.test_moe_kernel_matches_grouped_torch
 @pytest.mark.parametrize("variant", ["avx512", "avx2", "portable"])
 def test_every_isa_variant_matches_torch(variant, check):
     lib = _variant_library(variant)
-    assert lib.dsvl2_kernel_isa() == kernels.VARIANTS[variant][1]
+    assert lib.dsvl2_kernel_isa() == kernel_build.VARIANTS[variant][1]
     ran = 0
     with kernels.using(variant) as active:
         assert active is not None and kernels.status().startswith("native CPU kernels")
-        assert kernels._load().dsvl2_kernel_isa() == kernels.VARIANTS[variant][1]  # the variant is what runs
+        assert kernels._load().dsvl2_kernel_isa() == kernel_build.VARIANTS[variant][1]  # the variant is what runs
         for kwargs in _cases(check):
             try:
                 check(**kwargs)
@@ -132,14 +132,14 @@ def test_variant_is_restored_after_using():
 def test_default_build_uses_the_best_path_the_compiler_offers():
     if not tk.EXPECTED_HERE:
         pytest.skip("no native kernels on this platform")
-    cc = kernels._compiler()
+    cc = kernel_build._compiler()
     macros = subprocess.run([*cc, "-march=native", "-dM", "-E", "-x", "c", "-"], input="", capture_output=True,
                             text=True, check=True).stdout
     has = {m for m in ("__AVX512BF16__", "__AVX512F__", "__AVX2__", "__FMA__") if f"#define {m} " in macros}
     best = (3 if "__AVX512BF16__" in has else 2 if "__AVX512F__" in has
             else 1 if {"__AVX2__", "__FMA__"} <= has else 0)
     assert kernels._load().dsvl2_kernel_isa() == best
-    assert kernels.status() == f"native CPU kernels ({kernels.ISA_NAMES[best]})"
+    assert kernels.status() == f"native CPU kernels ({kernel_build.ISA_NAMES[best]})"
 
 
 # ------------------------------------------------------------- bf16 roundings in the expert kernel
@@ -196,7 +196,7 @@ def _script(path: Path, body: str) -> Path:
 def _native_gcc() -> str:
     if not tk.EXPECTED_HERE:
         pytest.skip("no native kernels on this platform")
-    cc = kernels._compiler()
+    cc = kernel_build._compiler()
     return cc[0]
 
 
@@ -285,7 +285,7 @@ def test_damaged_cache_is_rebuilt_not_loaded(tmp_path):
     assert first.returncode == 0 and first.stdout.startswith("native CPU kernels"), first.stderr
     (so,) = (tmp_path / "dsvl2" / "kernels").glob("*.so")
     good = so.read_bytes()
-    assert _record(so) == kernels._sha256(so)
+    assert _record(so) == kernel_build._sha256(so)
     middle = len(good) // 2
     for damaged in (good[: len(good) // 3],
                     good[:middle] + bytes(b ^ 0xFF for b in good[middle:middle + 4096]) + good[middle + 4096:]):
@@ -294,7 +294,7 @@ def test_damaged_cache_is_rebuilt_not_loaded(tmp_path):
         assert again.returncode == 0, (again.returncode, again.stderr)
         assert again.stdout == first.stdout
         rebuilt = so.read_bytes()
-        assert rebuilt != damaged and _record(so) == kernels._sha256(so) == (len(rebuilt), _record(so)[1])
+        assert rebuilt != damaged and _record(so) == kernel_build._sha256(so) == (len(rebuilt), _record(so)[1])
         lines = again.stderr.strip().splitlines()
         assert len(lines) == 1 and "damaged" in lines[0] and "rebuilding" in lines[0], again.stderr
     third = _fresh_run(tmp_path)  # from then on it loads quietly, without a rebuild
@@ -304,12 +304,12 @@ def test_damaged_cache_is_rebuilt_not_loaded(tmp_path):
 def test_library_without_its_record_is_rebuilt_quietly(cache, capfd):
     """An older dsvl2's library, or a copy that lost the record: rebuilt, without a warning."""
     _native_gcc()
-    so = kernels.build("native")
+    so = kernel_build.build("native")
     Path(str(so) + ".sha256").unlink()
     so.write_bytes(so.read_bytes()[:1000])
     capfd.readouterr()
-    assert kernels.build("native") == so
-    assert _record(so) == kernels._sha256(so) and so.stat().st_size > 1000
+    assert kernel_build.build("native") == so
+    assert _record(so) == kernel_build._sha256(so) and so.stat().st_size > 1000
     assert capfd.readouterr().err == ""
 
 
@@ -317,7 +317,7 @@ def test_cache_files_follow_the_umask(cache):
     _native_gcc()
     old = os.umask(0o027)
     try:
-        lib, why = kernels.probe("native")
+        lib, why = kernel_build.probe("native")
     finally:
         os.umask(old)
     assert lib is not None, why

@@ -11,15 +11,16 @@ import pytest
 import torch
 
 import dsvl2_cli
+from dsvl2_cli import files
 from dsvl2_cli.engine import mapped, quant
 from dsvl2_cli.engine.generate import GenerationConfig, generate
 from dsvl2_cli.engine.processor import user_message
-from dsvl2_cli.engine.quant import experts as quant_experts
+from dsvl2_cli.engine.quant import nf4 as quant_nf4
 from dsvl2_cli.engine.quant.experts import QuantizedExperts
 from dsvl2_cli.model.config import ModelConfig
 
 try:
-    quant_experts._bitsandbytes()
+    quant_nf4.bitsandbytes()
     HAVE_BNB = True
 except quant.QuantizationError:
     HAVE_BNB = False
@@ -167,7 +168,7 @@ def test_unwritable_cache_folder_copies_with_one_warning(ckpt_tiny, tmp_path, mo
 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(mapped.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)  # the one atomic write (dsvl2_cli/files.py)
     with pytest.warns(UserWarning, match="cannot write the mapped layout .*Permission denied.*copying") as caught:
         model = _load(folder, "int4")
     assert len(caught) == 1 and "\n" not in str(caught[0].message)

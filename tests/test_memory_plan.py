@@ -1,5 +1,6 @@
-"""engine/fit.py: the memory plan from config.json, what is available, the fit verdict, and the
-translation of out-of-memory errors. The plan against measured RSS: benchmarks/bench_memory_plan.py."""
+"""The memory plan from config.json (engine/memory_plan.py), what is available (host_memory.py),
+the fit verdict (fit.py), and the translation of out-of-memory errors (oom.py). The plan against
+measured RSS: benchmarks/bench_memory_plan.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from dsvl2_cli.dev.synthetic import write_config
-from dsvl2_cli.engine import fit
-from dsvl2_cli.engine.quant.format import CONFIG_KEY, QuantSpec, expected_quantized
+from dsvl2_cli.engine import fit, host_memory, memory_plan, oom
+from dsvl2_cli.engine.quant import expected_quantized
+from dsvl2_cli.engine.quant.format import CONFIG_KEY, QuantSpec
 from dsvl2_cli.engine.weights import expected_tensors
 from dsvl2_cli.errors import Dsvl2Error, MemoryFitError
 from dsvl2_cli.model.config import ModelConfig
@@ -65,7 +67,7 @@ def test_plan_weights_are_the_tensor_table(real_dirs, family):
     totals = {}
     for method in ("none", "int8", "int4"):
         spec = None if method == "none" else QuantSpec.make(method)
-        p = fit.plan(cfg, torch.bfloat16, spec)
+        p = memory_plan.plan(cfg, torch.bfloat16, spec)
         parts = sum(v for k, v in p.weights.items() if k != "total")
         assert parts == p.weights["total"] == _tensor_bytes(cfg, torch.bfloat16, spec)
         assert p.method == method and p.dtype == "bfloat16"
@@ -76,23 +78,23 @@ def test_plan_weights_are_the_tensor_table(real_dirs, family):
 
 def test_plan_tiny_terms(real_dirs):
     cfg = ModelConfig.from_dir(real_dirs["tiny"])
-    p = fit.plan(cfg, torch.bfloat16, None)
+    p = memory_plan.plan(cfg, torch.bfloat16, None)
     lm = cfg.language
     assert p.cache == lm.cache_values_per_token() * lm.num_hidden_layers * 2 * lm.max_position_embeddings
     assert p.context == lm.max_position_embeddings == 4096
     assert 6.6 * GB < p.weight_bytes < 6.8 * GB  # 3.37B parameters in bf16
     assert 0.05 * GB < p.vision < 1 * GB and 0.05 * GB < p.prefill < 1 * GB
     # float32 doubles the weights (the routers were float32 already)
-    assert fit.plan(cfg, torch.float32, None).weight_bytes > 1.99 * p.weight_bytes
+    assert memory_plan.plan(cfg, torch.float32, None).weight_bytes > 1.99 * p.weight_bytes
     # a shorter context plans a smaller cache
-    assert fit.plan(cfg, torch.bfloat16, None, context=1024).cache == p.cache // 4
+    assert memory_plan.plan(cfg, torch.bfloat16, None, context=1024).cache == p.cache // 4
     line = p.describe()
     assert "\n" not in line and "cache" in line and "GB" in line
     assert json.dumps(p.as_dict())  # serialisable
 
 
 def test_plan_27b(ref27b):
-    plans = fit.plans_for_folder(ref27b, torch.bfloat16)
+    plans = memory_plan.plans_for_folder(ref27b, torch.bfloat16)
     assert list(plans) == ["none", "int8", "int4"]
     assert 54 * GB < plans["none"].weight_bytes < 56 * GB  # ~27.5B parameters in bf16
     assert plans["int4"].total < plans["int8"].total < plans["none"].total
@@ -104,13 +106,13 @@ def test_plan_for_folder_prequantized(real_dirs, tmp_path):
     raw = json.loads((real_dirs["tiny"] / "config.json").read_text())
     raw[CONFIG_KEY] = QuantSpec.make("int4").as_config()
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    plans = fit.plans_for_folder(tmp_path, torch.bfloat16)
+    plans = memory_plan.plans_for_folder(tmp_path, torch.bfloat16)
     assert list(plans) == ["int4"]
-    assert fit.plan_for_folder(tmp_path, torch.bfloat16).method == "int4"
+    assert memory_plan.plan_for_folder(tmp_path, torch.bfloat16).method == "int4"
     with pytest.raises(Dsvl2Error):
-        fit.plan_for_folder(tmp_path, torch.bfloat16, "int8")  # its float experts are gone
-    assert fit.plan_for_folder(real_dirs["tiny"], torch.bfloat16, "int8").method == "int8"
-    assert fit.plan_for_folder(real_dirs["tiny"], torch.bfloat16).method == "none"
+        memory_plan.plan_for_folder(tmp_path, torch.bfloat16, "int8")  # its float experts are gone
+    assert memory_plan.plan_for_folder(real_dirs["tiny"], torch.bfloat16, "int8").method == "int8"
+    assert memory_plan.plan_for_folder(real_dirs["tiny"], torch.bfloat16).method == "none"
 
 
 # ------------------------------------------------------------------------------ what is available
@@ -120,40 +122,40 @@ def test_plan_for_folder_prequantized(real_dirs, tmp_path):
     ("64k", 64 * 2**10), ("2T", 2 * 2**40), (" 16 GB ", 16 * 2**30), ("4GiB", 4 * 2**30), ("0.5g", 2**29),
 ])
 def test_parse_memory_size(text, expected):
-    assert fit.parse_memory_size(text) == expected
+    assert host_memory.parse_memory_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "G", "12X", "-1G", "1.2.3G", "twelve", "0", "12 G B"])
 def test_parse_memory_size_malformed(text):
     with pytest.raises(Dsvl2Error, match="DSVL2_MEMORY_LIMIT"):
-        fit.parse_memory_size(text)
+        host_memory.parse_memory_size(text)
 
 
 def test_memory_limit_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("DSVL2_MEMORY_LIMIT", raising=False)
-    assert fit.memory_limit() is None
+    assert host_memory.memory_limit() is None
     monkeypatch.setenv("DSVL2_MEMORY_LIMIT", "2G")
-    assert fit.memory_limit() == 2 * 2**30
+    assert host_memory.memory_limit() == 2 * 2**30
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   16000000 kB\n")
     none = tmp_path / "none"
-    a = fit.available_memory("cpu", meminfo=meminfo, proc_cgroup=none, cgroup_root=none)
+    a = host_memory.available_memory("cpu", meminfo=meminfo, proc_cgroup=none, cgroup_root=none)
     assert (a.bytes, a.source) == (2 * 2**30, "DSVL2_MEMORY_LIMIT")  # the cap is the lower
     monkeypatch.setenv("DSVL2_MEMORY_LIMIT", "100G")
-    a = fit.available_memory("cpu", meminfo=meminfo, proc_cgroup=none, cgroup_root=none)
+    a = host_memory.available_memory("cpu", meminfo=meminfo, proc_cgroup=none, cgroup_root=none)
     assert (a.bytes, a.source) == (16000000 * 1024, "MemAvailable")  # a cap above changes nothing
     monkeypatch.setenv("DSVL2_MEMORY_LIMIT", "lots")
     with pytest.raises(Dsvl2Error, match="DSVL2_MEMORY_LIMIT"):
-        fit.available_memory("cpu", meminfo=meminfo, proc_cgroup=none, cgroup_root=none)
+        host_memory.available_memory("cpu", meminfo=meminfo, proc_cgroup=none, cgroup_root=none)
 
 
 def test_meminfo(tmp_path):
     f = tmp_path / "meminfo"
     f.write_text("MemTotal:       24576000 kB\nMemFree:         1000000 kB\nMemAvailable:   22369621 kB\n")
-    assert fit.mem_available(f) == 22369621 * 1024
+    assert host_memory.mem_available(f) == 22369621 * 1024
     f.write_text("MemTotal: 1 kB\n")
-    assert fit.mem_available(f) is None
-    assert fit.mem_available(tmp_path / "missing") is None
+    assert host_memory.mem_available(f) is None
+    assert host_memory.mem_available(tmp_path / "missing") is None
 
 
 def _cgroup_v2(tmp_path, max_, current, inactive=0):
@@ -169,9 +171,9 @@ def _cgroup_v2(tmp_path, max_, current, inactive=0):
 
 def test_cgroup_v2(tmp_path):
     proc, root = _cgroup_v2(tmp_path, 8 * 2**30, 3 * 2**30, inactive=2**30)
-    assert fit.cgroup_headroom(proc, root) == 8 * 2**30 - (3 * 2**30 - 2**30)  # reclaimable cache is free
+    assert host_memory.cgroup_headroom(proc, root) == 8 * 2**30 - (3 * 2**30 - 2**30)  # reclaimable cache is free
     (root / "user.slice" / "memory.max").write_text("max\n")
-    assert fit.cgroup_headroom(proc, root) is None
+    assert host_memory.cgroup_headroom(proc, root) is None
 
 
 def test_cgroup_v2_namespaced_root(tmp_path):
@@ -182,7 +184,7 @@ def test_cgroup_v2_namespaced_root(tmp_path):
     (root / "memory.current").write_text("1073741824\n")
     proc = tmp_path / "cgroup"
     proc.write_text("0::/\n")
-    assert fit.cgroup_headroom(proc, root) == 3 * 2**30
+    assert host_memory.cgroup_headroom(proc, root) == 3 * 2**30
 
 
 def test_cgroup_v1(tmp_path):
@@ -196,7 +198,7 @@ def test_cgroup_v1(tmp_path):
     (root / "memory" / "memory.usage_in_bytes").write_text("1\n")
     proc = tmp_path / "cgroup"
     proc.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\n0::/docker/abc\n")
-    assert fit.cgroup_headroom(proc, root) == 4 * 2**30
+    assert host_memory.cgroup_headroom(proc, root) == 4 * 2**30
 
 
 def test_available_cgroup_lower_than_meminfo(tmp_path, monkeypatch):
@@ -204,21 +206,21 @@ def test_available_cgroup_lower_than_meminfo(tmp_path, monkeypatch):
     proc, root = _cgroup_v2(tmp_path, 8 * 2**30, 3 * 2**30)
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemAvailable:   30000000 kB\n")
-    a = fit.available_memory("cpu", meminfo=meminfo, proc_cgroup=proc, cgroup_root=root)
+    a = host_memory.available_memory("cpu", meminfo=meminfo, proc_cgroup=proc, cgroup_root=root)
     assert (a.bytes, a.source) == (5 * 2**30, "cgroup memory limit")
     assert a.sources["MemAvailable"] == 30000000 * 1024
-    a = fit.available_memory("cpu", meminfo=meminfo, proc_cgroup=proc, cgroup_root=root, limit=2**30)
+    a = host_memory.available_memory("cpu", meminfo=meminfo, proc_cgroup=proc, cgroup_root=root, limit=2**30)
     assert (a.bytes, a.source) == (2**30, "DSVL2_MEMORY_LIMIT")
 
 
 def test_available_here():
-    a = fit.available_memory()
+    a = host_memory.available_memory()
     assert a.bytes > 0 and a.source in a.sources
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_available_cuda():
-    a = fit.available_memory("cuda")
+    a = host_memory.available_memory("cuda")
     assert a.source.startswith("free memory of cuda") and 0 < a.bytes <= torch.cuda.mem_get_info()[1]
 
 
@@ -227,34 +229,34 @@ def test_available_cuda():
 def _fake_plan(method, total_gb):
     """A plan whose total is `total_gb` (weights take all but the overhead)."""
     total = int(total_gb * GB)
-    return fit.MemoryPlan(dtype="bfloat16", method=method, weights={"total": total - 1000}, cache=0, context=4096,
-                          vision=0, prefill=0, loading=0, overhead=1000)
+    return memory_plan.MemoryPlan(dtype="bfloat16", method=method, weights={"total": total - 1000}, cache=0,
+                                  context=4096, vision=0, prefill=0, loading=0, overhead=1000)
 
 
 PLANS = {"none": _fake_plan("none", 33.4), "int8": _fake_plan("int8", 19.0), "int4": _fake_plan("int4", 12.3)}
 
 
 def test_check_fits_message():
-    avail = fit.Available(int(22.9 * GB), "MemAvailable")
+    avail = host_memory.Available(int(22.9 * GB), "MemAvailable")
     with pytest.raises(MemoryFitError) as err:
         fit.check_fits("deepseek-vl2-small", PLANS, avail)
     msg = str(err.value)
     assert msg == ("deepseek-vl2-small needs 33.4 GB in bfloat16, 22.9 GB is available (MemAvailable); "
                    "--quantize int8 needs 19.0 GB (fits); --quantize int4 needs 12.3 GB (fits)")
     assert "\n" not in msg and isinstance(err.value, Dsvl2Error)
-    assert fit.check_fits("deepseek-vl2-small", PLANS, fit.Available(int(40 * GB), "MemAvailable")) is None
+    assert fit.check_fits("deepseek-vl2-small", PLANS, host_memory.Available(int(40 * GB), "MemAvailable")) is None
     assert fit.check_fits("x", PLANS, avail, method="int8") is None
 
 
 def test_check_fits_only_int4():
-    avail = fit.Available(int(15 * GB), "cgroup memory limit")
+    avail = host_memory.Available(int(15 * GB), "cgroup memory limit")
     with pytest.raises(MemoryFitError, match=r"in bfloat16 with int8 experts, 15.0 GB is available "
                                              r"\(cgroup memory limit\); --quantize int4 needs 12.3 GB \(fits\)$"):
         fit.check_fits("m", PLANS, avail, method="int8")
 
 
 def test_check_fits_nothing_fits():
-    avail = fit.Available(int(8 * GB), "DSVL2_MEMORY_LIMIT")
+    avail = host_memory.Available(int(8 * GB), "DSVL2_MEMORY_LIMIT")
     with pytest.raises(MemoryFitError) as err:
         fit.check_fits("deepseek-vl2", PLANS, avail)
     assert "no quantization fits (--quantize int4 needs 12.3 GB)" in str(err.value)
@@ -263,30 +265,30 @@ def test_check_fits_nothing_fits():
 
 
 def test_check_fits_allow_paging():
-    warning = fit.check_fits("m", PLANS, fit.Available(int(8 * GB), "MemAvailable"), allow_paging=True)
+    warning = fit.check_fits("m", PLANS, host_memory.Available(int(8 * GB), "MemAvailable"), allow_paging=True)
     assert warning.startswith("m needs 33.4 GB in bfloat16, 8.0 GB is available") and "paged" in warning
 
 
 @pytest.mark.parametrize("avail_gb, method", [(40, "none"), (22.9, "int8"), (15, "int4")])
 def test_choose_quantization(avail_gb, method):
-    chosen, line = fit.choose_quantization("m", PLANS, fit.Available(int(avail_gb * GB), "MemAvailable"))
+    chosen, line = fit.choose_quantization("m", PLANS, host_memory.Available(int(avail_gb * GB), "MemAvailable"))
     assert chosen == method
     assert line.startswith(f"--quantize auto: {method} (") and "\n" not in line
 
 
 def test_choose_quantization_none_fits():
     with pytest.raises(MemoryFitError, match="m needs 12.3 GB in bfloat16 with int4 experts, 8.0 GB"):
-        fit.choose_quantization("m", PLANS, fit.Available(int(8 * GB), "MemAvailable"))
-    chosen, line = fit.choose_quantization("m", PLANS, fit.Available(int(8 * GB), "MemAvailable"),
+        fit.choose_quantization("m", PLANS, host_memory.Available(int(8 * GB), "MemAvailable"))
+    chosen, line = fit.choose_quantization("m", PLANS, host_memory.Available(int(8 * GB), "MemAvailable"),
                                            allow_paging=True)
     assert chosen == "int4" and "paged" in line
 
 
 def test_choose_quantization_real(real_dirs):
-    plans = fit.plans_for_folder(real_dirs["small"], torch.bfloat16)
-    chosen, _ = fit.choose_quantization("small", plans, fit.Available(int(24 * GB), "MemAvailable"))
+    plans = memory_plan.plans_for_folder(real_dirs["small"], torch.bfloat16)
+    chosen, _ = fit.choose_quantization("small", plans, host_memory.Available(int(24 * GB), "MemAvailable"))
     assert chosen == "int8"
-    chosen, _ = fit.choose_quantization("small", plans, fit.Available(int(16 * GB), "MemAvailable"))
+    chosen, _ = fit.choose_quantization("small", plans, host_memory.Available(int(16 * GB), "MemAvailable"))
     assert chosen == "int4"
 
 
@@ -305,7 +307,7 @@ def test_choose_quantization_real(real_dirs):
     (RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"), "MPS"),
 ])
 def test_describe_oom(err, where):
-    msg = fit.describe_oom(err)
+    msg = oom.describe_oom(err)
     assert msg is not None and "\n" not in msg
     assert (f"out of {where} memory" if where != "RAM" else "out of memory (RAM)") in msg
     assert "--quantize int4" in msg and "smaller model" in msg
@@ -318,13 +320,13 @@ def test_describe_oom_follows_cause():
         except MemoryError as inner:
             raise Dsvl2Error("while loading") from inner
     except Dsvl2Error as outer:
-        assert "RAM" in fit.describe_oom(outer)
+        assert "RAM" in oom.describe_oom(outer)
 
 
 @pytest.mark.parametrize("err", [RuntimeError("shape mismatch"), ValueError("Cannot allocate nothing"),
                                  OSError("No space left on device"), KeyboardInterrupt()])
 def test_describe_oom_other(err):
-    assert fit.describe_oom(err) is None
+    assert oom.describe_oom(err) is None
 
 
 # ------------------------------------------------------------------------------ against measured RSS
@@ -335,9 +337,9 @@ def test_plan_counts_float32_products(real_dirs, monkeypatch):
     cfg = ModelConfig.from_dir(real_dirs["tiny"])
     plans = {}
     for wanted in (False, True):
-        monkeypatch.setattr(fit.f32_products, "wanted", lambda dtype, device, wanted=wanted: wanted)
-        plans[wanted] = fit.plan(cfg, torch.bfloat16, None)
-    extra = fit.f32_products_bytes(cfg)
+        monkeypatch.setattr(memory_plan.f32_products, "wanted", lambda dtype, device, wanted=wanted: wanted)
+        plans[wanted] = memory_plan.plan(cfg, torch.bfloat16, None)
+    extra = memory_plan.f32_products_bytes(cfg)
     assert 0.1 * GB < extra < 0.5 * GB  # tiny: layer 0's gate_up in float32, 2916 rows of fc1 in and out
     assert plans[True].vision == plans[False].vision + extra and plans[True].prefill == plans[False].prefill + extra
     assert plans[True].weight_bytes == plans[False].weight_bytes and plans[True].cache == plans[False].cache
@@ -349,7 +351,7 @@ def test_plan_within_10_percent_of_measured_tiny(real_dirs, monkeypatch):
     measurement ran on an AVX512-BF16 CPU: bf16 products, as planned here on any CPU."""
     from pathlib import Path
 
-    monkeypatch.setattr(fit.f32_products, "wanted", lambda dtype, device: False)
+    monkeypatch.setattr(memory_plan.f32_products, "wanted", lambda dtype, device: False)
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory-plan-cpu.json"
     if not results.is_file():
@@ -357,6 +359,6 @@ def test_plan_within_10_percent_of_measured_tiny(real_dirs, monkeypatch):
     cfg = ModelConfig.from_dir(real_dirs["tiny"])
     for r in json.loads(results.read_text())["results"]:
         spec = None if r["method"] == "none" else QuantSpec.make(r["method"])
-        p = fit.plan(cfg, torch.bfloat16, spec)
+        p = memory_plan.plan(cfg, torch.bfloat16, spec)
         assert p.weight_bytes == r["weight_bytes"]["total"]
         assert 1.0 <= p.total / r["peak_rss"] <= 1.10, (r["method"], p.total, r["peak_rss"])

@@ -36,14 +36,14 @@ import dsvl2_cli
 from dsvl2_cli.engine import kernels, memory, quant
 from dsvl2_cli.engine.generate import GenerationConfig, generate
 from dsvl2_cli.engine.processor import user_message
-from dsvl2_cli.engine.quant import experts as quant_experts
+from dsvl2_cli.engine.quant import nf4 as quant_nf4
 from dsvl2_cli.engine.quant import folder as quant_folder
 from dsvl2_cli.engine.quant import format as quant_format
 from dsvl2_cli.errors import Dsvl2Error, WeightsError
 from dsvl2_cli.model.moe import Experts, looped_experts
 
 try:
-    quant_experts._bitsandbytes()
+    quant_nf4.bitsandbytes()
     HAVE_BNB = True
 except quant.QuantizationError:
     HAVE_BNB = False
@@ -110,13 +110,13 @@ def test_int4_codes_within_half_a_step():
 
 @needs_bnb
 def test_nf4_packing_matches_bitsandbytes():
-    functional = quant_experts._bitsandbytes().functional
+    functional = quant_nf4.bitsandbytes().functional
     w = random_experts(1, 256, 128)[0][0]  # (256, 256)
-    ours = quant_format._quantize_nf4(w, 64)
+    ours = quant_nf4._quantize_nf4(w, 64)
     theirs, state = functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
     assert torch.equal(ours["qweight"].flatten(), theirs.flatten())
     assert torch.equal(ours["absmax"], state.absmax)
-    assert torch.equal(torch.tensor(quant_format.NF4_VALUES), functional.get_4bit_type("nf4", device="cpu").float())
+    assert torch.equal(torch.tensor(quant_nf4.NF4_VALUES), functional.get_4bit_type("nf4", device="cpu").float())
 
 
 def test_group_size_follows_the_input_size():

@@ -254,11 +254,11 @@ def test_packed_weights_are_cached_mapped_and_checked(ckpt_tiny, monkeypatch, tm
 def test_memory_plan_counts_the_int8_tower_it_will_make(ckpt_tiny):
     """The memory check before a load with --vision-int8 counts the packed weights the load then
     makes (their own weights component), and only where the int8 tower will run."""
-    from dsvl2_cli.engine import fit
+    from dsvl2_cli.engine import fit, memory_plan
 
     vlm = dsvl2_cli.load(ckpt_tiny, dtype="bfloat16", device="cpu", vision_int8=True)
     made = sum(m.int8.nbytes for m in vlm.model.vision.modules() if isinstance(m, vision_int8.Int8Linear))
-    assert made > 0 and fit.vision_int8_bytes(vlm.config) == made
+    assert made > 0 and memory_plan.vision_int8_bytes(vlm.config) == made
     plain = fit.check_load(ckpt_tiny, "tiny-like", torch.bfloat16, "cpu")
     asked = fit.check_load(ckpt_tiny, "tiny-like", torch.bfloat16, "cpu", vision_int8=True)
     assert asked.plan.weights["vision_int8"] == made and "vision_int8" not in plain.plan.weights

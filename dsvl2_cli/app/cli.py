@@ -75,49 +75,51 @@ def _main(version: Annotated[bool, typer.Option(
 
 # -------------------------------------------------------------------------------------- model
 
-def load_weights(path: Path, *, device: str, dtype: str, quantize: str | None = None, on_progress=None,
+def load_weights(model, *, device: str, dtype: str, quantize: str | None = None, on_progress=None,
                  vision_int8: bool = False):
-    """runtime.load on a resolved folder (tests replace this to reuse loaded models); open_model
-    has made the memory check already. vision_int8: --vision-int8, or $DSVL2_VISION_INT8 (None)."""
+    """The weights of `model` (open_model's hub.ResolvedModel, or a folder) with the quantization its
+    plan chose, not checked again (tests replace this to reuse loaded models)."""
     from ..engine import runtime
 
-    return runtime.load(path, device=device, dtype=dtype, quantize=quantize, download=False,
-                        on_progress=on_progress, memory_check=False, vision_int8=vision_int8 or None)
+    plan = runtime.plan_load(model, device=device, dtype=dtype, quantize=quantize, download=False,
+                             memory_check=False, vision_int8=vision_int8 or None)
+    return plan.load(on_progress)
 
 
-def open_model(opts: Options, ui: UI):
+def open_model(opts: Options, ui: UI, resolved=None):
+    """The model of `opts` through the engine's loading path (runtime.plan_load: resolved, which may
+    download, and checked, once); `resolved`: what a command's preflight resolved."""
     from rich.progress import BarColumn, SpinnerColumn, TextColumn
 
-    from ..engine import hub
-    from . import tasks
+    from ..engine import runtime
     from .render import loaded_status
 
-    resolved = hub.resolve(opts.model)  # may download, with huggingface_hub's own progress bars
-    fitted = tasks.check_memory(resolved, opts)  # refuses before any weight is read
-    if fitted.note:
-        ui.status(fitted.note)
-    if fitted.warning:
-        ui.warn(fitted.warning)
+    plan = runtime.plan_load(resolved or opts.model, device=opts.device, dtype=opts.dtype, quantize=opts.quantize,
+                             allow_paging=opts.allow_paging, vision_int8=opts.vision_int8 or None)
+    if plan.note:
+        ui.status(plan.note)
+    if plan.warning:
+        ui.warn(plan.warning)
     t0 = time.perf_counter()
     progress = ui.progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                            TextColumn("{task.percentage:>3.0f}%"))
     with progress:
-        task = progress.add_task(f"loading {resolved.name}", total=None)
-        vlm = load_weights(resolved.path, device=opts.device, dtype=opts.dtype, quantize=fitted.quantize,
+        task = progress.add_task(f"loading {plan.model.name}", total=None)
+        vlm = load_weights(plan.model, device=opts.device, dtype=opts.dtype, quantize=plan.quantize,
                            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
                            vision_int8=opts.vision_int8)
-    vlm = dataclasses.replace(vlm, name=resolved.name, source=resolved.source)
+    vlm = dataclasses.replace(vlm, name=plan.model.name, source=plan.model.source)
     ui.status(loaded_status(vlm, time.perf_counter() - t0))
     return vlm
 
 
-def open_backend(opts: Options, ui: UI):
+def open_backend(opts: Options, ui: UI, resolved=None):
     """What the task runs on: the server of --server/$DSVL2_SERVER (no model loads), else the model."""
     from . import tasks
 
     url = opts.server_url()
     if not url:
-        return tasks.LocalBackend(open_model(opts, ui))
+        return tasks.LocalBackend(open_model(opts, ui, resolved))
     from .client import RemoteModel
 
     backend = tasks.RemoteBackend(RemoteModel(url, api_key=opts.server_key(), model=opts.model))
@@ -248,11 +250,12 @@ def ocr(
         if not sources:
             return
         text = prompt or tasks.OCR_PROMPTS[fmt.value]
-        if not opts.server_url():  # a prompt that cannot fit even untiled is refused before loading
-            tasks.preflight(hub.resolve(opts.model).path, text, 1, opts, "ocr", max_tiles,
+        resolved = None if opts.server_url() else hub.resolve(opts.model)
+        if resolved is not None:  # a prompt that cannot fit even untiled is refused before loading
+            tasks.preflight(resolved.path, text, 1, opts, "ocr", max_tiles,
                             name=sources[0].title if len(sources) == 1 else "every page")
         _note_sampling(opts, ui)
-        backend = open_backend(opts, ui)
+        backend = open_backend(opts, ui, resolved)
         local = isinstance(backend, tasks.LocalBackend)
         batch = batch or (tasks.default_ocr_batch(backend.vlm, len(sources)) if local else 1)
         if batch > 1:
@@ -304,10 +307,11 @@ def ask(
             ui.warn(note)
         images = [src.image() for src in sources]
     if backend is None:
-        if not opts.server_url():  # a prompt that cannot fit even untiled is refused before loading
-            tasks.preflight(hub.resolve(opts.model).path, question, images, opts, "chat", max_tiles)
+        resolved = None if opts.server_url() else hub.resolve(opts.model)
+        if resolved is not None:  # a prompt that cannot fit even untiled is refused before loading
+            tasks.preflight(resolved.path, question, images, opts, "chat", max_tiles)
         _note_sampling(opts, ui)
-        backend = open_backend(opts, ui)
+        backend = open_backend(opts, ui, resolved)
     render_answer(tasks.ask(backend, images, question, opts, max_tiles=max_tiles, selection=selection), ui,
                   AnswerView(stream=opts.stream, json=opts.json, waiting="reading the pages"))
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .. import settings
+from .. import quant_methods, settings
 from ..settings import DEFAULT_MODEL
 from .defaults import TEMPERATURE_ADVICE  # engine-free: --help stays instant
 
@@ -41,9 +41,8 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=_M, help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", rich_help_panel=_M, help="Weights and compute dtype.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option(
-    "--quantize", rich_help_panel=_M, show_default=False, metavar="auto|none|int8|int4|nf4",
-    help="Quantize the routed experts while loading: int4 (fast on CPU), nf4 (bitsandbytes), int8; "
-         "auto: the first of none, int8, int4 that fits in memory. Default: the folder as it is.")]
+    "--quantize", rich_help_panel=_M, show_default=False, metavar=quant_methods.QUANTIZE_METAVAR,
+    help=quant_methods.QUANTIZE_HELP)]
 VisionInt8Opt = Annotated[bool, typer.Option(
     "--vision-int8", rich_help_panel=_M, show_default=False,
     help="Run the vision tower's linears in int8 (CPU with AVX512-VNNI, bf16 weights): 1.7-1.9x faster image "
@@ -172,7 +171,7 @@ def local_only_options(opts: Options) -> list[str]:
 def prompt_store():
     """The persistent prompt cache in settings.prompt_cache_dir(), capped by
     $DSVL2_PROMPT_CACHE_BYTES (a malformed value is a one-line error)."""
-    from ..engine.fit import parse_memory_size
+    from ..engine.host_memory import parse_memory_size
     from ..engine.prompt_store import DEFAULT_CAP_BYTES, PromptStore
 
     text = settings.prompt_cache_bytes()

@@ -16,7 +16,6 @@ import os
 import re
 import stat
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import InputError
+from ..files import Replacement
 from .images import load_image_with_notes, read_capped, read_fifo, stat_path
 from .pdf import PdfDocument, check_dpi, is_pdf
 
@@ -89,28 +89,19 @@ class Source:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and os.replace, so readers (and an
-    interrupted run) only ever see complete files. OSError becomes an InputError."""
+    """Write through a temporary file in the same folder (fsync'd, then renamed: dsvl2_cli/files.py), so
+    readers (and an interrupted run) only ever see complete files; the user's umask for its mode.
+    OSError becomes an InputError."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        out = Replacement(path, fsync=True, normal_mode=True)
     except OSError as err:
         raise InputError(f"{path.parent}: cannot write there ({err.strerror or err})") from None
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise InputError(f"{path}: cannot write ({err.strerror or err})") from None
-        raise
+        with out:
+            out.file.write(data)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 # ---------------------------------------------------------------------------------- inputs

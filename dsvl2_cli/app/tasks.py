@@ -52,7 +52,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -85,7 +84,7 @@ if TYPE_CHECKING:
 __all__ = [  # the task layer's names, wherever they are defined
     "MAX_TOKENS", "OCR_PROMPTS", "TEMPERATURE_ADVICE", "Answer", "Backend", "ChatSession", "GroundAnswer",
     "LocalBackend", "Notice", "Options", "PageFailed", "PageStarted", "PixelBox", "Prompt", "RemoteBackend",
-    "TaskEvent", "answer_record", "as_backend", "ask", "ask_note", "chat_session", "chat_turn", "check_memory",
+    "TaskEvent", "answer_record", "as_backend", "ask", "ask_note", "chat_session", "chat_turn",
     "default_ocr_batch", "ground", "ground_prompt", "grounded", "model_info", "ocr_extension", "ocr_targets",
     "ocr_texts", "preflight", "read_pages", "task_defaults", "untiled_note", "with_boxes",
 ]
@@ -304,57 +303,9 @@ def _read_together(backend: LocalBackend, group: list[_Page | PageFailed], confi
         yield answer_with_plan(backend, next(dones), page.prompt.prepared, [page.image], page.plan)
 
 
-if TYPE_CHECKING:
-    from ..engine import fit
-
-
-def check_memory(resolved, opts: Options) -> fit.Fit:
-    """The memory check before a model command loads `resolved` (fit.check_load): MemoryFitError
-    when the plan does not fit, else the verdict, with `--quantize auto` replaced by its choice."""
-    from .. import settings
-    from ..engine import fit, runtime  # the engine (torch) only where a local model is involved
-
-    return fit.check_load(resolved.path, resolved.name, runtime.resolve_dtype(opts.dtype),
-                          runtime.resolve_device(opts.device), opts.quantize, allow_paging=opts.allow_paging,
-                          vision_int8=opts.vision_int8 or settings.vision_int8())
-
-
 def model_info(resolved, dtype: str, device: str, quantize: str | None = None) -> dict:
-    """`dsvl2 info`'s facts about a resolved model (hub.ResolvedModel), from its files only: the
-    architecture, parameter counts, the weight memory it would take loaded with `quantize`, and
-    the memory plan of each method against what this process may use.
+    """`dsvl2 info`'s facts about a resolved model (hub.ResolvedModel), from its files only:
+    engine/facts.model_info (which documents the keys), imported here: the engine needs torch."""
+    from ..engine import facts
 
-    {"model", "path", "source", "dtype", "device", "architecture": {...},
-     "parameters": {"total", "active", "vision", "adaptor", "language"},
-     "cache_bytes_per_token", "image_tokens_384", "quantization", "weight_memory": {...},
-     "memory": {"available": {"bytes", "source"}, "method": str,   # the method these options load
-                "plans": {method: {"total", "weights", "cache", "activations", "loading",
-                                   "overhead", "fits"}}}}   # bytes; fits: total <= available
-    The plans: none, int8, int4 (and the --quantize method) for a float folder, a pre-quantized
-    folder's own method only; batch 1, the cache at the full context."""
-    from ..engine import facts as model_facts
-    from ..engine import fit, memory, quant, runtime
-    from ..model.config import ModelConfig
-
-    facts = model_facts.describe_model(resolved, dtype, device)
-    dt, dev = runtime.resolve_dtype(facts["dtype"]), facts["device"]
-    folder = quant.read_spec(resolved.path)
-    auto = quantize is not None and quantize.lower() == "auto"
-    requested = None if auto else quant.choose_spec(quantize, folder, str(resolved.path))
-    extra = () if requested is None or requested.method in fit.AUTO_ORDER else (requested.method,)
-    plans = fit.plans_for_folder(resolved.path, dt, dev, (*fit.AUTO_ORDER, *extra))
-    available = fit.available_memory(dev)
-    if auto:  # what the model commands would choose; nothing fitting is not an error here
-        quantize, _ = fit.choose_quantization(resolved.name, plans, available, allow_paging=True)
-    spec = quant.choose_spec(quantize, folder, str(resolved.path))
-    cfg = ModelConfig.from_dir(resolved.path)
-    facts["quantization"] = quant.spec_label(spec)
-    facts["weight_memory"] = memory.planned_weight_memory(cfg, dt, spec)
-    facts["memory"] = {
-        "available": {"bytes": available.bytes, "source": available.source},
-        "method": spec.method if spec else "none",
-        "plans": {m: {"total": p.total, "weights": p.weight_bytes, "cache": p.cache,
-                      "activations": max(p.vision, p.prefill), "loading": p.loading, "overhead": p.overhead,
-                      "fits": p.total <= available.bytes} for m, p in plans.items()},
-    }
-    return facts
+    return facts.model_info(resolved, dtype, device, quantize)

@@ -361,10 +361,10 @@ void dsvl2_head_gemv_bf16(const bf16 *x, int64_t H, int64_t T, const bf16 *w, in
 }
 
 /* ------------------------------------------------------------------------------------------
- * Routed experts with 4-bit weights (quant.py's int4: w = (q - 8) * scale + zero per group of
+ * Routed experts with 4-bit weights (quant/int4.py: w = (q - 8) * scale + zero per group of
  * G inputs), read directly in torch's CPU int4 packing so that prefill (torch's kernel) and
  * decode (this one) share one copy of the weights. That packing, checked at run time by
- * quant.py before this kernel is used: for each block of 64 output rows, (K, 32) bytes, byte j
+ * quant/int4.py before this kernel is used: for each block of 64 output rows, (K, 32) bytes, byte j
  * of input k holding row j in its low nibble and row j + 32 in its high nibble. Scales and
  * zeros: (K/G, N, 2) bf16.
  * Per group, sum_k w x = scale * sum_k q x + (zero - 8 scale) * sum_k x: the codes are
@@ -420,7 +420,7 @@ static void to_f32_with_group_sums(const bf16 *x, int64_t K, int64_t G, float *x
 }
 
 /* Rows [64b, 64b + 64) (cut at N) of y = W x for one int8 matrix: codes (N, K) int8, one bf16
- * scale per row (quant.py's int8: w = q * scale). */
+ * scale per row (quant/int8.py: w = q * scale). */
 static void int8_block(const int8_t *Q, const bf16 *scale, int64_t N, int64_t K, int64_t b, const float *xf,
                        float *out) {
     int64_t r1 = (b + 1) * 64 < N ? (b + 1) * 64 : N;

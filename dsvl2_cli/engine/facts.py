@@ -1,5 +1,6 @@
 """What `dsvl2 info` shows about a model without loading its weights: the architecture from
-config.json and parameter counts from the model built on the meta device."""
+config.json, parameter counts from the model built on the meta device, and the memory each
+quantization would need here (memory_plan.py, fit.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.vlm import DeepseekVL2
-from . import hub
+from ..quant_methods import AUTO_ORDER
+from . import fit, hub, memory, quant
+from .host_memory import available_memory
+from .memory_plan import plans_for_folder
 from .processor import image_token_count
 from .runtime import resolve_device, resolve_dtype
 
@@ -60,3 +64,40 @@ def describe_model(resolved: hub.ResolvedModel, dtype: str | torch.dtype | None 
         * torch.empty((), dtype=torch_dtype).element_size(),
         "image_tokens_384": image_token_count(1, 1, side),
     }
+
+
+def model_info(resolved: hub.ResolvedModel, dtype: str, device: str, quantize: str | None = None) -> dict:
+    """`dsvl2 info`'s facts about a resolved model, from its files only: `describe_model`, the
+    weight memory it would take loaded with `quantize`, and the memory plan of each method against
+    what this process may use.
+
+    {"model", "path", "source", "dtype", "device", "architecture": {...},
+     "parameters": {"total", "active", "vision", "adaptor", "language"},
+     "cache_bytes_per_token", "image_tokens_384", "quantization", "weight_memory": {...},
+     "memory": {"available": {"bytes", "source"}, "method": str,   # the method these options load
+                "plans": {method: {"total", "weights", "cache", "activations", "loading",
+                                   "overhead", "fits"}}}}   # bytes; fits: total <= available
+    The plans: none, int8, int4 (and the --quantize method) for a float folder, a pre-quantized
+    folder's own method only; batch 1, the cache at the full context."""
+    facts = describe_model(resolved, dtype, device)
+    dt, dev = resolve_dtype(facts["dtype"]), facts["device"]
+    folder = quant.read_spec(resolved.path)
+    auto = quantize is not None and quantize.lower() == "auto"
+    requested = None if auto else quant.choose_spec(quantize, folder, str(resolved.path))
+    extra = () if requested is None or requested.method in AUTO_ORDER else (requested.method,)
+    plans = plans_for_folder(resolved.path, dt, dev, (*AUTO_ORDER, *extra))
+    available = available_memory(dev)
+    if auto:  # what the model commands would choose; nothing fitting is not an error here
+        quantize, _ = fit.choose_quantization(resolved.name, plans, available, allow_paging=True)
+    spec = quant.choose_spec(quantize, folder, str(resolved.path))
+    cfg = ModelConfig.from_dir(resolved.path)
+    facts["quantization"] = quant.spec_label(spec)
+    facts["weight_memory"] = memory.planned_weight_memory(cfg, dt, spec)
+    facts["memory"] = {
+        "available": {"bytes": available.bytes, "source": available.source},
+        "method": spec.method if spec else "none",
+        "plans": {m: {"total": p.total, "weights": p.weight_bytes, "cache": p.cache,
+                      "activations": max(p.vision, p.prefill), "loading": p.loading, "overhead": p.overhead,
+                      "fits": p.total <= available.bytes} for m, p in plans.items()},
+    }
+    return facts

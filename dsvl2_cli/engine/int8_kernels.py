@@ -1,7 +1,8 @@
 """The int8 GEMM's wrappers (csrc/cpu_kernels.c, "int8 vision linears"; opt-in, AVX512-VNNI):
 weight packing, row quantization and the u8 x s8 GEMM, for engine/vision_int8.py. Like every
-wrapper in kernels.py (which builds the library and declares these functions' signatures), each
-returns None where it does not apply, and the caller keeps its bf16 path."""
+wrapper in kernels.py (which holds the loaded library; kernel_build.py builds it and declares these
+functions' signatures), each returns None where it does not apply, and the caller keeps its bf16
+path."""
 
 from __future__ import annotations
 

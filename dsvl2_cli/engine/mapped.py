@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 
 from .. import settings
 from ..errors import CacheError, WeightsError
+from ..files import Replacement, write_atomic
 from ..model.config import ModelConfig
 from . import mapped_store
 from .prompt_store import model_fingerprint
@@ -146,29 +146,22 @@ def write_tensors(data_path: Path, record_path: Path, table: Table, tensors: Ite
     header, spans, size = _layout(table, source, quant)
     folder = data_path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=mapped_store.TMP_PREFIX, suffix=mapped_store.DATA_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(header).to_bytes(8, "little") + header)
-            for done, ((name, tensor), (span_name, offset, nbytes)) in enumerate(zip(tensors, spans, strict=True), 1):
-                if name != span_name or (tuple(tensor.shape), tensor.dtype) != table[name]:
-                    raise WeightsError(f"{name}: built tensor does not fit the mapped layout (internal error)")
-                f.write(b"\0" * (offset - f.tell()))
-                f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
-                del tensor
-                if on_progress is not None:
-                    on_progress(done, len(spans))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, data_path)
-        record = {"format": FORMAT, "version": VERSION, "source": source, "dtype": COMPUTE_DTYPES[dtype],
-                  "quant": quant, "fingerprint": fingerprint, "size": size,
-                  "digest": _digest(data_path, len(header), size)}
-        _write_atomic(record_path, json.dumps(record).encode())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # temporary file + fsync + rename, then the completion record the same way (files.py)
+    with Replacement(data_path, prefix=mapped_store.TMP_PREFIX, suffix=mapped_store.DATA_SUFFIX, fsync=True) as out:
+        f = out.file
+        f.write(len(header).to_bytes(8, "little") + header)
+        for done, ((name, tensor), (span_name, offset, nbytes)) in enumerate(zip(tensors, spans, strict=True), 1):
+            if name != span_name or (tuple(tensor.shape), tensor.dtype) != table[name]:
+                raise WeightsError(f"{name}: built tensor does not fit the mapped layout (internal error)")
+            f.write(b"\0" * (offset - f.tell()))
+            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+            del tensor
+            if on_progress is not None:
+                on_progress(done, len(spans))
+    record = {"format": FORMAT, "version": VERSION, "source": source, "dtype": COMPUTE_DTYPES[dtype],
+              "quant": quant, "fingerprint": fingerprint, "size": size,
+              "digest": _digest(data_path, len(header), size)}
+    write_atomic(record_path, json.dumps(record).encode(), prefix=mapped_store.TMP_PREFIX, suffix=".json")
     # Older entries of rewritten or deleted models are dead weight (GBs): pruned now, quietly (a
     # failure to prune must not fail the load that wrote this entry).
     with contextlib.suppress(OSError, CacheError):
@@ -184,20 +177,6 @@ def map_tensors(data_path: Path, spans, size: int, table: Table) -> dict[str, to
         elem = torch.empty((), dtype=dt).element_size()
         out[name] = torch.empty(0, dtype=dt).set_(storage, offset // elem, shape, _contiguous_strides(shape))
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=mapped_store.TMP_PREFIX, suffix=".json")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def check_entry(data_path: Path, record_path: Path, table: Table, source: str, dtype: torch.dtype,

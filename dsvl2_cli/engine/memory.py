@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from ..model.config import ModelConfig
-from .quant.experts import QuantizedExperts
-from .quant.format import _SAFETENSORS_SIZES, QuantSpec, expected_quantized
+from .quant.base import QuantizedExperts
+from .quant.format import _SAFETENSORS_SIZES, QuantSpec
+from .quant.registry import expected_quantized
 from .weights import expected_tensors
 
 # -------------------------------------------------------------------------------- accounting

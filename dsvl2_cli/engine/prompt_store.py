@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CacheError
+from ..files import Replacement
 from .cache import ModelCache
 
 FORMAT = "dsvl2-prompt-prefix"
@@ -171,14 +171,8 @@ class PromptStore:
             from safetensors.torch import save_file
 
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".part")
-            os.close(fd)
-            try:
-                save_file(tensors, tmp, metadata=meta)
-                os.replace(tmp, path)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            with Replacement(path, prefix=".", suffix=".part") as out:  # renamed into place once whole
+                save_file(tensors, str(out.tmp), metadata=meta)
         except OSError as err:
             warnings.warn(f"prompt cache not saved in {self.folder} ({err.strerror or err})", stacklevel=2)
             return None

@@ -1,18 +1,21 @@
-"""The library's entry point: `load()` a checkpoint and get a `VLModel` that prepares
-conversations and runs the model. The CLI sits on this and nothing lower.
+"""The library's entry point, and the one loading path: `plan_load()` decides everything before a
+weight is read, each thing once (the quantization name, the model resolved by hub.py, dtype and
+device, the memory check of fit.py), `LoadPlan.load()` builds the model and fills its weights
+(`load_model`), and `load()` does both and returns a `VLModel` (vlmodel.py). The CLI
+(app/cli.py's open_model) and the server load through `plan_load` too.
 
-`quantize=` ("int8", "int4", "nf4"; see quant.py) quantizes the routed experts while loading, one
-layer at a time; a folder written by `quantize_folder` (`dsvl2 quantize`) loads quantized as it is.
+`quantize=` (a method of dsvl2_cli/quant_methods.py: int8, int4, nf4) quantizes the routed experts
+while loading, one layer at a time; a folder written by `quantize_folder` (`dsvl2 quantize`) loads
+quantized as it is.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,21 +24,12 @@ from ..errors import Dsvl2Error, ModelError
 from ..model.config import ModelConfig
 from ..model.language import rope_table
 from ..model.vlm import DeepseekVL2
-from . import f32_products as f32_products_module
-from . import fast, hub, int8_kernels, kernels, mapped, memory, quant
+from . import fast, fit, hub, mapped, quant
 from . import vision_int8 as vision_int8_module
-from .cache import ModelCache, new_model_cache
-from .processor import Message, Prepared, PreparedImage, Processor, ProcessorSettings
-from .quant import QuantSpec
+from .processor import Processor, ProcessorSettings
 from .tokenizer import Tokenizer
+from .vlmodel import TILE_BATCH, VLModel  # noqa: F401  (their old home: the public API imports VLModel here)
 from .weights import TensorReader, check_tensors, expected_tensors, load_into, read_headers, weight_files
-
-if TYPE_CHECKING:  # fit imports this module (TILE_BATCH); load() imports it when called
-    from .fit import Fit
-
-# Tiles through the vision tower per batch: 4 x 729 rows keep its matmuls efficient while a
-# 10-tile page does not hold all of its activations at once.
-TILE_BATCH = 4
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
@@ -116,7 +110,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     fast.install(model)  # CPU: native decode kernels and few-query attention (see fast.py)
     model.vision_int8 = False
     if vision_int8:
-        why = vision_int8_unavailable(dtype, device)
+        why = vision_int8_module.unavailable(dtype, device)
         if why:
             warnings.warn(f"int8 vision is not available here ({why}); the vision tower runs in {_dtype_name(dtype)}",
                           stacklevel=2)
@@ -129,95 +123,76 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def vision_int8_unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why the int8 vision tower cannot run with this dtype and device here (None: it can)."""
-    if device.type != "cpu":
-        return f"it runs on CPU, this model is on {device.type}"
-    if dtype != torch.bfloat16:
-        return f"it needs bfloat16 weights, not {_dtype_name(dtype)}"
-    if not kernels.available():
-        return f"no native CPU kernels: {kernels.status().removeprefix('torch (').removesuffix(')')}"
-    if not int8_kernels.int8_gemm_available():
-        return "this CPU or kernel build has no AVX512-VNNI"
-    return None
+@dataclass(frozen=True)
+class LoadPlan:
+    """What a load will do, decided before any weight is read (`plan_load`): the model resolved,
+    the dtype and device, the quantization to load with ("auto" replaced by its choice) and the
+    memory verdict (fit.Fit: the plan, and a note or warning to show; None when not checked).
+    `load()` reads the weights."""
 
-
-@dataclass
-class VLModel:
-    """A loaded checkpoint: config, weights, tokenizer and processor on one device and dtype."""
-
-    name: str
-    path: Path
-    source: str
+    model: hub.ResolvedModel
     config: ModelConfig
-    model: DeepseekVL2
-    tokenizer: Tokenizer
-    processor: Processor
+    dtype: torch.dtype
+    device: torch.device
+    quantize: str | None
+    vision_int8: bool
+    verdict: fit.Fit | None = None
 
     @property
-    def quantization(self) -> QuantSpec | None:
-        """How the routed experts are stored (None: in the compute dtype)."""
-        return getattr(self.model, "quantization", None)
-
-    def weight_memory(self) -> dict[str, int]:
-        """Bytes of weights by component (see memory.weight_memory)."""
-        return memory.weight_memory(self.model)
+    def path(self) -> Path:
+        return self.model.path
 
     @property
-    def vision_int8(self) -> bool:
-        """Whether the vision tower's linears run in int8 (load(..., vision_int8=True) where available)."""
-        return bool(getattr(self.model, "vision_int8", False))
+    def note(self) -> str | None:
+        """--quantize auto: what it chose, one line."""
+        return self.verdict.note if self.verdict else None
 
     @property
-    def f32_products(self) -> bool:
-        """Whether bf16 prefill and vision products run in float32 (engine/f32_products.py: a
-        CPU without bf16 dot products, or DSVL2_BF16_PRODUCTS=float32)."""
-        return f32_products_module.installed(self.model.language)
+    def warning(self) -> str | None:
+        """allow_paging: the refusal the check would have made, as one line."""
+        return self.verdict.warning if self.verdict else None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
+    def load(self, on_progress: Callable[[int, int], None] | None = None, mmap: bool | None = None) -> VLModel:
+        """Read the tokenizer and the weights (load_model); on_progress(done, total) as they are read."""
+        tokenizer = Tokenizer.from_dir(self.path)
+        if tokenizer.vocab_size > self.config.language.vocab_size:
+            raise ModelError(f"{self.path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
+                             f"vocab_size is {self.config.language.vocab_size}; tokenizer and weights do not belong "
+                             "together")
+        processor = Processor(tokenizer, ProcessorSettings.from_model_dir(self.path))
+        weights = load_model(self.path, self.config, self.dtype, self.device, on_progress, self.quantize, mmap,
+                             vision_int8=self.vision_int8)
+        return VLModel(self.model.name, self.path, self.model.source, self.config, weights, tokenizer, processor)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
 
-    def prepare(self, messages: Sequence[Message], *, system: str | None = None,
-                max_tiles: int | Sequence[int | None] | None = None) -> Prepared:
-        return self.processor.prepare(messages, system=system, max_tiles=max_tiles)
-
-    def new_cache(self, batch: int = 1, pad: torch.Tensor | None = None) -> ModelCache:
-        """An empty cache for `batch` rows; pad (B,) int64: left-padding positions per row."""
-        return new_model_cache(self.config.language, batch, pad, self.dtype, self.device)
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> embeddings (B, T, D), no images (decode steps)."""
-        return self.model.embed(ids)
-
-    def embed_prompt(self, ids: torch.Tensor, image_mask: torch.Tensor,
-                     images: Sequence[PreparedImage] = ()) -> torch.Tensor:
-        """Prompt ids (B, T) and image mask (B, T) -> embeddings (B, T, D) with `images` (in
-        row-major prompt order) encoded, TILE_BATCH tiles at a time, and laid out."""
-        pixels = torch.cat([img.pixel_values for img in images]) if images else None
-        return self.model.embed(ids, image_mask, pixels, [img.grid for img in images], tile_batch=TILE_BATCH)
-
-    def forward(self, embeds: torch.Tensor, cache: ModelCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """embeds (B, T, D) -> logits (B, T, V) float32 ((B, 1, V) with last_only); with a cache
-        the positions follow what it holds, and it grows by T."""
-        return self.model.language(embeds, cache, last_only)
-
-    @torch.inference_mode()
-    def embed(self, prepared: Prepared) -> torch.Tensor:
-        """Prompt embeddings (1, T, D) with the images encoded and laid out."""
-        return self.model.embed(
-            prepared.input_ids[None], prepared.image_mask[None], prepared.pixel_values(),
-            [img.grid for img in prepared.images],
-        )
-
-    @torch.inference_mode()
-    def logits(self, prepared: Prepared) -> torch.Tensor:
-        """Full uncached forward pass: logits (T, V) float32 for every prompt position."""
-        return self.forward(self.embed(prepared))[0]
+def plan_load(
+    model: str | os.PathLike | hub.ResolvedModel | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    download: bool = True,
+    quantize: str | None = None,
+    memory_check: bool = True,
+    allow_paging: bool = False,
+    vision_int8: bool | None = None,
+) -> LoadPlan:
+    """Everything `load` decides before reading a weight, each once: the quantization name checked
+    (a typo fails before any download), the model resolved (`hub.resolve`, which may download;
+    a `hub.ResolvedModel` is taken as it is), dtype and device, config.json, and the memory check
+    (`fit.check_load`: MemoryFitError when the plan does not fit). The arguments are `load`'s."""
+    auto = quantize is not None and str(quantize).lower() == "auto"
+    if not auto:
+        quant.parse_method(quantize)  # a typo fails before any download
+    resolved = model if isinstance(model, hub.ResolvedModel) else hub.resolve(model, download=download)
+    dt, dev = resolve_dtype(dtype), resolve_device(device)
+    cfg = ModelConfig.from_dir(resolved.path)
+    int8 = settings.vision_int8() if vision_int8 is None else bool(vision_int8)
+    verdict = None
+    if memory_check or auto:
+        verdict = fit.check_load(resolved.path, resolved.name, dt, dev, quantize,
+                                 allow_paging=allow_paging or not memory_check, vision_int8=int8)
+        quantize = verdict.quantize
+    return LoadPlan(resolved, cfg, dt, dev, quantize, int8, verdict)
 
 
 def load(
@@ -230,7 +205,7 @@ def load(
     quantize: str | None = None,
     memory_check: bool = True,
     allow_paging: bool = False,
-    on_fit: Callable[[Fit], None] | None = None,
+    on_fit: Callable[[fit.Fit], None] | None = None,
     mmap: bool | None = None,
     vision_int8: bool | None = None,
 ) -> VLModel:
@@ -242,8 +217,8 @@ def load(
     pre-quantized folder from `dsvl2 quantize` with its own method); "auto" the first of none,
     int8, int4 that fits in memory (a pre-quantized folder keeps its own).
 
-    Before any weight is read the memory plan (engine/fit.py) is checked against what this
-    process may use: too big raises MemoryFitError naming the quantizations that would fit.
+    Before any weight is read (`plan_load`) the memory plan (engine/fit.py) is checked against
+    what this process may use: too big raises MemoryFitError naming the quantizations that fit.
     allow_paging=True loads anyway (memory-mapped weights paged from disk: slow) with a warning;
     memory_check=False skips the check ("auto" still plans, and never refuses). on_fit receives
     the verdict (fit.Fit: the plan, its note and warning); without it a warning goes to
@@ -258,27 +233,11 @@ def load(
     the later ones (packed into private memory each time without mapping). The prompt cache keeps
     int8 and bf16 image prefixes apart.
     """
-    auto = quantize is not None and str(quantize).lower() == "auto"
-    if not auto:
-        quant.parse_method(quantize)  # a typo fails before any download
-    resolved = hub.resolve(model, download=download)
-    dt, dev = resolve_dtype(dtype), resolve_device(device)
-    cfg = ModelConfig.from_dir(resolved.path)
-    int8 = settings.vision_int8() if vision_int8 is None else bool(vision_int8)
-    if memory_check or auto:
-        from .fit import check_load  # not at the top: fit imports this module
-
-        verdict = check_load(resolved.path, resolved.name, dt, dev, quantize,
-                             allow_paging=allow_paging or not memory_check, vision_int8=int8)
-        quantize = verdict.quantize
+    plan = plan_load(model, device=device, dtype=dtype, download=download, quantize=quantize,
+                     memory_check=memory_check, allow_paging=allow_paging, vision_int8=vision_int8)
+    if plan.verdict is not None:
         if on_fit is not None:
-            on_fit(verdict)
-        elif verdict.warning:
-            warnings.warn(verdict.warning, stacklevel=2)
-    tokenizer = Tokenizer.from_dir(resolved.path)
-    if tokenizer.vocab_size > cfg.language.vocab_size:
-        raise ModelError(f"{resolved.path}: tokenizer.json has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {cfg.language.vocab_size}; tokenizer and weights do not belong together")
-    processor = Processor(tokenizer, ProcessorSettings.from_model_dir(resolved.path))
-    weights = load_model(resolved.path, cfg, dt, dev, on_progress, quantize, mmap, vision_int8=int8)
-    return VLModel(resolved.name, resolved.path, resolved.source, cfg, weights, tokenizer, processor)
+            on_fit(plan.verdict)
+        elif plan.warning:
+            warnings.warn(plan.warning, stacklevel=2)
+    return plan.load(on_progress, mmap)

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import settings
 from ..model.vision import VisionMLP, VisionTower
-from . import int8_kernels, mapped, mapped_store
+from . import int8_kernels, kernels, mapped, mapped_store
 from .prompt_store import model_fingerprint
 
 # the packing's version and panel width: a change to int8_kernels.pack_int8's layout must change it
@@ -144,6 +144,19 @@ def _cached(model_dir: Path, linears: dict[str, nn.Linear]) -> dict[str, int8_ke
     return out
 
 
+def unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the int8 vision tower cannot run with this dtype and device here (None: it can)."""
+    if device.type != "cpu":
+        return f"it runs on CPU, this model is on {device.type}"
+    if dtype != torch.bfloat16:
+        return f"it needs bfloat16 weights, not {str(dtype).removeprefix('torch.')}"
+    if not kernels.available():
+        return f"no native CPU kernels: {kernels.status().removeprefix('torch (').removesuffix(')')}"
+    if not int8_kernels.int8_gemm_available():
+        return "this CPU or kernel build has no AVX512-VNNI"
+    return None
+
+
 def install(tower: VisionTower, model_dir: Path | None = None) -> int:
     """Swap every block's qkv, proj, fc1 and fc2 for int8 ones (after fast.install_vision: its
     FastVisionMLPs become Int8VisionMLPs holding the same parameters); returns the bytes of int8
@@ -175,4 +188,4 @@ def enabled(tower: VisionTower) -> bool:
     return any(isinstance(m, Int8Linear) for m in tower.modules())
 
 
-__all__ = ["Int8Linear", "Int8VisionMLP", "enabled", "install"]
+__all__ = ["Int8Linear", "Int8VisionMLP", "enabled", "install", "unavailable"]

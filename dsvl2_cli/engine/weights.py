@@ -8,7 +8,7 @@
                        at a time, converting names on the way: gate/up fused, experts stacked,
                        kv_b_proj split for MLA. Peak memory is the model plus one layer's experts.
                        An `experts` hook may build each MoE layer's routed-experts module instead
-                       (quantization: quant.py). The model owns its memory: no tensor aliases the
+                       (quantization: engine/quant). The model owns its memory: no tensor aliases the
                        memory-mapped files, which are let go of as loading proceeds. (On CPU,
                        engine/mapped.py streams `build_params` into a converted layout once and
                        maps that instead: the weights are then the mapping's pages.)

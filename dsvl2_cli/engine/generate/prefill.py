@@ -25,7 +25,7 @@ import torch
 from ..events import DEFAULT_PREFILL_CHUNK, Prefilling
 from ..processor import Prepared
 from ..prompt_store import PromptStore
-from ..runtime import TILE_BATCH, VLModel
+from ..vlmodel import TILE_BATCH, VLModel
 from .prompt import PromptCache, image_prefix, image_spans, position_keys
 
 

@@ -13,7 +13,7 @@ import torch
 from ...errors import ContextTooLongError
 from ..cache import ModelCache
 from ..processor import Prepared
-from ..runtime import VLModel
+from ..vlmodel import VLModel
 
 
 def image_fingerprint(pixel_values: torch.Tensor) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from ..events import Done, Event, GenerationConfig, Prefilled
 from ..processor import Prepared
-from ..runtime import VLModel
+from ..vlmodel import VLModel
 from .decoder import Decoder, Sequence
 from .prefill import Prefill
 from .prompt import PromptCache, check_context

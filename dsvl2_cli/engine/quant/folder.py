@@ -6,17 +6,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ... import quant_methods
+from ...files import follow_umask, replacing_folder
 from ...model.config import ModelConfig
 from ..weights import (IGNORED_PREFIXES, INDEX_NAME, TensorReader, check_tensors, expected_tensors, read_headers,
                        stack_experts, weight_files)
-from .format import (_EXPERT_NAME, CONFIG_KEY, PARTS, QuantizationError, QuantSpec, expected_quantized, pack_part,
-                     read_spec)
+from .format import _EXPERT_NAME, CONFIG_KEY, PARTS, QuantizationError, QuantSpec, read_spec
+from .registry import expected_quantized, pack_part
 
 # ------------------------------------------------------------------------- pre-quantized folder
 
@@ -35,7 +36,7 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, method: str,
     src, dst = Path(src), Path(dst)
     if str(method).lower() == "auto":  # auto depends on the machine that loads; a folder is read anywhere
         raise QuantizationError("quantization method 'auto' cannot write a folder: a quantized folder must say "
-                                "its method; use int4, nf4 or int8")
+                                f"its method; use {quant_methods.known()}")
     spec = QuantSpec.make(method, group_size)
     if read_spec(src) is not None:
         raise QuantizationError(f"{src} is already quantized; quantize the original checkpoint")
@@ -47,63 +48,54 @@ def quantize_folder(src: str | os.PathLike, dst: str | os.PathLike, method: str,
     shapes, _ = expected_quantized(cfg, spec)  # fails early on sizes the method cannot take
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     reader = TensorReader(infos)
     try:
-        raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
-        raw[CONFIG_KEY] = spec.as_config()
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
-        for f in sorted(src.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and f.name not in ("config.json", INDEX_NAME) \
-                    and not f.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copyfile(f, tmp / f.name)  # contents only: the copy gets the user's umask
-                shutil.copystat(f, tmp / f.name, follow_symlinks=True)
-                _follow_umask(tmp / f.name)
-
-        # output items in checkpoint order: non-expert tensors, and each MoE layer's packed experts
-        # at the place of its float ones; the unused pooling head is kept as it is
-        items, seen = [], set()
-        for name in list(expected_tensors(cfg)) + [n for n in infos if n.startswith(IGNORED_PREFIXES)]:
-            m = _EXPERT_NAME.match(name)
-            if m is None:
-                items.append(name)
-            elif m.group(1) not in seen:
-                seen.add(m.group(1))
-                items.append(m.group(1))
-        shards = _ShardWriter(tmp, max_shard_bytes, save_file)
-        for done, item in enumerate(items, 1):
-            if item.endswith(".mlp."):
-                for part in PARTS:  # one part in float at a time
-                    w = stack_experts(reader, item, cfg.language.n_routed_experts, part)
-                    reader.close()  # let go of the float experts' file pages
-                    for key, t in pack_part(w, spec, part).items():
-                        name = f"{item}experts.{spec.method}.{key}"
-                        assert tuple(t.shape) == shapes[name], name  # our own invariant
-                        shards.add(name, t)
-                    del w
-            else:
-                shards.add(item, reader.get(item))
-            if on_progress is not None:
-                on_progress(done, len(items))
-        shards.finish(spec)
+        with replacing_folder(dst) as tmp:  # renamed to dst at the end; removed on any failure
+            _write(tmp, src, cfg, spec, shapes, infos, reader, on_progress, max_shard_bytes, save_file)
+    finally:
         reader.close()
-        _follow_umask(tmp, folder=True)  # mkdtemp made it 0700
-        if dst.exists():
-            dst.rmdir()
-        tmp.rename(dst)
-    except BaseException:
-        reader.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
-def _follow_umask(path: Path, folder: bool = False) -> None:
-    """Give what we wrote the mode a plain open()/mkdir() would: 0666 (0777 for a folder) less
-    the user's umask. safetensors and mkdtemp create theirs private (0600, 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod((0o777 if folder else 0o666) & ~umask)
+def _write(tmp: Path, src: Path, cfg: ModelConfig, spec: QuantSpec, shapes: dict, infos, reader: TensorReader,
+           on_progress: Callable[[int, int], None] | None, max_shard_bytes: int, save_file) -> None:
+    """The folder's files into `tmp`: config.json with the spec, the small files, the shards."""
+    raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    raw[CONFIG_KEY] = spec.as_config()
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.name not in ("config.json", INDEX_NAME) \
+                and not f.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copyfile(f, tmp / f.name)  # contents only: the copy gets the user's umask
+            shutil.copystat(f, tmp / f.name, follow_symlinks=True)
+            follow_umask(tmp / f.name)
+
+    # output items in checkpoint order: non-expert tensors, and each MoE layer's packed experts
+    # at the place of its float ones; the unused pooling head is kept as it is
+    items, seen = [], set()
+    for name in list(expected_tensors(cfg)) + [n for n in infos if n.startswith(IGNORED_PREFIXES)]:
+        m = _EXPERT_NAME.match(name)
+        if m is None:
+            items.append(name)
+        elif m.group(1) not in seen:
+            seen.add(m.group(1))
+            items.append(m.group(1))
+    shards = _ShardWriter(tmp, max_shard_bytes, save_file)
+    for done, item in enumerate(items, 1):
+        if item.endswith(".mlp."):
+            for part in PARTS:  # one part in float at a time
+                w = stack_experts(reader, item, cfg.language.n_routed_experts, part)
+                reader.close()  # let go of the float experts' file pages
+                for key, t in pack_part(w, spec, part).items():
+                    name = f"{item}experts.{spec.method}.{key}"
+                    assert tuple(t.shape) == shapes[name], name  # our own invariant
+                    shards.add(name, t)
+                del w
+        else:
+            shards.add(item, reader.get(item))
+        if on_progress is not None:
+            on_progress(done, len(items))
+    shards.finish(spec)
 
 
 class _ShardWriter:
@@ -128,7 +120,7 @@ class _ShardWriter:
     def _flush(self) -> None:
         path = self.folder / f"shard-{len(self.files):05d}.partial"
         self.save_file(self.pending, str(path), metadata={"format": "pt"})
-        _follow_umask(path)
+        follow_umask(path)  # safetensors writes it private (0600)
         self.files.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
