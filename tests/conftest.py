@@ -1,5 +1,5 @@
-"""Shared pytest fixtures: small random checkpoints in the real on-disk layout, test images,
-and the optional ../shared reference data."""
+"""Shared pytest fixtures: small random checkpoints in the real on-disk layout, the tiny one loaded,
+test images, and the optional ../shared reference data (plain helper functions: helpers.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ if str(REPO_ROOT) not in sys.path:  # plain `pytest` without an installed packag
     sys.path.insert(0, str(REPO_ROOT))
 
 from dsvl2_cli.dev.synthetic import FAMILIES, write_checkpoint, write_image  # noqa: E402
+from helpers import load_vlm  # noqa: E402
 
 # (name, width, height): landscape, tall portrait, wide panorama, tiny.
 TEST_IMAGES = (
@@ -73,6 +74,13 @@ _CKPT_FIXTURES = {"tiny-like": "ckpt_tiny", "small-like": "ckpt_small", "vl2-lik
 def ckpt(request) -> Path:
     """Each small family in turn (the same session-scoped folders as ckpt_tiny/_small/_vl2)."""
     return request.getfixturevalue(_CKPT_FIXTURES[request.param])
+
+
+@pytest.fixture(scope="module")
+def vlm(ckpt_tiny):
+    """The tiny-like checkpoint loaded in float32 on the CPU, once per module. A module that runs on
+    other families or dtypes overrides `vlm` with its own parameters (loading with helpers.load_vlm)."""
+    return load_vlm(ckpt_tiny)
 
 
 @pytest.fixture(scope="session")

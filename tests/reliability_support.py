@@ -8,7 +8,7 @@ import struct
 import zlib
 from pathlib import Path
 
-import pymupdf
+import helpers
 import pytest
 from PIL import Image
 
@@ -54,12 +54,8 @@ def huge_png_header(w: int, h: int) -> bytes:
 
 
 def make_pdf(path: Path, pages: int = 3, size=(200, 260), **save_kw) -> Path:
-    doc = pymupdf.open()
-    for i in range(pages):
-        doc.new_page(width=size[0], height=size[1]).insert_text((20, 40), f"Page {i + 1}", fontsize=12)
-    doc.save(str(path), **save_kw)
-    doc.close()
-    return path
+    """helpers.make_pdf with the reliability tests' smaller pages."""
+    return helpers.make_pdf(path, pages, size, at=(20, 40), fontsize=12, **save_kw)
 
 
 @pytest.fixture(scope="module")

@@ -104,8 +104,6 @@ def test_engine_never_imports_the_app():
     assert {m: t for m, t in up.items() if t} == {}
 
 
-@pytest.mark.xfail(strict=False, reason="issue 23: the modules of the other parts are being split; the lead "
-                                        "removes this mark once every branch is merged")
 def test_no_module_over_500_lines():
     long = {str(path.relative_to(PACKAGE.parent)): n for path, _ in _modules().values()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import load_vlm
 
-import dsvl2_cli
 from dsvl2_cli.engine import fast, kernels
 from dsvl2_cli.model.attention import LatentAttention, attention_mask, few_query_attention, sdpa_attention
 
@@ -125,7 +125,7 @@ def run_alone(vlm, seq, new):
 
 @pytest.fixture(scope="module")
 def models(ckpt_tiny, ckpt_small):
-    return {(name, dt): dsvl2_cli.load(p, dtype=dt, device="cpu")
+    return {(name, dt): load_vlm(p, dt)
             for name, p in (("tiny-like", ckpt_tiny), ("small-like", ckpt_small))
             for dt in ("float32", "bfloat16")}
 

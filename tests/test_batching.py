@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from PIL import Image
+from helpers import load_vlm, picture
 
 import dsvl2_cli
 from dsvl2_cli.engine.cache import gather_rows
@@ -18,12 +18,7 @@ from dsvl2_cli.errors import ContextTooLongError
 
 @pytest.fixture(scope="module", params=["ckpt_tiny", "ckpt_small"])
 def vlm(request):
-    return dsvl2_cli.load(request.getfixturevalue(request.param), dtype="float32", device="cpu")
-
-
-def picture(w, h, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy(), "RGB")
+    return load_vlm(request.getfixturevalue(request.param))
 
 
 def test_gather_rows_left_pads_and_matches_each_row(vlm):

@@ -33,6 +33,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import load_vlm, picture
 
 import dsvl2_cli
 from dsvl2_cli.dev import synthetic
@@ -79,7 +80,7 @@ def wide_models(wide_ckpts):
     """family -> (float32 model, bfloat16 model, float32 reference logits, bf16 noise)."""
     out = {}
     for name, p in wide_ckpts.items():
-        f32, b16 = dsvl2_cli.load(p, dtype="float32", device="cpu"), dsvl2_cli.load(p, dtype="bfloat16", device="cpu")
+        f32, b16 = load_vlm(p), load_vlm(p, "bfloat16")
         reference = reference_logits(f32)
         out[name] = f32, b16, reference, bf16_noise(b16, reference)
     return out
@@ -291,12 +292,8 @@ def test_prefill_kernel_logits_within_rounding_noise(wide_models, family, monkey
 
 
 def _image_prompt(vlm):
-    from PIL import Image
-
     from dsvl2_cli.engine.processor import user_message
-    g = torch.Generator().manual_seed(3)
-    img = Image.fromarray((torch.rand(300, 400, 3, generator=g) * 255).to(torch.uint8).numpy())
-    return vlm.prepare([user_message("Describe.", [img])])
+    return vlm.prepare([user_message("Describe.", [picture(400, 300, seed=3)])])
 
 
 @needs_kernels

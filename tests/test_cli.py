@@ -13,6 +13,7 @@ from pathlib import Path
 import pymupdf
 import pytest
 import typer
+from helpers import write_pdf
 from PIL import Image
 
 from dsvl2_cli.app import backends, cli, cli_options, tasks
@@ -105,15 +106,9 @@ def images(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def doc_pdf(tmp_path_factory, images) -> Path:
     """Four pages, each with a line of text and an image."""
-    path = tmp_path_factory.mktemp("cli_pdf") / "report.pdf"
-    doc = pymupdf.open()
-    for i in range(4):
-        page = doc.new_page(width=300, height=400)
-        page.insert_text((30, 50), f"Page {i + 1}: quarterly numbers", fontsize=14)
-        page.insert_image(pymupdf.Rect(30, 80, 200, 200), filename=str(images["a"]))
-    doc.save(str(path))
-    doc.close()
-    return path
+    return write_pdf(tmp_path_factory.mktemp("cli_pdf") / "report.pdf",
+                     [(f"Page {i + 1}: quarterly numbers", images["a"]) for i in range(4)], (300, 400), fontsize=14,
+                     image_rect=(30, 80, 200, 200))
 
 
 # ------------------------------------------------------------------------------------- chat

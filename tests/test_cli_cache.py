@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_module
 from test_cli import _isolated, assert_clean, assert_one_line_error, run  # noqa: F401 - fixture reused
 
 from dsvl2_cli import settings
@@ -39,10 +40,6 @@ def _model(src, where: Path) -> Path:
     return where
 
 
-def _load(folder, quantize=None):
-    return load_model(folder, ModelConfig.from_dir(folder), torch.bfloat16, torch.device("cpu"), quantize=quantize)
-
-
 def _fake_prompt_and_page(caches):
     caches["pages"].mkdir(parents=True)
     (caches["prompts"] / ("a" * 40 + ".prefix.safetensors")).write_bytes(b"p" * 100)
@@ -60,8 +57,8 @@ def test_lists_all_three_kinds_in_text_and_json(ckpt_tiny, caches, tmp_path, mon
         f"0 page text(s), 0 bytes in {caches['pages']}", f"0 mapped layout(s), 0 bytes in {caches['mapped']}"]
     _fake_prompt_and_page(caches)
     folder = _model(ckpt_tiny, tmp_path / "model")
-    _load(folder)
-    _load(folder, "int4")
+    load_module(folder)
+    load_module(folder, quantize="int4")
     r = run(monkeypatch, "cache")
     assert r.code == 0
     assert_clean(r)
@@ -87,7 +84,7 @@ def test_lists_all_three_kinds_in_text_and_json(ckpt_tiny, caches, tmp_path, mon
 
 def test_clear_each_kind_and_all(ckpt_tiny, caches, tmp_path, monkeypatch):
     _fake_prompt_and_page(caches)
-    _load(_model(ckpt_tiny, tmp_path / "model"))
+    load_module(_model(ckpt_tiny, tmp_path / "model"))
     r = run(monkeypatch, "cache", "clear")  # as before: the saved prompts only, and the same line
     assert r.code == 0 and r.stdout == f"removed 1 saved prompt(s), 100 bytes, from {caches['prompts']}\n"
     assert list(caches["pages"].iterdir()) and _records(caches["mapped"])
@@ -112,8 +109,8 @@ def test_clear_each_kind_and_all(ckpt_tiny, caches, tmp_path, monkeypatch):
 
 def test_prune_removes_the_layout_of_a_deleted_model_only(ckpt_tiny, caches, tmp_path, monkeypatch):
     gone, kept = _model(ckpt_tiny, tmp_path / "gone"), _model(ckpt_tiny, tmp_path / "kept")
-    _load(gone)
-    _load(kept)
+    load_module(gone)
+    load_module(kept)
     shutil.rmtree(gone)
     listed = json.loads(run(monkeypatch, "cache", "--json").stdout)["mapped"]
     states = {e["source"]: (e["state"], e["source_exists"]) for e in listed["entries"]}
@@ -129,12 +126,12 @@ def test_prune_removes_the_layout_of_a_deleted_model_only(ckpt_tiny, caches, tmp
 
 def test_writing_a_layout_prunes_stale_ones(ckpt_tiny, caches, tmp_path, monkeypatch):
     gone, changed = _model(ckpt_tiny, tmp_path / "gone"), _model(ckpt_tiny, tmp_path / "changed")
-    _load(gone, "int8")
-    _load(changed)
+    load_module(gone, quantize="int8")
+    load_module(changed)
     shutil.rmtree(gone)
     os.utime(changed / "config.json", (5, 5))  # another fingerprint: its entry is stale too
     assert {e.state for e in mapped_store.entries(caches["mapped"])} == {"source missing", "source changed"}
-    _load(_model(ckpt_tiny, tmp_path / "new"))  # writes an entry, and prunes
+    load_module(_model(ckpt_tiny, tmp_path / "new"))  # writes an entry, and prunes
     (entry,) = mapped_store.entries(caches["mapped"])
     assert entry.source == str(tmp_path / "new") and entry.state == "ready"
 
@@ -155,7 +152,7 @@ def test_leftovers_of_an_interrupted_write_wait_an_hour(caches):
 
 def test_removal_takes_the_record_first_and_a_mapped_model_keeps_working(ckpt_tiny, caches, tmp_path, monkeypatch):
     folder = _model(ckpt_tiny, tmp_path / "model")
-    model = _load(folder)
+    model = load_module(folder)
     weights = {n: p.clone() for n, p in model.named_parameters()}
     order = []
     real_unlink = Path.unlink
@@ -171,7 +168,7 @@ def test_removal_takes_the_record_first_and_a_mapped_model_keeps_working(ckpt_ti
 
 
 def test_a_removal_that_fails_is_one_line_and_leaves_no_complete_entry(ckpt_tiny, caches, tmp_path, monkeypatch):
-    _load(_model(ckpt_tiny, tmp_path / "model"))
+    load_module(_model(ckpt_tiny, tmp_path / "model"))
     real_unlink = Path.unlink
 
     def unlink(self, *a, **k):

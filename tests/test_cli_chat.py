@@ -17,11 +17,6 @@ from dsvl2_cli.errors import ContextTooLongError
 
 
 @pytest.fixture(scope="module")
-def vlm(ckpt_tiny):
-    return dsvl2_cli.load(ckpt_tiny, dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat_images")
     return [load_image(write_image(root / f"{i}.png", 40 + 8 * i, 40, seed=i)) for i in range(4)]

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import pymupdf
 import pytest
+from helpers import write_pdf
 from subprocess_env import subprocess_env
 
 from dsvl2_cli.dev.synthetic import write_image
@@ -28,12 +28,8 @@ def dsvl2(*args) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pdf(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("e2e") / "doc.pdf"
-    doc = pymupdf.open()
-    for i in range(3):
-        doc.new_page(width=200, height=200).insert_text((20, 40), f"page {i + 1}")
-    doc.save(str(path))
-    return path
+    return write_pdf(tmp_path_factory.mktemp("e2e") / "doc.pdf", [f"page {i + 1}" for i in range(3)], (200, 200),
+                     at=(20, 40))
 
 
 def test_python_m_usage_error():

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import picture
 from PIL import Image
 from serving import Server, free_port
 
@@ -22,11 +22,6 @@ from dsvl2_cli.engine.processor import Message, user_message
 from dsvl2_cli.errors import Dsvl2Error, ServerError
 
 DATA = Path(__file__).parent / "data" / "vllm"
-
-
-def picture(w, h, seed=0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy(), "RGB")
 
 
 class Recorded(BaseHTTPRequestHandler):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
-import pymupdf
 import pytest
+from helpers import write_pdf
 from PIL import Image
 from reliability_support import answer_events
 from test_cli import _isolated, assert_one_line_error, model_args, run  # noqa: F401 - fixture
@@ -64,26 +64,12 @@ class Generations:
 
 
 def text_pdf(path, texts, size=(595, 842)):
-    doc = pymupdf.open()
-    for text in texts:
-        page = doc.new_page(width=size[0], height=size[1])
-        if text:
-            page.insert_text((60, 80), text, fontsize=11)
-    doc.save(str(path))
-    doc.close()
-    return path
+    return write_pdf(path, texts, size, at=(60, 80))
 
 
 def scanned_pdf(path, pictures, texts=()):
     """`texts` pages with a text layer, then a page that is only a picture for each of `pictures`."""
-    doc = pymupdf.open()
-    for text in texts:
-        doc.new_page(width=300, height=400).insert_text((30, 50), text, fontsize=11)
-    for picture in pictures:
-        doc.new_page(width=300, height=400).insert_image(pymupdf.Rect(0, 0, 300, 400), filename=str(picture))
-    doc.save(str(path))
-    doc.close()
-    return path
+    return write_pdf(path, [*texts, *(("", picture) for picture in pictures)], (300, 400), at=(30, 50))
 
 
 @pytest.fixture(scope="module")
@@ -278,18 +264,13 @@ def test_scanned_pages_are_read_once_and_their_text_kept(monkeypatch, ckpt_tiny,
 
 # ---------------------------------------------------------------------------------- batched OCR
 
-@pytest.fixture(scope="module")
-def vlm32(ckpt_tiny):
-    return runtime.load(ckpt_tiny, device="cpu", dtype="float32")
-
-
-def test_batch_equals_one_by_one_in_float32(vlm32, tmp_path):
+def test_batch_equals_one_by_one_in_float32(vlm, tmp_path):
     paths = [write_image(tmp_path / f"p{i}.png", 60 + 10 * i, 50, seed=i) for i in range(3)]
     sources = [Source(str(p), None, (lambda p=p: tag(Image.open(p).convert("RGB"), str(p)))) for p in paths]
     opts = tasks.Options(max_tokens=6)
 
     def read(batch):
-        events = tasks.read_pages(vlm32, sources, tasks.OCR_PROMPTS["text"], opts, batch=batch)
+        events = tasks.read_pages(vlm, sources, tasks.OCR_PROMPTS["text"], opts, batch=batch)
         return [(e.record["input"], e.record["token_ids"]) for e in events if isinstance(e, tasks.Answer)]
 
     one = read(1)
@@ -327,15 +308,15 @@ def test_interrupted_batched_run_leaves_whole_pages_and_resumes(monkeypatch, ckp
     assert sorted(p.name for p in out.iterdir()) == [f"doc-p00{i}.txt" for i in range(1, 5)]
 
 
-def test_default_batch_follows_memory(vlm32, monkeypatch):
+def test_default_batch_follows_memory(vlm, monkeypatch):
     from dsvl2_cli.engine import fit
 
     plenty = fit.Available(2**40, "test", {})
     monkeypatch.setattr(fit, "available_memory", lambda device: plenty)
-    assert tasks.default_ocr_batch(vlm32, 50) == documents.OCR_BATCH_CPU
-    assert tasks.default_ocr_batch(vlm32, 2) == 2
+    assert tasks.default_ocr_batch(vlm, 50) == documents.OCR_BATCH_CPU
+    assert tasks.default_ocr_batch(vlm, 2) == 2
     monkeypatch.setattr(fit, "available_memory", lambda device: fit.Available(1, "test", {}))
-    assert tasks.default_ocr_batch(vlm32, 50) == 1
+    assert tasks.default_ocr_batch(vlm, 50) == 1
 
 
 # ------------------------------------------------------------------------------------ formats

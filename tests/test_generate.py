@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from PIL import Image
+from helpers import load_vlm, picture
 
 import dsvl2_cli
 from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, Prefilling, Prefill, PromptCache, StopMatcher, Token,
@@ -20,19 +20,13 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 @pytest.fixture(scope="module")
 def models(ckpt_tiny, ckpt_small, ckpt_vl2):
-    return {name: dsvl2_cli.load(path, dtype="float32", device="cpu")
+    return {name: load_vlm(path)
             for name, path in (("tiny-like", ckpt_tiny), ("small-like", ckpt_small), ("vl2-like", ckpt_vl2))}
 
 
 @pytest.fixture(params=["tiny-like", "small-like", "vl2-like"])
 def vlm(request, models):
     return models[request.param]
-
-
-def picture(w, h, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    data = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
-    return Image.fromarray(data, "RGB")
 
 
 def prompt(vlm, text="Describe this image.", images=(picture(500, 300),)):
@@ -251,7 +245,7 @@ def short_context_copy(src, dst, limit=SHORT_CONTEXT):
 def short_vlm(request, tmp_path_factory, ckpt_tiny, ckpt_small):
     src = {"tiny-like": ckpt_tiny, "small-like": ckpt_small}[request.param]
     path = short_context_copy(src, tmp_path_factory.mktemp("short") / request.param)
-    return dsvl2_cli.load(path, dtype="float32", device="cpu")
+    return load_vlm(path)
 
 
 def text_prompt(vlm, words: int):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import picture
 
 import dsvl2_cli
 from dsvl2_cli.engine import kernels
@@ -116,10 +117,7 @@ def test_head_matmul_matches_einsum(b, h, t, k, n):
 def test_bf16_model_decode_same_with_and_without_kernels(ckpt_vl2, ckpt_tiny):
     for path in (ckpt_tiny, ckpt_vl2):
         vlm = dsvl2_cli.load(path, dtype="bfloat16", device="cpu")
-        g = torch.Generator().manual_seed(0)
-        img = (torch.rand(300, 400, 3, generator=g) * 255).to(torch.uint8).numpy()
-        from PIL import Image
-        prepared = vlm.prepare([user_message("Describe.", [Image.fromarray(img)])])
+        prepared = vlm.prepare([user_message("Describe.", [picture(400, 300, seed=0)])])
         fast = generate(vlm, prepared, GenerationConfig(max_tokens=8))
         with kernels.disabled():
             slow = generate(vlm, prepared, GenerationConfig(max_tokens=8))

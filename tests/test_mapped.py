@@ -9,46 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fresh_copy, load_module, mapping_ranges
 
 from dsvl2_cli.engine import mapped
 from dsvl2_cli.engine.runtime import load_model
 from dsvl2_cli.model.config import ModelConfig
 
 
-def _load(folder, dtype=torch.bfloat16, **kw):
-    return load_model(folder, ModelConfig.from_dir(folder), dtype, torch.device("cpu"), **kw)
-
-
 def _entry(folder, dtype=torch.bfloat16):
     return mapped.entry_paths(folder, dtype)
 
 
-def _fresh(src, tmp_path, monkeypatch):
-    """A private copy of a fixture checkpoint and an empty mapped-layout folder."""
-    monkeypatch.setenv("DSVL2_MMAP_DIR", str(tmp_path / "mapped"))
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _mapping_ranges(path):
-    """(start, end) address ranges of `path` in this process's memory map."""
-    out = []
-    for line in open("/proc/self/maps"):
-        if line.rstrip().endswith(str(path)):
-            lo, hi = line.split()[0].split("-")
-            out.append((int(lo, 16), int(hi, 16)))
-    return out
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_mapped_weights_equal_copied_and_live_in_the_mapping(ckpt, dtype, tmp_path, monkeypatch):
-    folder = _fresh(ckpt, tmp_path, monkeypatch)
-    copied = dict(_load(folder, dtype, mmap=False).named_parameters())
+    folder = fresh_copy(ckpt, tmp_path, monkeypatch)
+    copied = dict(load_module(folder, dtype, mmap=False).named_parameters())
     assert not _entry(folder, dtype)[0].exists()  # mmap=False writes nothing
-    model = _load(folder, dtype, mmap=True)
+    model = load_module(folder, dtype, mmap=True)
     data_path = _entry(folder, dtype)[0]
-    ranges = _mapping_ranges(data_path)
+    ranges = mapping_ranges(data_path)
     assert ranges, "the layout file is not mapped"
     params = dict(model.named_parameters())  # after fast.install's module swaps
     assert params.keys() == copied.keys()
@@ -59,29 +38,29 @@ def test_mapped_weights_equal_copied_and_live_in_the_mapping(ckpt, dtype, tmp_pa
 
 
 def test_second_load_maps_without_writing(ckpt_small, tmp_path, monkeypatch):
-    folder = _fresh(ckpt_small, tmp_path, monkeypatch)
-    _load(folder)
+    folder = fresh_copy(ckpt_small, tmp_path, monkeypatch)
+    load_module(folder)
     data_path, record = _entry(folder)
     before = (data_path.stat().st_mtime_ns, record.read_bytes())
     os.utime(record, ns=(1, 1))
     monkeypatch.setattr(mapped, "write_entry", lambda *a, **k: pytest.fail("rewrote a sound entry"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "rebuilding" warning either
-        _load(folder)
+        load_module(folder)
     assert (data_path.stat().st_mtime_ns, record.read_bytes()) == before
     assert record.stat().st_mtime_ns > 1  # the record's time is the entry's last use (`dsvl2 cache`)
 
 
 def _damaged_entry_is_rebuilt(folder, damage, reason):
-    reference = dict(_load(folder, mmap=False).named_parameters())
-    _load(folder)
+    reference = dict(load_module(folder, mmap=False).named_parameters())
+    load_module(folder)
     data_path, record = _entry(folder)
     damage(data_path, record)
     if reason is None:  # no record: a writer that died before finishing, rebuilt without a word
-        model = _load(folder)
+        model = load_module(folder)
     else:
         with pytest.warns(UserWarning, match=reason):
-            model = _load(folder)
+            model = load_module(folder)
     for name, p in model.named_parameters():
         assert torch.equal(p, reference[name]), name
     assert isinstance(mapped.check_entry(data_path, record, mapped.param_table(model, torch.bfloat16),
@@ -92,14 +71,15 @@ def test_truncated_layout_is_caught_and_rebuilt(ckpt_tiny, tmp_path, monkeypatch
     def truncate(data_path, _):
         with data_path.open("r+b") as f:
             f.truncate(data_path.stat().st_size - 4096)  # mapping it would SIGBUS on the last page
-    _damaged_entry_is_rebuilt(_fresh(ckpt_tiny, tmp_path, monkeypatch), truncate, r"the layout needs \d+ \(truncated")
+    _damaged_entry_is_rebuilt(fresh_copy(ckpt_tiny, tmp_path, monkeypatch), truncate,
+                              r"the layout needs \d+ \(truncated")
 
 
 def test_same_size_rewrite_is_caught_and_rebuilt(ckpt_tiny, tmp_path, monkeypatch):
     def rewrite(data_path, _):
         data_path.write_bytes(bytes(range(256)) * (data_path.stat().st_size // 256) +
                               b"x" * (data_path.stat().st_size % 256))
-    _damaged_entry_is_rebuilt(_fresh(ckpt_tiny, tmp_path, monkeypatch), rewrite, "its header does not match")
+    _damaged_entry_is_rebuilt(fresh_copy(ckpt_tiny, tmp_path, monkeypatch), rewrite, "its header does not match")
 
 
 def test_rewritten_sampled_data_page_is_caught(ckpt_tiny, tmp_path, monkeypatch):
@@ -107,11 +87,11 @@ def test_rewritten_sampled_data_page_is_caught(ckpt_tiny, tmp_path, monkeypatch)
         with data_path.open("r+b") as f:
             f.seek(data_path.stat().st_size - 16)
             f.write(b"\x7f" * 16)
-    _damaged_entry_is_rebuilt(_fresh(ckpt_tiny, tmp_path, monkeypatch), flip_last_page, "its contents do not match")
+    _damaged_entry_is_rebuilt(fresh_copy(ckpt_tiny, tmp_path, monkeypatch), flip_last_page, "its contents do not match")
 
 
 def test_missing_or_foreign_record_rebuilds(ckpt_tiny, tmp_path, monkeypatch):
-    folder = _fresh(ckpt_tiny, tmp_path, monkeypatch)
+    folder = fresh_copy(ckpt_tiny, tmp_path, monkeypatch)
     _damaged_entry_is_rebuilt(folder, lambda _, record: record.unlink(), None)  # a crash before the record
     _damaged_entry_is_rebuilt(
         folder, lambda _, rec: rec.write_text(json.dumps({**json.loads(rec.read_text()), "source": "/else"})),
@@ -119,8 +99,8 @@ def test_missing_or_foreign_record_rebuilds(ckpt_tiny, tmp_path, monkeypatch):
 
 
 def test_rewritten_source_is_a_new_entry_and_the_old_one_goes(ckpt_tiny, tmp_path, monkeypatch):
-    folder = _fresh(ckpt_tiny, tmp_path, monkeypatch)
-    _load(folder)
+    folder = fresh_copy(ckpt_tiny, tmp_path, monkeypatch)
+    load_module(folder)
     old_data, old_record = _entry(folder)
     from safetensors.torch import load_file, save_file
     tensors = load_file(folder / "model.safetensors")
@@ -129,32 +109,32 @@ def test_rewritten_source_is_a_new_entry_and_the_old_one_goes(ckpt_tiny, tmp_pat
     save_file(tensors, folder / "model.safetensors")
     new_data, _ = _entry(folder)
     assert new_data != old_data
-    model = _load(folder)
+    model = load_module(folder)
     assert torch.equal(model.language.model.norm.weight.float(), tensors[name].to(torch.bfloat16).float())
     assert new_data.exists() and not old_data.exists() and not old_record.exists()
 
 
 def test_env_switch_keeps_the_copy_path(ckpt_tiny, tmp_path, monkeypatch):
-    folder = _fresh(ckpt_tiny, tmp_path, monkeypatch)
+    folder = fresh_copy(ckpt_tiny, tmp_path, monkeypatch)
     monkeypatch.setenv("DSVL2_MMAP", "0")
-    _load(folder)
-    _load(folder, torch.float32, quantize="int8")  # quantized loads too (see test_mapped_quant.py)
+    load_module(folder)
+    load_module(folder, torch.float32, quantize="int8")  # quantized loads too (see test_mapped_quant.py)
     assert not (tmp_path / "mapped").exists() or not any((tmp_path / "mapped").iterdir())
 
 
 def test_no_room_warns_and_copies(ckpt_tiny, tmp_path, monkeypatch):
-    folder = _fresh(ckpt_tiny, tmp_path, monkeypatch)
+    folder = fresh_copy(ckpt_tiny, tmp_path, monkeypatch)
     monkeypatch.setattr(mapped.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 0))
     with pytest.warns(UserWarning, match="no room"):
-        model = _load(folder)
+        model = load_module(folder)
     assert not _entry(folder)[0].exists()
     assert model.language.model.norm.weight.dtype == torch.bfloat16
 
 
 def test_layout_offsets_are_aligned_and_file_is_valid_safetensors(ckpt_small, tmp_path, monkeypatch):
     from safetensors import safe_open
-    folder = _fresh(ckpt_small, tmp_path, monkeypatch)
-    model = _load(folder)
+    folder = fresh_copy(ckpt_small, tmp_path, monkeypatch)
+    model = load_module(folder)
     data_path, _ = _entry(folder)
     base = model.language.model.norm.weight.untyped_storage().data_ptr()
     assert all((p.data_ptr() - base) % 64 == 0 for p in model.parameters())  # cache lines, any dtype

@@ -3,14 +3,12 @@ the mapped layout, equal to the copy path's and decoding the same tokens; a pre-
 maps too; a damaged quantized entry is caught and rebuilt; no mapping possible means copying."""
 
 import json
-import shutil
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import fresh_copy, load_vlm, mapping_ranges
 
-import dsvl2_cli
 from dsvl2_cli import files
 from dsvl2_cli.engine import mapped, quant
 from dsvl2_cli.engine.generate import GenerationConfig, generate
@@ -28,18 +26,6 @@ except quant.QuantizationError:
 METHODS = ["int8", "int4", pytest.param("nf4", marks=pytest.mark.skipif(not HAVE_BNB, reason="no bitsandbytes"))]
 
 
-def _fresh(src, tmp_path, monkeypatch):
-    """A private copy of a fixture checkpoint and an empty mapped-layout folder."""
-    monkeypatch.setenv("DSVL2_MMAP_DIR", str(tmp_path / "mapped"))
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _load(folder, method=None, mmap=None):
-    return dsvl2_cli.load(folder, dtype="bfloat16", device="cpu", quantize=method, mmap=mmap)
-
-
 def _entry(vlm):
     """The data and record paths of the entry `vlm` would map."""
     spec, cfg = vlm.quantization, ModelConfig.from_dir(vlm.path)
@@ -49,15 +35,6 @@ def _entry(vlm):
 
 def _tensors(vlm) -> dict[str, torch.Tensor]:
     return {**dict(vlm.model.named_parameters()), **dict(vlm.model.named_buffers())}
-
-
-def _mapping_ranges(path):
-    out = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        if line.rstrip().endswith(str(path)):
-            lo, hi = line.split()[0].split("-")
-            out.append((int(lo, 16), int(hi, 16)))
-    return out
 
 
 def _decode(vlm):
@@ -76,17 +53,17 @@ def _quantized_buffers(vlm):
 @pytest.mark.parametrize("method", METHODS)
 def test_quantized_mapped_equals_copied_lives_in_the_mapping_and_decodes_the_same(ckpt_small, method, tmp_path,
                                                                                      monkeypatch):
-    folder = _fresh(ckpt_small, tmp_path, monkeypatch)
-    copied = _load(folder, method, mmap=False)
+    folder = fresh_copy(ckpt_small, tmp_path, monkeypatch)
+    copied = load_vlm(folder, "bfloat16", quantize=method, mmap=False)
     assert not (tmp_path / "mapped").exists() or not any((tmp_path / "mapped").iterdir())
-    first = _load(folder, method)  # writes the entry, then maps it
+    first = load_vlm(folder, "bfloat16", quantize=method)  # writes the entry, then maps it
     data_path, record_path = _entry(first)
     assert data_path.is_file() and json.loads(record_path.read_text())["quant"].startswith(method)
     monkeypatch.setattr(mapped, "write_entry", lambda *a, **k: pytest.fail("rewrote a sound quantized entry"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = _load(folder, method)  # maps it: no quantization, no conversion, no write
-    ranges = _mapping_ranges(data_path)
+        model = load_vlm(folder, "bfloat16", quantize=method)  # maps it: no quantization, no conversion, no write
+    ranges = mapping_ranges(data_path)
     assert ranges
     want, got = _tensors(copied), _tensors(model)
     assert want.keys() == got.keys()
@@ -102,28 +79,28 @@ def test_quantized_mapped_equals_copied_lives_in_the_mapping_and_decodes_the_sam
 def test_prequantized_folder_maps_its_own_entry(ckpt_tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("DSVL2_MMAP_DIR", str(tmp_path / "mapped"))
     folder = quant.quantize_folder(ckpt_tiny, tmp_path / "int4", "int4")
-    copied = _load(folder, mmap=False)
-    _load(folder)
-    model = _load(folder)
+    copied = load_vlm(folder, "bfloat16", mmap=False)
+    load_vlm(folder, "bfloat16")
+    model = load_vlm(folder, "bfloat16")
     data_path, _ = _entry(model)
     assert data_path.name.split("-")[2].startswith("int4g")
-    ranges = _mapping_ranges(data_path)
+    ranges = mapping_ranges(data_path)
     assert all(any(lo <= b.data_ptr() < hi for lo, hi in ranges) for b in _quantized_buffers(model))
     want = _tensors(copied)
     assert all(torch.equal(t, want[n]) for n, t in _tensors(model).items())
     # the float checkpoint quantized at load is another model (other fingerprint): another entry
-    _load(ckpt_tiny, "int4")
+    load_vlm(ckpt_tiny, "bfloat16", quantize="int4")
     assert len(list((tmp_path / "mapped").glob("*.done.json"))) == 2
 
 
 def _damaged_quantized_entry_is_rebuilt(folder, damage, reason):
-    reference = _tensors(_load(folder, "int4", mmap=False))
-    data_path, record_path = _entry(_load(folder, "int4"))
+    reference = _tensors(load_vlm(folder, "bfloat16", quantize="int4", mmap=False))
+    data_path, record_path = _entry(load_vlm(folder, "bfloat16", quantize="int4"))
     damage(data_path, record_path)
     with pytest.warns(UserWarning, match=reason):
-        model = _load(folder, "int4")
+        model = load_vlm(folder, "bfloat16", quantize="int4")
     assert all(torch.equal(t, reference[n]) for n, t in _tensors(model).items())
-    ranges = _mapping_ranges(data_path)
+    ranges = mapping_ranges(data_path)
     assert all(any(lo <= b.data_ptr() < hi for lo, hi in ranges) for b in _quantized_buffers(model))
 
 
@@ -131,7 +108,7 @@ def test_truncated_quantized_entry_is_caught_and_rebuilt(ckpt_tiny, tmp_path, mo
     def truncate(data_path, _):
         with data_path.open("r+b") as f:
             f.truncate(data_path.stat().st_size - 4096)  # mapping it would SIGBUS on the last page
-    _damaged_quantized_entry_is_rebuilt(_fresh(ckpt_tiny, tmp_path, monkeypatch), truncate,
+    _damaged_quantized_entry_is_rebuilt(fresh_copy(ckpt_tiny, tmp_path, monkeypatch), truncate,
                                         r"the layout needs \d+ \(truncated")
 
 
@@ -150,34 +127,34 @@ def test_corrupted_quantized_codes_are_caught_and_rebuilt(ckpt_tiny, tmp_path, m
             old = f.read(1)
             f.seek(at)
             f.write(bytes([old[0] ^ 0xFF]))
-    _damaged_quantized_entry_is_rebuilt(_fresh(ckpt_tiny, tmp_path, monkeypatch), flip_codes,
+    _damaged_quantized_entry_is_rebuilt(fresh_copy(ckpt_tiny, tmp_path, monkeypatch), flip_codes,
                                         "its contents do not match")
 
 
 def test_entry_of_another_packing_is_not_used(ckpt_tiny, tmp_path, monkeypatch):
     """A record naming another kernel layout (another CPU or torch packs int4 differently) is foreign."""
-    folder = _fresh(ckpt_tiny, tmp_path, monkeypatch)
+    folder = fresh_copy(ckpt_tiny, tmp_path, monkeypatch)
     _damaged_quantized_entry_is_rebuilt(
         folder, lambda _, rec: rec.write_text(json.dumps({**json.loads(rec.read_text()), "quant": "int4g128-cpu-0"})),
         "completion record is for another model")
 
 
 def test_unwritable_cache_folder_copies_with_one_warning(ckpt_tiny, tmp_path, monkeypatch):
-    folder = _fresh(ckpt_tiny, tmp_path, monkeypatch)
-    reference = _tensors(_load(folder, "int4", mmap=False))
+    folder = fresh_copy(ckpt_tiny, tmp_path, monkeypatch)
+    reference = _tensors(load_vlm(folder, "bfloat16", quantize="int4", mmap=False))
 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(files.tempfile, "mkstemp", refuse)  # the one atomic write (dsvl2_cli/files.py)
     with pytest.warns(UserWarning, match="cannot write the mapped layout .*Permission denied.*copying") as caught:
-        model = _load(folder, "int4")
+        model = load_vlm(folder, "bfloat16", quantize="int4")
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
     assert all(torch.equal(t, reference[n]) for n, t in _tensors(model).items())
     assert not list((tmp_path / "mapped").glob("*.safetensors"))
 
 
 def test_env_switch_copies_quantized_experts(ckpt_tiny, tmp_path, monkeypatch):
-    folder = _fresh(ckpt_tiny, tmp_path, monkeypatch)
+    folder = fresh_copy(ckpt_tiny, tmp_path, monkeypatch)
     monkeypatch.setenv("DSVL2_MMAP", "0")
-    _load(folder, "int8")
+    load_vlm(folder, "bfloat16", quantize="int8")
     assert not (tmp_path / "mapped").exists() or not any((tmp_path / "mapped").iterdir())

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from PIL import Image
+from helpers import load_vlm, picture
 
 import dsvl2_cli
 from dsvl2_cli.engine.processor import Message, user_message
@@ -10,15 +10,10 @@ from dsvl2_cli.engine.processor import Message, user_message
 SHAPES = [(640, 480), (300, 900), (1200, 400), (50, 50)]
 
 
-def picture(w, h, seed):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy(), "RGB")
-
-
 @pytest.fixture(scope="module", params=["tiny-like", "small-like", "vl2-like"])
 def vlm(request, ckpt_tiny, ckpt_small, ckpt_vl2):
     path = {"tiny-like": ckpt_tiny, "small-like": ckpt_small, "vl2-like": ckpt_vl2}[request.param]
-    return dsvl2_cli.load(path, dtype="float32", device="cpu")
+    return load_vlm(path)
 
 
 @pytest.mark.parametrize("n_images", [1, 2, 3])

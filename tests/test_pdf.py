@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 import pymupdf
 import pytest
+from helpers import make_pdf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsvl2_cli.app.inputs import Source, write_atomic
 from dsvl2_cli.app.pdf import MAX_SIDE, PdfDocument, check_dpi, is_pdf, parse_pages
 from dsvl2_cli.errors import Dsvl2Error, InputError
-
-
-def make_pdf(path: Path, pages: int = 3, size=(300, 400), **save_kw) -> Path:
-    doc = pymupdf.open()
-    for i in range(pages):
-        page = doc.new_page(width=size[0], height=size[1])
-        page.insert_text((30, 50), f"Page {i + 1}", fontsize=14)
-    doc.save(str(path), **save_kw)
-    doc.close()
-    return path
 
 
 # ------------------------------------------------------------------------------ parse_pages

@@ -5,8 +5,7 @@ its progress (tiles, then prompt positions) as typed events."""
 from __future__ import annotations
 
 import pytest
-import torch
-from PIL import Image
+from helpers import load_vlm, picture
 
 import dsvl2_cli
 from dsvl2_cli.app.chat import ChatSession
@@ -18,12 +17,7 @@ from dsvl2_cli.engine.prompt_store import PromptStore
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def vlm(request, ckpt_tiny):
-    return dsvl2_cli.load(ckpt_tiny, dtype=request.param, device="cpu")
-
-
-def _image(seed: int, w: int = 500, h: int = 300) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+    return load_vlm(ckpt_tiny, request.param)
 
 
 def _ask(vlm, text, images, **kw):
@@ -32,7 +26,7 @@ def _ask(vlm, text, images, **kw):
 
 def test_a_loaded_prefix_gives_the_same_tokens_as_no_store(vlm, tmp_path):
     store = PromptStore(tmp_path)
-    img = _image(0)
+    img = picture(500, 300, 0, randint=True)
     first, config = _ask(vlm, "What is this?", [img], prompt_store=store)
     saved = generate(vlm, first, config)
     assert saved.stats.reused_tokens == 0 and len(store.entries()) == 1
@@ -56,7 +50,7 @@ def test_prompts_without_images_are_not_stored(vlm, tmp_path):
 
 def test_chat_session_takes_the_store_from_its_config(vlm, tmp_path):
     store = PromptStore(tmp_path)
-    img = _image(1)
+    img = picture(500, 300, 1, randint=True)
     config = GenerationConfig(max_tokens=4, prompt_store=store)
     list(ChatSession(vlm, config=config, images=[img]).ask("What is this?"))
     events = list(ChatSession(vlm, config=config, images=[img]).ask("And what colour?"))
@@ -73,7 +67,7 @@ def test_chunks_restart_at_the_image_prefix():
 
 def test_progress_events_come_in_order_with_their_totals(ckpt_tiny, tmp_path):
     vlm = dsvl2_cli.load(ckpt_tiny, dtype="float32", device="cpu")
-    images = [_image(2, 900, 300), _image(3, 200, 200)]
+    images = [picture(900, 300, 2, randint=True), picture(200, 200, 3, randint=True)]
     prepared = vlm.prepare([user_message("Compare them.", images)])
     tiles = sum(1 + w * h for w, h in (img.grid for img in prepared.images))
     assert tiles == sum(img.pixel_values.shape[0] for img in prepared.images) and tiles > 4

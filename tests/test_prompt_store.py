@@ -11,22 +11,11 @@ import warnings
 
 import pytest
 import torch
-from PIL import Image
+from helpers import picture
 
-import dsvl2_cli
 from dsvl2_cli.engine.generate import GenerationConfig, PromptCache, generate, image_spans, position_keys
 from dsvl2_cli.engine.processor import user_message
 from dsvl2_cli.engine.prompt_store import EntryKey, PromptStore, model_fingerprint
-
-
-@pytest.fixture(scope="module")
-def vlm(ckpt_tiny):
-    return dsvl2_cli.load(ckpt_tiny, dtype="float32", device="cpu")
-
-
-def _image(seed: int) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (60, 80, 3), generator=g, dtype=torch.uint8).numpy())
 
 
 def _prefix(vlm, prepared):
@@ -43,7 +32,7 @@ def _new_cache(vlm):
 
 
 def test_round_trip_is_exact_and_reuse_gives_the_same_tokens(vlm, tmp_path):
-    img = _image(0)
+    img = picture(80, 60, 0, randint=True)
     prepared = vlm.prepare([user_message("What is this?", [img])])
     key, pcache = _prefix(vlm, prepared)
     store = PromptStore(tmp_path)
@@ -65,11 +54,11 @@ def test_round_trip_is_exact_and_reuse_gives_the_same_tokens(vlm, tmp_path):
 
 
 def test_another_image_dtype_or_model_misses(vlm, ckpt_tiny, tmp_path):
-    prepared = vlm.prepare([user_message("What is this?", [_image(0)])])
+    prepared = vlm.prepare([user_message("What is this?", [picture(80, 60, 0, randint=True)])])
     key, pcache = _prefix(vlm, prepared)
     store = PromptStore(tmp_path / "store")
     store.save(key, pcache.cache)
-    other_image, _ = _prefix(vlm, vlm.prepare([user_message("What is this?", [_image(1)])]))
+    other_image, _ = _prefix(vlm, vlm.prepare([user_message("What is this?", [picture(80, 60, 1, randint=True)])]))
     assert other_image.name != key.name and store.load(other_image, _new_cache(vlm), vlm.device) is None
     other_dtype = EntryKey(key.model, "torch.bfloat16", key.device, key.keys)
     assert store.load(other_dtype, _new_cache(vlm), vlm.device) is None
@@ -85,7 +74,7 @@ def test_another_image_dtype_or_model_misses(vlm, ckpt_tiny, tmp_path):
 
 
 def _saved(vlm, tmp_path):
-    prepared = vlm.prepare([user_message("What is this?", [_image(2)])])
+    prepared = vlm.prepare([user_message("What is this?", [picture(80, 60, 2, randint=True)])])
     key, pcache = _prefix(vlm, prepared)
     store = PromptStore(tmp_path)
     return store, key, store.save(key, pcache.cache)
@@ -122,7 +111,7 @@ def test_an_entry_for_other_facts_under_this_name_is_not_trusted(vlm, tmp_path):
 def test_least_recently_used_entries_are_evicted(vlm, tmp_path):
     store, key, path = _saved(vlm, tmp_path)
     size = path.stat().st_size
-    prepared = vlm.prepare([user_message("What is this?", [_image(3)])])
+    prepared = vlm.prepare([user_message("What is this?", [picture(80, 60, 3, randint=True)])])
     key2, pcache2 = _prefix(vlm, prepared)
     store.cap_bytes = int(size * 1.5)  # room for one entry
     store.load(key, _new_cache(vlm), vlm.device)  # key is used... then key2 is newer still

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from helpers import load_vlm, picture
 from safetensors.torch import load_file, save_file
 
 import dsvl2_cli
@@ -214,14 +214,9 @@ def test_native_quantized_experts_equal_torch_kernels(method, shape, tokens, dty
 
 # ---------------------------------------------------------------------------- whole models
 
-def picture(w, h, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy(), "RGB")
-
-
 @pytest.fixture(scope="module")
 def float_models(ckpt_tiny, ckpt_small, ckpt_vl2):
-    return {p: dsvl2_cli.load(p, dtype="float32", device="cpu") for p in (ckpt_tiny, ckpt_small, ckpt_vl2)}
+    return {p: load_vlm(p) for p in (ckpt_tiny, ckpt_small, ckpt_vl2)}
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pymupdf
 import pytest
+from helpers import write_pdf
 from PIL import Image
 from reliability_support import (
     ZERO_PAGE_PDF,
@@ -485,11 +486,7 @@ def test_pdf_page_selection_out_of_range_or_malformed(monkeypatch, ckpt_tiny, th
 
 def test_pdf_scanned_page_without_text_layer_is_read(monkeypatch, ckpt_tiny, tmp_path, seen_by_model):
     picture = write_image(tmp_path / "scan.png", 160, 200, seed=4)
-    path = tmp_path / "scanned.pdf"
-    doc = pymupdf.open()
-    doc.new_page(width=200, height=250).insert_image(pymupdf.Rect(0, 0, 200, 250), filename=str(picture))
-    doc.save(str(path))
-    doc.close()
+    path = write_pdf(tmp_path / "scanned.pdf", [("", picture)], (200, 250))
     with pymupdf.open(str(path)) as check:
         assert check[0].get_text().strip() == ""  # really no text layer
     r = run(monkeypatch, "ocr", *model_args(ckpt_tiny, 3), "--dpi", "72", "--json", path)

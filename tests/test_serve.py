@@ -14,30 +14,20 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import picture
 from PIL import Image
 from serving import Server
 
-import dsvl2_cli
 from dsvl2_cli.engine.generate import GenerationConfig, generate
 from dsvl2_cli.engine.processor import Message, user_message
 
 KEY = "sk-test-123"
 
 
-def picture(w, h, seed=0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy(), "RGB")
-
-
 def data_url(img: Image.Image, fmt="PNG") -> str:
     buf = io.BytesIO()
     img.save(buf, fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-@pytest.fixture(scope="module")
-def vlm(ckpt_tiny):
-    return dsvl2_cli.load(ckpt_tiny, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import load_module
 from safetensors.torch import load_file, save_file
 
 from dsvl2_cli.engine.runtime import load_model
@@ -17,10 +18,6 @@ def _copy(src, tmp_path):
     dst = tmp_path / "model"
     shutil.copytree(src, dst)
     return dst
-
-
-def _load(folder):
-    return load_model(folder, ModelConfig.from_dir(folder), torch.float32, torch.device("cpu"))
 
 
 def _rewrite_single(folder, edit):
@@ -47,14 +44,14 @@ def test_missing_tensor_is_named(ckpt_tiny, tmp_path):
     folder = _copy(ckpt_tiny, tmp_path)
     _rewrite_single(folder, lambda t: t.pop("language.model.layers.1.mlp.experts.3.up_proj.weight"))
     with pytest.raises(WeightsError, match=r"missing tensor\(s\) language\.model\.layers\.1\.mlp\.experts\.3\.up_proj"):
-        _load(folder)
+        load_module(folder, torch.float32)
 
 
 def test_unexpected_tensor_is_named(ckpt_tiny, tmp_path):
     folder = _copy(ckpt_tiny, tmp_path)
     _rewrite_single(folder, lambda t: t.update({"language.model.layers.9.extra.weight": torch.zeros(2)}))
     with pytest.raises(WeightsError, match=r"unexpected tensor\(s\) language\.model\.layers\.9\.extra\.weight"):
-        _load(folder)
+        load_module(folder, torch.float32)
 
 
 def test_misshaped_tensor_is_named(ckpt_tiny, tmp_path):
@@ -64,7 +61,7 @@ def test_misshaped_tensor_is_named(ckpt_tiny, tmp_path):
         t["image_newline"] = torch.zeros(3)
     _rewrite_single(folder, edit)
     with pytest.raises(WeightsError, match=r"tensor image_newline .* shape \[3\]"):
-        _load(folder)
+        load_module(folder, torch.float32)
 
 
 def test_integer_tensor_is_refused(ckpt_tiny, tmp_path):
@@ -74,7 +71,7 @@ def test_integer_tensor_is_refused(ckpt_tiny, tmp_path):
         t["view_seperator"] = torch.zeros_like(t["view_seperator"], dtype=torch.int32)
     _rewrite_single(folder, edit)
     with pytest.raises(WeightsError, match="view_seperator in model.safetensors has dtype I32"):
-        _load(folder)
+        load_module(folder, torch.float32)
 
 
 def test_missing_shard_and_corrupt_header(ckpt_vl2, tmp_path):
@@ -82,13 +79,13 @@ def test_missing_shard_and_corrupt_header(ckpt_vl2, tmp_path):
     shard = sorted(folder.glob("model-*.safetensors"))[0]
     shard.unlink()
     with pytest.raises(WeightsError, match=f"{shard.name}: shard listed in model.safetensors.index.json is missing"):
-        _load(folder)
+        load_module(folder, torch.float32)
 
     folder2 = _copy(ckpt_vl2, tmp_path / "b")
     shard = sorted(folder2.glob("model-*.safetensors"))[0]
     shard.write_bytes(b"\xff" * 64)
     with pytest.raises(WeightsError, match=f"{shard.name}: not a readable safetensors file"):
-        _load(folder2)
+        load_module(folder2, torch.float32)
 
 
 def test_truncated_file_is_an_error(ckpt_tiny, tmp_path):
@@ -97,7 +94,7 @@ def test_truncated_file_is_an_error(ckpt_tiny, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match="model.safetensors"):
-        _load(folder)
+        load_module(folder, torch.float32)
 
 
 def test_pickle_only_folder_is_refused(ckpt_tiny, tmp_path):
@@ -105,7 +102,7 @@ def test_pickle_only_folder_is_refused(ckpt_tiny, tmp_path):
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(WeightsError, match="never unpickles"):
-        _load(folder)
+        load_module(folder, torch.float32)
 
 
 def test_index_naming_a_path_outside_the_folder(ckpt_vl2, tmp_path):
@@ -115,7 +112,7 @@ def test_index_naming_a_path_outside_the_folder(ckpt_vl2, tmp_path):
     index["weight_map"][first] = "../elsewhere.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(WeightsError, match="unusable shard"):
-        _load(folder)
+        load_module(folder, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
