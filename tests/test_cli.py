@@ -16,7 +16,7 @@ import typer
 from helpers import write_pdf
 from PIL import Image
 
-from dsvl2_cli.app import backends, cli, cli_options, tasks
+from dsvl2_cli.app import backends, cli, cli_options
 from dsvl2_cli.app.pictures import colour
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token

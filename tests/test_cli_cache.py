@@ -19,8 +19,6 @@ from test_cli import _isolated, assert_clean, assert_one_line_error, run  # noqa
 
 from dsvl2_cli import settings
 from dsvl2_cli.engine import mapped_store
-from dsvl2_cli.engine.runtime import load_model
-from dsvl2_cli.model.config import ModelConfig
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from dsvl2_cli import settings
 from dsvl2_cli.app import backends, budget, cli, documents, pages, tasks
 from dsvl2_cli.app.inputs import Source, tag
 from dsvl2_cli.dev.synthetic import write_image
-from dsvl2_cli.engine import runtime
 from dsvl2_cli.engine.generate import Done
 from dsvl2_cli.engine.processor import user_message
 from dsvl2_cli.errors import ContextTooLongError

@@ -12,8 +12,6 @@ import torch
 from helpers import fresh_copy, load_module, mapping_ranges
 
 from dsvl2_cli.engine import mapped
-from dsvl2_cli.engine.runtime import load_model
-from dsvl2_cli.model.config import ModelConfig
 
 
 def _entry(folder, dtype=torch.bfloat16):
