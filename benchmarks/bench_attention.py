@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from dsvl2_cli.dev.bench_probes import interleaved
-from dsvl2_cli.engine import kernels
-from dsvl2_cli.engine.fast import install_vision
+from dsvl2_cli.engine.native import kernels
+from dsvl2_cli.engine.native.fast import install_vision
 from dsvl2_cli.model.config import VisionConfig
 from dsvl2_cli.model.vision import VisionTower
 

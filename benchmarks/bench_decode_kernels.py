@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from dsvl2_cli.engine import kernels  # noqa: E402
+from dsvl2_cli.engine.native import kernels  # noqa: E402
 from dsvl2_cli.model.attention import RMSNorm, few_query_attention  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, HIDDEN = 12, 10, 128, 1280
@@ -85,7 +85,7 @@ def decode_step_row(ckpt: Path | None, repeat: int) -> dict:
     import dsvl2_cli
     from dsvl2_cli import settings
     from dsvl2_cli.dev import bench, bench_probes
-    from dsvl2_cli.engine import fast
+    from dsvl2_cli.engine.native import fast
 
     path = ckpt or bench.ensure_checkpoint(settings.bench_dir(), "tiny", None)
     vlm = dsvl2_cli.load(path, dtype="bfloat16", device="cpu")

@@ -44,7 +44,7 @@ def make_pdf(path: Path, pages: int, answer_page: int | None = None) -> Path:
 
 
 def sources_of(pdf: Path, stack: contextlib.ExitStack):
-    from dsvl2_cli.app.inputs import collect_sources
+    from dsvl2_cli.app.inputs.sources import collect_sources
 
     return collect_sources([str(pdf)], None, 144, None, lambda note: None, stack)
 

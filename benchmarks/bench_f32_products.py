@@ -1,4 +1,4 @@
-"""bf16 products in float32 (engine/f32_products.py) against torch's bf16 GEMMs, on this CPU.
+"""bf16 products in float32 (engine/native/f32_products.py) against torch's bf16 GEMMs, on this CPU.
 
 Meant for a CPU without bf16 dot products (AVX2, AVX512 without BF16), where `auto` picks float32;
 on one with them the float32 side is what DSVL2_BF16_PRODUCTS=float32 would cost.
@@ -36,8 +36,8 @@ import dsvl2_cli
 from dsvl2_cli import settings
 from dsvl2_cli.dev import bench
 from dsvl2_cli.dev.bench_probes import interleaved
-from dsvl2_cli.engine import f32_products, kernels
-from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.native import f32_products, kernels
+from dsvl2_cli.engine.prompt.processor import user_message
 from dsvl2_cli.model.moe import Experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -35,11 +35,18 @@ from dsvl2_cli import settings  # noqa: E402
 from dsvl2_cli.dev import bench, bench_probes  # noqa: E402
 from dsvl2_cli.engine.events import Done, GenerationConfig, Prefilled, Token  # noqa: E402
 from dsvl2_cli.engine.generate import stream_generate  # noqa: E402
-from dsvl2_cli.engine.processor import Prepared  # noqa: E402
+from dsvl2_cli.engine.prompt.processor import Prepared  # noqa: E402
+
+
+# modules 9f1af16's generate.py and batching.py import, where they are now
+MOVED = {"processor": "prompt.processor", "sampling": "generate.sampling", "tokenizer": "prompt.tokenizer"}
 
 
 def load_base(rev: str, path: str = "dsvl2_cli/engine/generate.py", name: str = "_generate_base"):
-    """`path` at `rev` as the module dsvl2_cli.engine.<name> (relative imports as the original's)."""
+    """`path` at `rev` as the module dsvl2_cli.engine.<name> (relative imports as the original's;
+    the modules it imports that have moved since are found under their old names)."""
+    for old, new in MOVED.items():
+        sys.modules.setdefault(f"dsvl2_cli.engine.{old}", importlib.import_module(f"dsvl2_cli.engine.{new}"))
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True,
                             text=True).stdout
     file = Path(tempfile.mkdtemp()) / f"{name}.py"

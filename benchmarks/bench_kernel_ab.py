@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from dsvl2_cli.dev import bench  # noqa: E402
 from dsvl2_cli.dev.bench_probes import BANDWIDTH_BYTES, BandwidthProbe  # noqa: E402
-from dsvl2_cli.engine import kernel_build, kernels  # noqa: E402
+from dsvl2_cli.engine.native import kernel_build, kernels  # noqa: E402
 
 SOURCE = "dsvl2_cli/csrc/cpu_kernels.c"
 N, K, MATRICES = 32768, 1280, 12

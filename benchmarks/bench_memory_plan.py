@@ -1,4 +1,4 @@
-"""The memory plan (engine/memory_plan.py) against measured peak RSS, real tiny shapes, CPU.
+"""The memory plan (engine/loading/memory_plan.py) against measured peak RSS, real tiny shapes, CPU.
 
 For each method (default none and int4), in a fresh subprocess so that the peak is that run's
 own: load the real-shape tiny synthetic checkpoint (bf16, random weights: memory does not depend
@@ -56,7 +56,7 @@ def child(ckpt: Path, method: str, tokens: int) -> dict:
     import dsvl2_cli
     from dsvl2_cli.dev.bench import synthetic_image
     from dsvl2_cli.engine import generate as gen
-    from dsvl2_cli.engine.processor import user_message
+    from dsvl2_cli.engine.prompt.processor import user_message
 
     out = {"method": method, "rss_imported": current_rss()}
     t = time.perf_counter()
@@ -110,7 +110,7 @@ def main() -> int:
 
     from dsvl2_cli import settings
     from dsvl2_cli.dev.bench import ensure_checkpoint
-    from dsvl2_cli.engine import memory_plan
+    from dsvl2_cli.engine.loading import memory_plan
     from dsvl2_cli.engine.quant.format import QuantSpec
     from dsvl2_cli.model.config import ModelConfig
 

@@ -53,7 +53,7 @@ def worker(ckpt: Path, tokens: int) -> int:
     import dsvl2_cli
     from dsvl2_cli.dev.bench import PHOTO, synthetic_image
     from dsvl2_cli.engine.generate import GenerationConfig, Token, stream_generate
-    from dsvl2_cli.engine.processor import user_message
+    from dsvl2_cli.engine.prompt.processor import user_message
 
     torch.set_num_threads(2)
     vlm = dsvl2_cli.load(ckpt, dtype="bfloat16", device="cpu")

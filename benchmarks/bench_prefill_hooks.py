@@ -1,6 +1,6 @@
 """Prefill with the native elementwise MoE passes against torch's ops, on the real shapes.
 
-The engine swaps two hooks into the language model on CPU (engine/fast.py): the gated MLPs' and
+The engine swaps two hooks into the language model on CPU (engine/native/fast.py): the gated MLPs' and
 routed experts' `act` (silu(gate) * up in one native pass) and the routed experts' `combine` (the
 weighted sum of each token's expert rows back in token order). Both make torch's roundings bit
 for bit (tests/test_kernels.py), so this measures speed only: a 1024-token text prefill of the

@@ -81,8 +81,8 @@ def worker(method: str, ckpt: Path, tokens: int, ref_path: Path, threads: int) -
     import torch
 
     torch.set_num_threads(threads)
-    from dsvl2_cli.engine import memory
-    from dsvl2_cli.engine.processor import user_message
+    from dsvl2_cli.engine.loading import memory
+    from dsvl2_cli.engine.prompt.processor import user_message
     from dsvl2_cli.engine.runtime import load
 
     _reset_peak()
@@ -159,7 +159,7 @@ def paired(methods: list[str], ckpt: Path, tokens: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from dsvl2_cli.engine.processor import user_message
+    from dsvl2_cli.engine.prompt.processor import user_message
     from dsvl2_cli.engine.runtime import load
 
     runs = {}
@@ -215,7 +215,7 @@ def machine() -> dict:
     except ImportError:
         info["bitsandbytes"] = None
     try:
-        from dsvl2_cli.engine import kernels
+        from dsvl2_cli.engine.native import kernels
         info["bf16_kernels"] = kernels.status()
     except ImportError:
         pass

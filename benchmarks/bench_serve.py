@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 import dsvl2_cli  # noqa: E402
 from dsvl2_cli.engine.generate.scheduler import BatchEngine  # noqa: E402
 from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Token  # noqa: E402
-from dsvl2_cli.engine.processor import user_message  # noqa: E402
+from dsvl2_cli.engine.prompt.processor import user_message  # noqa: E402
 
 
 def picture(w, h, seed) -> Image.Image:

@@ -35,7 +35,7 @@ from dsvl2_cli import settings  # noqa: E402
 from dsvl2_cli.dev import bench  # noqa: E402
 from dsvl2_cli.engine.events import Done, GenerationConfig, Prefilled, Token  # noqa: E402
 from dsvl2_cli.engine.generate.scheduler import BatchEngine  # noqa: E402
-from dsvl2_cli.engine.messages import user_message  # noqa: E402
+from dsvl2_cli.engine.prompt.messages import user_message  # noqa: E402
 
 
 def base_engine_class(rev: str):

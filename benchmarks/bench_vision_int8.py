@@ -38,8 +38,8 @@ import dsvl2_cli
 from dsvl2_cli import settings
 from dsvl2_cli.dev import bench
 from dsvl2_cli.dev.bench_probes import interleaved
-from dsvl2_cli.engine import int8_kernels, kernels
-from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.native import int8_kernels, kernels
+from dsvl2_cli.engine.prompt.processor import user_message
 from dsvl2_cli.engine.runtime import TILE_BATCH
 
 GEMMS = {"qkv": (3456, 1152), "proj": (1152, 1152), "fc1": (4304, 1152), "fc2": (1152, 4304)}  # (N, K)

@@ -23,8 +23,11 @@ __all__ = [
 def _public() -> dict:
     """Every public name, from the modules that define them (imported here, on first use)."""
     from . import errors
-    from .app import images
-    from .engine import generate, processor, prompt_store, runtime, sampling
+    from .app.inputs import images
+    from .engine import generate, runtime
+    from .engine.prompt import processor
+    from .engine import prompt_store
+    from .engine.generate import sampling
 
     sources = (errors, images, generate, processor, prompt_store, runtime, sampling)
     return {name: getattr(module, name) for module in sources for name in __all__ if hasattr(module, name)}

@@ -1,6 +1,6 @@
 """`python -m dsvl2_cli`: the same as the `dsvl2` command."""
 
-from .app.cli import entry
+from .app.terminal.cli import entry
 
 if __name__ == "__main__":
     entry()

@@ -1,8 +1,8 @@
 """Writing files so that a reader sees the whole of one or nothing: a temporary file (or folder)
 beside the target, renamed over it at the end, removed on any failure (Ctrl-C included). The
-floor every wing writes through (no torch): page texts and --out files (app/inputs.py), saved
-prompts (engine/prompt_store.py), mapped layouts (engine/mapped.py), the native kernels
-(engine/kernel_build.py) and pre-quantized folders (engine/quant/folder.py).
+floor every wing writes through (no torch): page texts and --out files (app/inputs/sources.py), saved
+prompts (engine/prompt_store.py), mapped layouts (engine/loading/mapped.py), the native kernels
+(engine/native/kernel_build.py) and pre-quantized folders (engine/quant/folder.py).
 
 mkstemp and mkdtemp make private files (0600, 0700); `follow_umask` gives what we wrote the mode
 a plain open() or mkdir() would, for the writers whose files other users may read.

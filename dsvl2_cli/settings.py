@@ -99,7 +99,7 @@ BF16_PRODUCTS = ("auto", "native", "float32")
 
 
 def bf16_products() -> str:
-    """$DSVL2_BF16_PRODUCTS: auto (default), native or float32 (engine/f32_products.py)."""
+    """$DSVL2_BF16_PRODUCTS: auto (default), native or float32 (engine/native/f32_products.py)."""
     value = _get("DSVL2_BF16_PRODUCTS").strip().lower() or "auto"
     if value not in BF16_PRODUCTS:
         from .errors import InputError
@@ -123,7 +123,7 @@ def bench_dir() -> Path:
 
 
 def memory_limit() -> str:
-    """$DSVL2_MEMORY_LIMIT as given, stripped ("" when unset); engine/host_memory.py parses it."""
+    """$DSVL2_MEMORY_LIMIT as given, stripped ("" when unset); engine/loading/host_memory.py parses it."""
     return _get("DSVL2_MEMORY_LIMIT").strip()
 
 

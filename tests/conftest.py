@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _caches(tmp_path_factory):
     """Everything dsvl2 caches goes to the session's tmp, never the user's ~/.cache: mapped
-    layouts (engine/mapped.py), saved prompts, page texts and compiled kernels (DSVL2_CACHE);
+    layouts (engine/loading/mapped.py), saved prompts, page texts and compiled kernels (DSVL2_CACHE);
     subprocesses inherit both."""
     os.environ["DSVL2_MMAP_DIR"] = str(tmp_path_factory.mktemp("mapped"))
     os.environ["DSVL2_CACHE"] = str(tmp_path_factory.mktemp("cache"))

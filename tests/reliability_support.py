@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dsvl2_cli.app import backends
-from dsvl2_cli.engine import processor
+from dsvl2_cli.engine.prompt import processor
 from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
 
 REPO = Path(__file__).resolve().parents[1]

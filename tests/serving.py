@@ -1,4 +1,4 @@
-"""Start a real `python -m dsvl2_cli.app.serve` process for the server and client tests."""
+"""Start a real `python -m dsvl2_cli.app.http.serve` process for the server and client tests."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = subprocess_env()
-        cmd = [sys.executable, "-m", "dsvl2_cli.app.serve", "-m", str(model), "--dtype", "float32",
+        cmd = [sys.executable, "-m", "dsvl2_cli.app.http.serve", "-m", str(model), "--dtype", "float32",
                "--device", "cpu", "--port", str(self.port), "--exit-with-parent", "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         self._wait()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import load_vlm
 
-from dsvl2_cli.engine import fast, kernels
+from dsvl2_cli.engine.native import fast, kernels
 from dsvl2_cli.model.attention import LatentAttention, attention_mask, few_query_attention, sdpa_attention
 
 

@@ -11,8 +11,8 @@ import dsvl2_cli
 from dsvl2_cli.engine.cache import gather_rows
 from dsvl2_cli.engine.generate.scheduler import BatchEngine, Failed
 from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Token, generate, stream_generate
-from dsvl2_cli.engine.processor import user_message
-from dsvl2_cli.engine.sampling import SamplingParams
+from dsvl2_cli.engine.prompt.processor import user_message
+from dsvl2_cli.engine.generate.sampling import SamplingParams
 from dsvl2_cli.errors import ContextTooLongError
 
 

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dsvl2_cli
 from dsvl2_cli.dev import bench, bench_probes
 from dsvl2_cli.dev.synthetic import write_config
-from dsvl2_cli.engine import kernel_build, kernels
+from dsvl2_cli.engine.native import kernel_build, kernels
 from dsvl2_cli.model.config import ModelConfig
 from dsvl2_cli.model.moe import looped_experts
 

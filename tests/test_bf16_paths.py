@@ -37,8 +37,9 @@ from helpers import load_vlm, picture
 
 import dsvl2_cli
 from dsvl2_cli.dev import synthetic
-from dsvl2_cli.engine import f32_products, kernels, quant
-from dsvl2_cli.engine.fast import FastLayerNorm, FastMLP, FastVisionMLP, NativeExperts
+from dsvl2_cli.engine.native import f32_products, kernels
+from dsvl2_cli.engine import quant
+from dsvl2_cli.engine.native.fast import FastLayerNorm, FastMLP, FastVisionMLP, NativeExperts
 from dsvl2_cli.engine.quant import nf4 as quant_nf4
 from dsvl2_cli.model.attention import LatentAttention
 
@@ -292,7 +293,7 @@ def test_prefill_kernel_logits_within_rounding_noise(wide_models, family, monkey
 
 
 def _image_prompt(vlm):
-    from dsvl2_cli.engine.processor import user_message
+    from dsvl2_cli.engine.prompt.processor import user_message
     return vlm.prepare([user_message("Describe.", [picture(400, 300, seed=3)])])
 
 

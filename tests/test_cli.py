@@ -16,8 +16,9 @@ import typer
 from helpers import write_pdf
 from PIL import Image
 
-from dsvl2_cli.app import backends, cli, cli_options
-from dsvl2_cli.app.pictures import colour
+from dsvl2_cli.app import backends
+from dsvl2_cli.app.terminal import cli, cli_options
+from dsvl2_cli.app.terminal.pictures import colour
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
 
@@ -546,9 +547,9 @@ def test_model_commands_take_the_shared_options_declared_once():
 
 
 def test_serve_defaults_are_the_servers():
-    """One set of defaults: `dsvl2 serve` (and `python -m dsvl2_cli.app.serve`) as ServeSettings."""
-    from dsvl2_cli.app.images import MAX_PIXELS
-    from dsvl2_cli.app.protocol import ServeSettings
+    """One set of defaults: `dsvl2 serve` (and `python -m dsvl2_cli.app.http.serve`) as ServeSettings."""
+    from dsvl2_cli.app.inputs.images import MAX_PIXELS
+    from dsvl2_cli.app.http.protocol import ServeSettings
 
     serve = typer.main.get_command(cli.app).commands["serve"]
     defaults = {p.name: p.default for p in serve.params}

@@ -18,7 +18,7 @@ from helpers import load_module
 from test_cli import _isolated, assert_clean, assert_one_line_error, run  # noqa: F401 - fixture reused
 
 from dsvl2_cli import settings
-from dsvl2_cli.engine import mapped_store
+from dsvl2_cli.engine.loading import mapped_store
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 import dsvl2_cli
-from dsvl2_cli.app.images import load_image
+from dsvl2_cli.app.inputs.images import load_image
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.app.backends import Backend, Prompt
 from dsvl2_cli.app.chat import ChatSession, chat_turn
 from dsvl2_cli.app.results import Answer
 from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Prefilling, Stats, Token
-from dsvl2_cli.engine.messages import Message
+from dsvl2_cli.engine.prompt.messages import Message
 from dsvl2_cli.errors import ContextTooLongError
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from test_cli import _cached_load_weights, _isolated, assert_one_line_error, run  # noqa: F401 - fixture reused
 
-from dsvl2_cli.app import cli
+from dsvl2_cli.app.terminal import cli
 from dsvl2_cli.dev.synthetic import write_image
-from dsvl2_cli.engine import host_memory, memory_plan, runtime
+from dsvl2_cli.engine.loading import host_memory, memory_plan
+from dsvl2_cli.engine import runtime
 from dsvl2_cli.errors import MemoryFitError
 
 pytestmark = pytest.mark.usefixtures("_isolated")
@@ -169,7 +170,7 @@ def test_library_load_checks_and_opts_out(monkeypatch, ckpt_tiny, plans):
 @pytest.fixture
 def counted(monkeypatch) -> dict[str, int]:
     """Calls of hub.resolve and fit.check_load (the real ones, counted)."""
-    from dsvl2_cli.engine import fit, hub
+    from dsvl2_cli.engine.loading import fit, hub
 
     calls = {"resolve": 0, "check_load": 0}
     for module, name in ((hub, "resolve"), (fit, "check_load")):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dsvl2_cli import settings
-from dsvl2_cli.app.render import UI, AnswerView, prefill_text, render_answer
+from dsvl2_cli.app.terminal.render import UI, AnswerView, prefill_text, render_answer
 from dsvl2_cli.app.tasks import Answer
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.engine.generate import Done, Prefilling, Stats, Token

@@ -19,8 +19,10 @@ from subprocess_env import subprocess_env
 from test_cli import ANSWER_KEYS, _cached_load_weights, assert_clean, assert_one_line_error, model_args, run
 from test_client import Recorded, recorded  # noqa: F401 - fixture
 
-from dsvl2_cli.app import backends, cli, server_run
-from dsvl2_cli.app.protocol import ServeSettings
+from dsvl2_cli.app import backends
+from dsvl2_cli.app.terminal import cli
+from dsvl2_cli.app.http import server_run
+from dsvl2_cli.app.http.protocol import ServeSettings
 from dsvl2_cli.dev.synthetic import write_image
 
 

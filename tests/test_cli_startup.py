@@ -15,14 +15,15 @@ import pytest
 import typer
 from subprocess_env import subprocess_env
 
-from dsvl2_cli.app import cli_options, exits, tasks
+from dsvl2_cli.app.terminal import cli_options, exits
+from dsvl2_cli.app import tasks
 
 REPO = Path(__file__).resolve().parents[1]
 # pydantic: typer 0.29 builds a pydantic schema for every option on each start (+0.25 s); pinned off
 HEAVY = ("torch", "transformers", "safetensors", "numpy", "pydantic", "dsvl2_cli.engine", "dsvl2_cli.model")
 # The console script's own lines; "started" marks the interpreter ready (its start-up is not ours).
 ENTRY = ("import sys; sys.stderr.write('started\\n'); sys.stderr.flush(); sys.argv = ['dsvl2', *sys.argv[1:]]; "
-         "from dsvl2_cli.app.cli import entry; entry()")
+         "from dsvl2_cli.app.terminal.cli import entry; entry()")
 
 
 def env() -> dict:
@@ -32,7 +33,7 @@ def env() -> dict:
 def test_help_version_and_usage_errors_import_no_torch():
     code = f"""
 import contextlib, io, json, sys
-from dsvl2_cli.app.cli import main
+from dsvl2_cli.app.terminal.cli import main
 runs = {{}}
 for argv in (["--help"], ["--version"], ["chat", "--help"], ["ocr", "--no-such-flag"], ["ask", "doc.pdf"]):
     out, err = io.StringIO(), io.StringIO()
@@ -112,7 +113,7 @@ def test_help_from_python_m(argv):
 FINISH = """
 import atexit, sys, threading, time
 {imports}
-from dsvl2_cli.app import exits
+from dsvl2_cli.app.terminal import exits
 atexit.register(lambda: sys.stderr.write("teardown ran\\n"))
 sys.stdout.write("x" * 200_000)  # still in the buffer: only finish's flush gets it out
 {thread}

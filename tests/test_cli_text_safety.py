@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dsvl2_cli.engine.generate import Sequence
-from dsvl2_cli.engine.tokenizer import Tokenizer
+from dsvl2_cli.engine.prompt.tokenizer import Tokenizer
 from test_cli import _isolated, images, model_args, run  # noqa: F401 (fixtures: a cached loader, test images)
 
 NASTY = "A\x00B\x1b[31mC\x1aD\x1dE\tF\nG\x7fH"

@@ -16,9 +16,9 @@ from PIL import Image
 from serving import Server, free_port
 
 import dsvl2_cli
-from dsvl2_cli.app.client import RemoteModel, to_openai_messages
+from dsvl2_cli.app.http.client import RemoteModel, to_openai_messages
 from dsvl2_cli.engine.generate import Done, GenerationConfig, Prefilled, Token, generate
-from dsvl2_cli.engine.processor import Message, user_message
+from dsvl2_cli.engine.prompt.processor import Message, user_message
 from dsvl2_cli.errors import Dsvl2Error, ServerError
 
 DATA = Path(__file__).parent / "data" / "vllm"

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from dsvl2_cli.engine.cache import new_model_cache
-from dsvl2_cli.engine.cache import new_model_cache
 from dsvl2_cli.model.attention import LatentAttention, MultiHeadAttention, RMSNorm, rope_table
 from dsvl2_cli.model.config import LANGUAGE_DEFAULTS, LanguageConfig
 from dsvl2_cli.model.moe import MoE, looped_experts

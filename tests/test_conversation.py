@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from dsvl2_cli.app.conversation import read_conversation
+from dsvl2_cli.app.inputs.conversation import read_conversation
 from dsvl2_cli.dev.synthetic import write_image
-from dsvl2_cli.engine.processor import Processor
+from dsvl2_cli.engine.prompt.processor import Processor
 from dsvl2_cli.errors import ImageError, InputError, PromptError
 
 

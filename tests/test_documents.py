@@ -16,11 +16,12 @@ from reliability_support import answer_events
 from test_cli import _isolated, assert_one_line_error, model_args, run  # noqa: F401 - fixture
 
 from dsvl2_cli import settings
-from dsvl2_cli.app import backends, budget, cli, documents, pages, tasks
-from dsvl2_cli.app.inputs import Source, tag
+from dsvl2_cli.app import backends, budget, documents, pages, tasks
+from dsvl2_cli.app.terminal import cli
+from dsvl2_cli.app.inputs.sources import Source, tag
 from dsvl2_cli.dev.synthetic import write_image
 from dsvl2_cli.engine.generate import Done
-from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.prompt.processor import user_message
 from dsvl2_cli.errors import ContextTooLongError
 
 A4 = (1190, 1684)  # an A4 page at the default 144 dpi
@@ -308,7 +309,7 @@ def test_interrupted_batched_run_leaves_whole_pages_and_resumes(monkeypatch, ckp
 
 
 def test_default_batch_follows_memory(vlm, monkeypatch):
-    from dsvl2_cli.engine import fit
+    from dsvl2_cli.engine.loading import fit
 
     plenty = fit.Available(2**40, "test", {})
     monkeypatch.setattr(fit, "available_memory", lambda device: plenty)

@@ -9,9 +9,9 @@ from helpers import load_vlm, picture
 import dsvl2_cli
 from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, Prefilling, Prefill, PromptCache, StopMatcher, Token,
                                        generate, generate_batch, stream_generate)
-from dsvl2_cli.engine.tokenizer import clean_text
-from dsvl2_cli.engine.processor import Message, user_message
-from dsvl2_cli.engine.sampling import SamplingParams
+from dsvl2_cli.engine.prompt.tokenizer import clean_text
+from dsvl2_cli.engine.prompt.processor import Message, user_message
+from dsvl2_cli.engine.generate.sampling import SamplingParams
 from dsvl2_cli.errors import ContextTooLongError
 from dsvl2_cli.model.config import ModelConfig
 

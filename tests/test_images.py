@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dsvl2_cli.app import images
-from dsvl2_cli.app.images import load_image, load_image_with_notes
+from dsvl2_cli.app.inputs import images
+from dsvl2_cli.app.inputs.images import load_image, load_image_with_notes
 from dsvl2_cli.errors import ImageError
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from _pytest.mark.structures import ParameterSet
 
-from dsvl2_cli.engine import kernel_build, kernels
+from dsvl2_cli.engine.native import kernel_build, kernels
 from dsvl2_cli.model.moe import Experts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_disabled_by_env(monkeypatch):
 def _fresh_run(cache_base: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSVL2_CACHE": str(cache_base)}
     env.pop("DSVL2_KERNELS", None)
-    code = "from dsvl2_cli.engine import kernels; print(kernels.status())"
+    code = "from dsvl2_cli.engine.native import kernels; print(kernels.status())"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           check=False)
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from helpers import picture
 
 import dsvl2_cli
-from dsvl2_cli.engine import kernels
+from dsvl2_cli.engine.native import kernels
 from dsvl2_cli.engine.generate import GenerationConfig, generate
-from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.prompt.processor import user_message
 from dsvl2_cli.model.attention import RMSNorm, apply_rope, few_query_attention
 from dsvl2_cli.model.moe import Experts, combine_experts, silu_gate
 
@@ -368,7 +368,7 @@ def test_vision_elementwise_fall_back_outside_their_domain():
 def test_vision_fast_modules_match_and_fall_back():
     """install_vision's swaps hold the same tensors, agree with the plain modules within bf16
     rounding, and are the plain modules exactly with the kernels off (or in float32)."""
-    from dsvl2_cli.engine.fast import FastLayerNorm, FastVisionMLP, install_vision
+    from dsvl2_cli.engine.native.fast import FastLayerNorm, FastVisionMLP, install_vision
     from dsvl2_cli.model.config import VisionConfig
     from dsvl2_cli.model.vision import VisionTower
 

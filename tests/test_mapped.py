@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import fresh_copy, load_module, mapping_ranges
 
-from dsvl2_cli.engine import mapped
+from dsvl2_cli.engine.loading import mapped
 
 
 def _entry(folder, dtype=torch.bfloat16):

@@ -10,9 +10,10 @@ import torch
 from helpers import fresh_copy, load_vlm, mapping_ranges
 
 from dsvl2_cli import files
-from dsvl2_cli.engine import mapped, quant
+from dsvl2_cli.engine.loading import mapped
+from dsvl2_cli.engine import quant
 from dsvl2_cli.engine.generate import GenerationConfig, generate
-from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.prompt.processor import user_message
 from dsvl2_cli.engine.quant import nf4 as quant_nf4
 from dsvl2_cli.engine.quant.experts import QuantizedExperts
 from dsvl2_cli.model.config import ModelConfig

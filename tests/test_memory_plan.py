@@ -1,4 +1,4 @@
-"""The memory plan from config.json (engine/memory_plan.py), what is available (host_memory.py),
+"""The memory plan from config.json (engine/loading/memory_plan.py), what is available (host_memory.py),
 the fit verdict (fit.py), and the translation of out-of-memory errors (oom.py). The plan against
 measured RSS: benchmarks/bench_memory_plan.py."""
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from dsvl2_cli.dev.synthetic import write_config
-from dsvl2_cli.engine import fit, host_memory, memory_plan, oom
+from dsvl2_cli.engine.loading import fit, host_memory, memory_plan, oom
 from dsvl2_cli.engine.quant import expected_quantized
 from dsvl2_cli.engine.quant.format import CONFIG_KEY, QuantSpec
-from dsvl2_cli.engine.weights import expected_tensors
+from dsvl2_cli.engine.loading.weights import expected_tensors
 from dsvl2_cli.errors import Dsvl2Error, MemoryFitError
 from dsvl2_cli.model.config import ModelConfig
 

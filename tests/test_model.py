@@ -5,7 +5,7 @@ import torch
 from helpers import load_vlm, picture
 
 import dsvl2_cli
-from dsvl2_cli.engine.processor import Message, user_message
+from dsvl2_cli.engine.prompt.processor import Message, user_message
 
 SHAPES = [(640, 480), (300, 900), (1200, 400), (50, 50)]
 

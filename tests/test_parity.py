@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import dsvl2_cli
-from dsvl2_cli.app.images import load_image
+from dsvl2_cli.app.inputs.images import load_image
 from dsvl2_cli.engine.generate import GenerationConfig, generate
-from dsvl2_cli.engine.processor import Message
+from dsvl2_cli.engine.prompt.processor import Message
 
 FAMILIES = ["tiny-like", "small-like", "vl2-like"]
 

@@ -12,8 +12,8 @@ from helpers import make_pdf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsvl2_cli.app.inputs import Source, write_atomic
-from dsvl2_cli.app.pdf import MAX_SIDE, PdfDocument, check_dpi, is_pdf, parse_pages
+from dsvl2_cli.app.inputs.sources import Source, write_atomic
+from dsvl2_cli.app.inputs.pdf import MAX_SIDE, PdfDocument, check_dpi, is_pdf, parse_pages
 from dsvl2_cli.errors import Dsvl2Error, InputError
 
 

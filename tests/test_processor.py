@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dsvl2_cli.app.images import load_image
-from dsvl2_cli.engine.processor import (Message, Processor, ProcessorSettings, image_token_count, preprocess_image,
-                                        select_tiling, user_message)
-from dsvl2_cli.engine.tokenizer import Tokenizer
+from dsvl2_cli.app.inputs.images import load_image
+from dsvl2_cli.engine.prompt.processor import (Message, Processor, ProcessorSettings, image_token_count,
+                                               preprocess_image, select_tiling, user_message)
+from dsvl2_cli.engine.prompt.tokenizer import Tokenizer
 from dsvl2_cli.errors import ConfigError, PromptError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -11,7 +11,7 @@ import dsvl2_cli
 from dsvl2_cli.app.chat import ChatSession
 from dsvl2_cli.engine.generate import (Done, GenerationConfig, Prefilled, Prefilling, prefill_chunks, generate,
                                        image_prefix, stream_generate)
-from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.prompt.processor import user_message
 from dsvl2_cli.engine.prompt_store import PromptStore
 
 

@@ -14,7 +14,7 @@ import torch
 from helpers import picture
 
 from dsvl2_cli.engine.generate import GenerationConfig, PromptCache, generate, image_spans, position_keys
-from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.prompt.processor import user_message
 from dsvl2_cli.engine.prompt_store import EntryKey, PromptStore, model_fingerprint
 
 

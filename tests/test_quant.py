@@ -33,9 +33,11 @@ from helpers import load_vlm, picture
 from safetensors.torch import load_file, save_file
 
 import dsvl2_cli
-from dsvl2_cli.engine import kernels, memory, quant
+from dsvl2_cli.engine.native import kernels
+from dsvl2_cli.engine.loading import memory
+from dsvl2_cli.engine import quant
 from dsvl2_cli.engine.generate import GenerationConfig, generate
-from dsvl2_cli.engine.processor import user_message
+from dsvl2_cli.engine.prompt.processor import user_message
 from dsvl2_cli.engine.quant import nf4 as quant_nf4
 from dsvl2_cli.engine.quant import folder as quant_folder
 from dsvl2_cli.engine.quant import format as quant_format

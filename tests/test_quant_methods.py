@@ -16,7 +16,8 @@ from test_cli import _isolated, assert_one_line_error, run  # noqa: F401 - fixtu
 
 import dsvl2_cli
 from dsvl2_cli import quant_methods
-from dsvl2_cli.engine import facts, fit, hub, memory, memory_plan, quant, runtime
+from dsvl2_cli.engine.loading import facts, fit, hub, memory, memory_plan
+from dsvl2_cli.engine import quant, runtime
 from dsvl2_cli.engine.quant import registry
 from dsvl2_cli.engine.quant.format import QuantizationError, QuantSpec
 from dsvl2_cli.errors import Dsvl2Error

@@ -49,9 +49,10 @@ from safetensors.torch import load_file, save_file
 from subprocess_env import subprocess_env
 from test_cli import _isolated, assert_clean, assert_one_line_error, model_args, run  # noqa: F401 - fixture
 
-from dsvl2_cli.app import backends, cli
+from dsvl2_cli.app import backends
+from dsvl2_cli.app.terminal import cli
 from dsvl2_cli.dev.synthetic import write_image
-from dsvl2_cli.engine import hub
+from dsvl2_cli.engine.loading import hub
 from dsvl2_cli.engine.generate import Prefilled, Token
 
 pytestmark = pytest.mark.usefixtures("_isolated")

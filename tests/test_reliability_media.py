@@ -28,8 +28,8 @@ from reliability_support import (
 from subprocess_env import subprocess_env
 from test_cli import _isolated, assert_clean, assert_one_line_error, model_args, run  # noqa: F401 - fixture
 
-from dsvl2_cli.app import images as images_module
-from dsvl2_cli.app.pdf import MAX_SIDE
+from dsvl2_cli.app.inputs import images as images_module
+from dsvl2_cli.app.inputs.pdf import MAX_SIDE
 from dsvl2_cli.dev.synthetic import write_image
 
 pytestmark = pytest.mark.usefixtures("_isolated")
@@ -140,7 +140,8 @@ def test_image_bomb_huge_header_allocates_nothing(ckpt_tiny, tmp_path):
     script = f"""
 import resource, sys
 from PIL import Image
-from dsvl2_cli.app import cli, render, tasks  # the CLI imports these lazily: load them before the limit
+from dsvl2_cli.app import tasks
+from dsvl2_cli.app.terminal import cli, render  # the CLI imports these lazily: load them before the limit
 import dsvl2_cli.engine.runtime  # and torch, which a local model's command imports after the image opens
 vm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + 512 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))

@@ -9,8 +9,8 @@ import sys
 from PIL import Image
 from rich.console import Console
 
-from dsvl2_cli.app.pictures import HALF_BLOCK, PALETTE, DrawBox, HalfBlockImage, colour, draw_boxes, fit_cells
-from dsvl2_cli.app.render import UI
+from dsvl2_cli.app.terminal.pictures import HALF_BLOCK, PALETTE, DrawBox, HalfBlockImage, colour, draw_boxes, fit_cells
+from dsvl2_cli.app.terminal.render import UI
 
 
 def grey(w=200, h=100):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dsvl2_cli.engine.sampling import (SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p,
-                                       make_generator, sample)
+from dsvl2_cli.engine.generate.sampling import (SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p,
+                                                make_generator, sample)
 from dsvl2_cli.errors import Dsvl2Error
 
 

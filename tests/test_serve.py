@@ -19,7 +19,7 @@ from PIL import Image
 from serving import Server
 
 from dsvl2_cli.engine.generate import GenerationConfig, generate
-from dsvl2_cli.engine.processor import Message, user_message
+from dsvl2_cli.engine.prompt.processor import Message, user_message
 
 KEY = "sk-test-123"
 
@@ -82,7 +82,7 @@ def test_multi_turn_system_and_grounding_tags(vlm, server):
 
 
 def test_parts_map_to_the_prompt_of_the_processor(vlm):
-    from dsvl2_cli.app.protocol import ChatCompletionRequest, ServeSettings, Translator
+    from dsvl2_cli.app.http.protocol import ChatCompletionRequest, ServeSettings, Translator
     img = picture(64, 64, seed=2)
     t = Translator(vlm, ServeSettings())
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": [

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dsvl2_cli.app import backends, budget, tasks
-from dsvl2_cli.app.inputs import Source, image_origin, tag
+from dsvl2_cli.app.inputs.sources import Source, image_origin, tag
 from dsvl2_cli.engine.generate import Done, Prefilled, Stats, Token
 from dsvl2_cli.errors import InputError
 
@@ -66,7 +66,7 @@ def answer_is(monkeypatch):
 
 def test_tasks_need_no_terminal_libraries():
     code = ("import sys, dsvl2_cli.app.tasks; "
-            "print(sorted(m for m in ('rich', 'typer', 'dsvl2_cli.app.cli', 'dsvl2_cli.app.render') "
+            "print(sorted(m for m in ('rich', 'typer', 'dsvl2_cli.app.terminal.cli', 'dsvl2_cli.app.terminal.render') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

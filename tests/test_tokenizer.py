@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dsvl2_cli.engine.tokenizer import StreamDecoder, Tokenizer, clean_text
+from dsvl2_cli.engine.prompt.tokenizer import StreamDecoder, Tokenizer, clean_text
 from dsvl2_cli.errors import TokenizerError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

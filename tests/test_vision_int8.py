@@ -1,4 +1,4 @@
-"""The opt-in int8 vision tower (engine/vision_int8.py, csrc "int8 vision linears"):
+"""The opt-in int8 vision tower (engine/native/vision_int8.py, csrc "int8 vision linears"):
 
 - the VNNI GEMM equals the dequantized integer math (the int32 accumulation is exact, so only
   the float32 epilogue and the bf16 store round), with tails in M, N and K, bias, fused GELU;
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import dsvl2_cli
-from dsvl2_cli.engine import int8_kernels, kernels, vision_int8
-from dsvl2_cli.engine.fast import install_vision
+from dsvl2_cli.engine.native import int8_kernels, kernels, vision_int8
+from dsvl2_cli.engine.native.fast import install_vision
 from dsvl2_cli.engine.prompt_store import PromptStore
 from dsvl2_cli.model.config import VisionConfig
 from dsvl2_cli.model.vision import VisionTower
@@ -217,7 +217,7 @@ def test_packed_weights_are_cached_mapped_and_checked(ckpt_tiny, monkeypatch, tm
     """The first int8 load packs and writes a mapped-folder entry; the next one maps it (packing
     nothing: file pages, not private memory) with the same features; a damaged entry is caught,
     named in a warning, and rebuilt; `dsvl2 cache` lists it; without mapping nothing is written."""
-    from dsvl2_cli.engine import mapped_store
+    from dsvl2_cli.engine.loading import mapped_store
 
     monkeypatch.setenv("DSVL2_MMAP_DIR", str(tmp_path / "mapped"))
     size = 384
@@ -254,7 +254,7 @@ def test_packed_weights_are_cached_mapped_and_checked(ckpt_tiny, monkeypatch, tm
 def test_memory_plan_counts_the_int8_tower_it_will_make(ckpt_tiny):
     """The memory check before a load with --vision-int8 counts the packed weights the load then
     makes (their own weights component), and only where the int8 tower will run."""
-    from dsvl2_cli.engine import fit, memory_plan
+    from dsvl2_cli.engine.loading import fit, memory_plan
 
     vlm = dsvl2_cli.load(ckpt_tiny, dtype="bfloat16", device="cpu", vision_int8=True)
     made = sum(m.int8.nbytes for m in vlm.model.vision.modules() if isinstance(m, vision_int8.Int8Linear))

@@ -9,7 +9,7 @@ from helpers import load_module
 from safetensors.torch import load_file, save_file
 
 from dsvl2_cli.engine.runtime import load_model
-from dsvl2_cli.engine.weights import expected_tensors, read_headers, weight_files
+from dsvl2_cli.engine.loading.weights import expected_tensors, read_headers, weight_files
 from dsvl2_cli.errors import WeightsError
 from dsvl2_cli.model.config import ModelConfig
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..engine.events import Done, Event, GenerationConfig
-from ..engine.messages import Message
-from ..engine.tokenizer import GROUNDING_TOKENS
+from ..engine.prompt.messages import Message
+from ..engine.prompt.tokenizer import GROUNDING_TOKENS
 
 if TYPE_CHECKING:  # a server's backend runs without torch: the engine loads with a local model
     from ..engine.generate import PromptCache
-    from ..engine.processor import Prepared
+    from ..engine.prompt.processor import Prepared
     from ..engine.runtime import VLModel
 
 

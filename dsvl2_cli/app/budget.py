@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.processor import MAX_TILED_IMAGES, Message, Prepared, Processor, image_token_count, tiling_grid
+from ..engine.prompt.processor import MAX_TILED_IMAGES, Message, Prepared, Processor, image_token_count, tiling_grid
 from ..errors import ContextTooLongError
 
 

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from ..engine.events import Done, Event, GenerationConfig, Token
-from ..engine.messages import MAX_TILED_IMAGES, Message, user_message
+from ..engine.prompt.messages import MAX_TILED_IMAGES, Message, user_message
 from ..errors import Dsvl2Error, PromptError
 from .backends import Prompt, as_backend
 from .options import Options
 from .results import Answer, answer_record
 
 if TYPE_CHECKING:  # a session over a server runs without torch: no tensors here
-    from ..engine.processor import Prepared
+    from ..engine.prompt.processor import Prepared
 
 
 class ChatSession:

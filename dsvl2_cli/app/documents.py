@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from ..engine.events import GenerationConfig
-from ..engine.messages import user_message
+from ..engine.prompt.messages import user_message
 from ..errors import ContextTooLongError
-from .inputs import Source, image_origin
+from .inputs.sources import Source, image_origin
 from .options import Options
 from .results import Notice
 
@@ -69,7 +69,7 @@ def default_ocr_batch(vlm, pages: int) -> int:
     memory bandwidth, so rows decoded together share each step's weight reads), no more than
     the pages, and 1 when memory is short: each row needs a cache for the whole context, and
     twice that is kept free for the batch's prefill activations."""
-    from ..engine import fit  # memory figures: only ocr needs them
+    from ..engine.loading import fit  # memory figures: only ocr needs them
 
     lm = vlm.config.language
     row = 2 * lm.cache_values_per_token() * lm.num_hidden_layers * vlm.dtype.itemsize * lm.max_position_embeddings

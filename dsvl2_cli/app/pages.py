@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import settings
-from ..engine.messages import MAX_TILED_IMAGES
+from ..engine.prompt.messages import MAX_TILED_IMAGES
 from ..errors import InputError
-from .inputs import Source, write_atomic
+from .inputs.sources import Source, write_atomic
 
 MIN_TEXT_CHARS = 20     # less text than this (a page number, a stray mark): treated as scanned
 SECOND_PAGE_SHARE = 0.5  # a second page is asked about too when it scores at least half the best

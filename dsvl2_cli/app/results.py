@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from ..engine.events import Done, Event
-from ..engine.messages import MAX_TILED_IMAGES
+from ..engine.prompt.messages import MAX_TILED_IMAGES
 from ..errors import Dsvl2Error
 from .grounding import PixelBox
-from .inputs import Source, image_origin
+from .inputs.sources import Source, image_origin
 
 if TYPE_CHECKING:  # types only: a command answered by a server never imports torch
-    from ..engine.processor import Prepared
+    from ..engine.prompt.processor import Prepared
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from ..engine.events import Done, Event, GenerationConfig
-from ..engine.messages import MAX_TILED_IMAGES, user_message
+from ..engine.prompt.messages import MAX_TILED_IMAGES, user_message
 from ..errors import Dsvl2Error
 from . import documents, pages
 from .backends import Backend, LocalBackend, Prompt, RemoteBackend, as_backend
@@ -65,7 +65,7 @@ from .chat import ChatSession, chat_session, chat_turn
 from .defaults import MAX_TOKENS, OCR_PROMPTS, TEMPERATURE_ADVICE, task_defaults
 from .documents import default_ocr_batch, preflight
 from .grounding import PixelBox, caption_prompt, read_grounded, referring_prompt
-from .inputs import Source, image_origin, output_paths
+from .inputs.sources import Source, image_origin, output_paths
 from .options import Options
 from .results import (
     Answer,
@@ -307,6 +307,6 @@ def _read_together(backend: LocalBackend, group: list[_Page | PageFailed], confi
 def model_info(resolved, dtype: str, device: str, quantize: str | None = None) -> dict:
     """`dsvl2 info`'s facts about a resolved model (hub.ResolvedModel), from its files only:
     engine/facts.model_info (which documents the keys), imported here: the engine needs torch."""
-    from ..engine import facts
+    from ..engine.loading import facts
 
     return facts.model_info(resolved, dtype, device, quantize)

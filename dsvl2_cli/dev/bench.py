@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .. import settings
-from ..engine import kernels
+from ..engine.native import kernels
 from ..engine.runtime import VLModel
 from . import bench_probes
 from .bench_probes import BandwidthProbe, matmul_rate
@@ -203,7 +203,7 @@ def bench_ours(path: Path, quick: bool, probe: BandwidthProbe) -> dict:
     import dsvl2_cli
 
     from ..engine.generate import Done, GenerationConfig, Prefilled, stream_generate
-    from ..engine.processor import user_message
+    from ..engine.prompt.processor import user_message
 
     gc.collect()
     reset_peak_rss()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import kernels
+from ..engine.native import kernels
 
 BANDWIDTH_BYTES = 1 << 30  # far larger than any L3 (32-96 MiB here): every read comes from DRAM
 QUICK_BANDWIDTH_BYTES = 64 << 20
@@ -79,8 +79,8 @@ def interleaved(fns: dict, repeat: int) -> dict:
 
 
 def matmul_dtype() -> str:
-    """The dtype a bf16 model's prefill products run in on this CPU (engine/f32_products.py)."""
-    from ..engine import f32_products
+    """The dtype a bf16 model's prefill products run in on this CPU (engine/native/f32_products.py)."""
+    from ..engine.native import f32_products
 
     return "float32" if f32_products.wanted(torch.bfloat16, torch.device("cpu")) else "bfloat16"
 
@@ -127,9 +127,9 @@ def help_startup(runs: int = 5) -> dict:
 
 def loaded_files(path: Path) -> list[Path]:
     """The files a bf16 CPU load of `path` reads its weights from: the mapped layout when there is
-    one (engine/mapped.py; the checkpoint's own files are then read only for their headers),
+    one (engine/loading/mapped.py; the checkpoint's own files are then read only for their headers),
     else the checkpoint's files."""
-    from ..engine import mapped
+    from ..engine.loading import mapped
 
     data, record = mapped.entry_paths(path, torch.bfloat16)
     if data.is_file() and record.is_file():
@@ -155,7 +155,7 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
-import dsvl2_cli.engine.runtime, dsvl2_cli.engine.mapped, dsvl2_cli.engine.tokenizer
+import dsvl2_cli.engine.runtime, dsvl2_cli.engine.loading.mapped, dsvl2_cli.engine.prompt.tokenizer
 t2 = time.perf_counter()
 dsvl2_cli.load(sys.argv[1], dtype="bfloat16", device="cpu")
 t3, ready_at = time.perf_counter(), time.time()
@@ -247,7 +247,7 @@ def _median_run(samples: list[dict]) -> dict:
 
 def int8_vision_here() -> bool:
     """Whether `chat --vision-int8` exists and would run int8 here (AVX512-VNNI kernels built)."""
-    from ..engine import int8_kernels, kernels
+    from ..engine.native import int8_kernels, kernels
 
     if not (kernels.available() and int8_kernels.int8_gemm_available()):
         return False

@@ -2,7 +2,7 @@
 weight is read, each thing once (the quantization name, the model resolved by hub.py, dtype and
 device, the memory check of fit.py), `LoadPlan.load()` builds the model and fills its weights
 (`load_model`), and `load()` does both and returns a `VLModel` (vlmodel.py). The CLI
-(app/cli.py's open_model) and the server load through `plan_load` too.
+(app/terminal/cli.py's open_model) and the server load through `plan_load` too.
 
 `quantize=` (a method of dsvl2_cli/quant_methods.py: int8, int4, nf4) quantizes the routed experts
 while loading, one layer at a time; a folder written by `quantize_folder` (`dsvl2 quantize`) loads
@@ -24,12 +24,14 @@ from ..errors import Dsvl2Error, ModelError
 from ..model.config import ModelConfig
 from ..model.language import rope_table
 from ..model.vlm import DeepseekVL2
-from . import fast, fit, hub, mapped, quant
-from . import vision_int8 as vision_int8_module
-from .processor import Processor, ProcessorSettings
-from .tokenizer import Tokenizer
+from .native import fast
+from .loading import fit, hub, mapped
+from . import quant
+from .native import vision_int8 as vision_int8_module
+from .prompt.processor import Processor, ProcessorSettings
+from .prompt.tokenizer import Tokenizer
 from .vlmodel import TILE_BATCH, VLModel  # noqa: F401  (their old home: the public API imports VLModel here)
-from .weights import TensorReader, check_tensors, expected_tensors, load_into, read_headers, weight_files
+from .loading.weights import TensorReader, check_tensors, expected_tensors, load_into, read_headers, weight_files
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
@@ -77,8 +79,8 @@ def load_model(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype, device: to
     with its own method).
     mmap: None (settings: DSVL2_MMAP, on by default) or a bool. On CPU the weights (quantized
     experts too, in their kernel's layout) are views of a memory-mapped converted layout
-    (engine/mapped.py); otherwise copied.
-    vision_int8: the vision tower's linears in int8 (engine/vision_int8.py) where the CPU kernel
+    (engine/loading/mapped.py); otherwise copied.
+    vision_int8: the vision tower's linears in int8 (engine/native/vision_int8.py) where the CPU kernel
     is there, else a one-line warning and the dtype's path; `model.vision_int8` says which runs.
     """
     folder_spec = quant.read_spec(model_dir)
@@ -217,7 +219,7 @@ def load(
     pre-quantized folder from `dsvl2 quantize` with its own method); "auto" the first of none,
     int8, int4 that fits in memory (a pre-quantized folder keeps its own).
 
-    Before any weight is read (`plan_load`) the memory plan (engine/fit.py) is checked against
+    Before any weight is read (`plan_load`) the memory plan (engine/loading/fit.py) is checked against
     what this process may use: too big raises MemoryFitError naming the quantizations that fit.
     allow_paging=True loads anyway (memory-mapped weights paged from disk: slow) with a warning;
     memory_check=False skips the check ("auto" still plans, and never refuses). on_fit receives

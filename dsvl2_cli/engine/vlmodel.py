@@ -11,12 +11,12 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.vlm import DeepseekVL2
-from . import f32_products as f32_products_module
-from . import memory
+from .native import f32_products as f32_products_module
+from .loading import memory
 from .cache import ModelCache, new_model_cache
-from .processor import Message, Prepared, PreparedImage, Processor
+from .prompt.processor import Message, Prepared, PreparedImage, Processor
 from .quant import QuantSpec
-from .tokenizer import Tokenizer
+from .prompt.tokenizer import Tokenizer
 
 # Tiles through the vision tower per batch: 4 x 729 rows keep its matmuls efficient while a
 # 10-tile page does not hold all of its activations at once.
@@ -51,7 +51,7 @@ class VLModel:
 
     @property
     def f32_products(self) -> bool:
-        """Whether bf16 prefill and vision products run in float32 (engine/f32_products.py: a
+        """Whether bf16 prefill and vision products run in float32 (engine/native/f32_products.py: a
         CPU without bf16 dot products, or DSVL2_BF16_PRODUCTS=float32)."""
         return f32_products_module.installed(self.model.language)
 

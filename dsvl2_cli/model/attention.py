@@ -12,7 +12,7 @@ those are cached. Two equivalent ways to attend over the cache:
 Plain torch throughout. Small hooks let the engine run faster code without changing the math:
 `attend` (attention over the cache: MHA's, and MLA's in latent space), `rotate` (the rotary
 embedding) and, for MLA, `attend_heads` (per-head attention after decompression: prefill) and
-`head_matmul` (the per-head absorption products). engine/fast.py replaces them at load time on CPU.
+`head_matmul` (the per-head absorption products). engine/native/fast.py replaces them at load time on CPU.
 Caches are duck-typed (`update_and_fetch`; engine/cache.py has them): the model imports no engine code.
 """
 

@@ -3,7 +3,7 @@ experts chosen per token by a router, plus always-on shared experts.
 
 Routed experts are stored stacked, `gate_up` (E, 2M, D) and `down` (E, D, M), and computed grouped:
 the token copies are sorted by expert and each active expert runs one matmul over its slice.
-Plain torch: engine/fast.py swaps in subclasses that run decode through native kernels.
+Plain torch: engine/native/fast.py swaps in subclasses that run decode through native kernels.
 """
 
 from __future__ import annotations

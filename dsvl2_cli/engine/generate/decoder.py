@@ -22,7 +22,7 @@ import torch
 from ..cache import ModelCache, gather_rows
 from ..events import Done, GenerationConfig, Stats, Token
 from ..vlmodel import VLModel
-from ..sampling import make_generator, sample
+from .sampling import make_generator, sample
 
 # Positions allocated past the longest row when rows are gathered into a batch cache, so the
 # next steps append without reallocating.

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from ..events import DEFAULT_PREFILL_CHUNK, Prefilling
-from ..processor import Prepared
+from ..prompt.processor import Prepared
 from ..prompt_store import PromptStore
 from ..vlmodel import TILE_BATCH, VLModel
 from .prompt import PromptCache, image_prefix, image_spans, position_keys

@@ -12,7 +12,7 @@ import torch
 
 from ...errors import ContextTooLongError
 from ..cache import ModelCache
-from ..processor import Prepared
+from ..prompt.processor import Prepared
 from ..vlmodel import VLModel
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from ..cache import ModelCache, gather_rows
 from ..events import Done, Event, GenerationConfig, Prefilled
-from ..processor import Prepared
+from ..prompt.processor import Prepared
 from .decoder import Decoder, Sequence
 from .prefill import Prefill
 from .prompt import PromptCache, check_context, position_keys

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from ..events import Done, Event, GenerationConfig, Prefilled
-from ..processor import Prepared
+from ..prompt.processor import Prepared
 from ..vlmodel import VLModel
 from .decoder import Decoder, Sequence
 from .prefill import Prefill

@@ -21,7 +21,7 @@ from torch import nn
 
 from ... import quant_methods
 from ...model.moe import combine_experts, per_expert_loop
-from .. import kernels
+from ..native import kernels
 from .format import PARTS, QuantizationError, QuantSpec, _pack_nibbles, method_info
 
 

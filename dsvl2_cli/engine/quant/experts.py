@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...model.config import ModelConfig
-from ..weights import TensorReader, stack_experts
+from ..loading.weights import TensorReader, stack_experts
 from .base import QuantizedExperts
 from .format import PARTS, QuantSpec
 from . import registry
@@ -71,7 +71,7 @@ def packed_layer_hook(spec: QuantSpec, device: torch.device):
 @dataclass(frozen=True)
 class KernelLayout:
     """The buffers of a MoE layer's quantized experts as the kernel for a device holds them:
-    what a mapped layout stores in place of the float experts (engine/mapped.py). The CPU
+    what a mapped layout stores in place of the float experts (engine/loading/mapped.py). The CPU
     packings are torch's and bitsandbytes' internal choices (they vary with the CPU and the
     version), so `key` carries a digest of a probe's kernel tensors: another packing, another key."""
 

@@ -14,8 +14,8 @@ import torch
 from ... import quant_methods
 from ...files import follow_umask, replacing_folder
 from ...model.config import ModelConfig
-from ..weights import (IGNORED_PREFIXES, INDEX_NAME, TensorReader, check_tensors, expected_tensors, read_headers,
-                       stack_experts, weight_files)
+from ..loading.weights import (IGNORED_PREFIXES, INDEX_NAME, TensorReader, check_tensors, expected_tensors,
+                               read_headers, stack_experts, weight_files)
 from .format import _EXPERT_NAME, CONFIG_KEY, PARTS, QuantizationError, QuantSpec, read_spec
 from .registry import expected_quantized, pack_part
 

@@ -12,7 +12,7 @@ import torch
 
 from ... import quant_methods
 from ...model.config import ModelConfig
-from ..weights import expected_tensors
+from ..loading.weights import expected_tensors
 from . import int4, int8, nf4
 from .base import QuantMethod
 from .format import _EXPERT_NAME, _SAFETENSORS_DTYPES, PARTS, QuantizationError, QuantSpec, group_for

@@ -1,0 +1,1 @@
+"""HTTP: the OpenAI-compatible server (dsvl2 serve) and the client behind --server."""

@@ -1,0 +1,1 @@
+"""Inputs: image files, PDF pages, stdin and conversation files, with their provenance."""

@@ -1,0 +1,1 @@
+"""The terminal front: the Typer commands, their options, exit codes and rendering."""

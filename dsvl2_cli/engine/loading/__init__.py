@@ -1,0 +1,1 @@
+"""Loading: a model folder resolved, checked, planned against memory and read into a VLModel."""

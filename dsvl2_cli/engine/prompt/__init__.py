@@ -1,0 +1,1 @@
+"""The prompt: the tokenizer, conversations (messages) and the processor that tiles images."""
