@@ -5,7 +5,8 @@ generation core) as a module beside the package (its relative imports reach toda
 events, processor and runtime, which it was written against), and times both `stream_generate`s
 on the same loaded model, in alternating rounds:
 - decode: the median gap between consecutive tokens of a short text prompt's answer;
-- prefill: from the call to the `Prefilled` event, for a text prompt of --prefill-tokens tokens.
+- prefill: from the call to the `Prefilled` event, for a text prompt of --prefill-tokens tokens;
+- the loop alone: a decode step with the model's forward pass replaced by a constant.
 Both sides compute the same tokens (checked).
 
     python benchmarks/bench_generation_core.py [--family tiny] [--layers N] [--rounds 15]
@@ -84,6 +85,26 @@ def prefill_seconds(run, vlm, prepared) -> float:
     raise AssertionError("no Prefilled event")
 
 
+def loop_overhead(sides: dict, vlm, prepared, tokens: int, rounds: int) -> dict:
+    """Seconds per decode step of each loop with the model's forward pass replaced by a constant
+    (no compute): what the loop itself costs, free of the machine's bandwidth noise."""
+    vocab = vlm.config.language.vocab_size
+    logits = torch.zeros(1, 1, vocab)
+    logits[0, 0, 100] = 1.0  # greedy picks an ordinary token, never eos: every run is `tokens` long
+    real = vlm.forward
+    vlm.forward = lambda embeds, cache=None, last_only=False: logits.expand(embeds.shape[0], 1, vocab)
+    try:
+        times = {k: [] for k in sides}
+        for i in range(rounds + 1):
+            for name, run in sides.items():
+                gaps, _ = decode_gaps(run, vlm, prepared, tokens)
+                if i:
+                    times[name].append(statistics.median(gaps))
+    finally:
+        vlm.forward = real
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="9f1af16")
@@ -112,6 +133,7 @@ def main(argv=None) -> int:
                 decode[name].append(statistics.median(gaps))
                 prefill[name].append(seconds)
     assert ids["base"] == ids["new"], "the two loops chose different tokens"
+    overhead = loop_overhead(sides, vlm, short, 200, 5)
     med = {k: {"decode_step_s": statistics.median(decode[k]), "prefill_s": statistics.median(prefill[k])}
            for k in sides}
     result = {
@@ -121,6 +143,7 @@ def main(argv=None) -> int:
         # the machine's bandwidth drifts between rounds: each round's new/base pair is compared
         "decode_new_over_base": statistics.median(n / b for n, b in zip(decode["new"], decode["base"])),
         "prefill_new_over_base": statistics.median(n / b for n, b in zip(prefill["new"], prefill["base"])),
+        "loop_overhead_s_per_step": overhead,
         "rounds_s": {"decode": decode, "prefill": prefill},
         "bandwidth_probe_gb_s": bench_probes.BandwidthProbe().gb_s(),
     }
@@ -130,6 +153,8 @@ def main(argv=None) -> int:
           f"{result['decode_new_over_base']:9.3f}")
     print(f"{'prefill':12s} {med['base']['prefill_s']:14.3f} s {med['new']['prefill_s']:10.3f} s "
           f"{result['prefill_new_over_base']:9.3f}")
+    print(f"{'loop alone':12s} {overhead['base'] * 1e6:13.0f} us {overhead['new'] * 1e6:9.0f} us "
+          f"{overhead['new'] / overhead['base']:9.3f}   (the forward pass replaced by a constant)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -1,7 +1,7 @@
 """The vocabulary of generation, free of torch: what a caller asks for (`SamplingParams`,
 `GenerationConfig`) and what comes back (the events `Prefilling`, `Prefilled`, `Token`, `Done`).
 
-engine/generate.py produces these events from a loaded model; app/http/client.py produces the very
+engine/generate/ produces these events from a loaded model; app/http/client.py produces the very
 same from an OpenAI-compatible server. Keeping them apart from the tensor code means a command
 answered by a server (`--server`) never imports torch (~1.3 s of every start here).
 """

@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from ...engine.generate import Done, GenerationConfig
+from ...engine.events import Done, GenerationConfig
 from ...engine.prompt.processor import IMAGE_TOKEN, Message
 from ...engine.generate.sampling import SamplingParams
 from ...errors import Dsvl2Error

@@ -207,7 +207,6 @@ class Decoder:
         self.feed()
         return events
 
-    @torch.inference_mode()
     def choose(self) -> list[tuple[Sequence, Token]]:
         """Choose the next token of every row and joining sequence; returns their Token events in
         row order (emit them before `feed`). A sequence whose `reason` is set has ended."""
