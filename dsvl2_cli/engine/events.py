@@ -44,7 +44,7 @@ class SamplingParams:
 # 1024 rather than 512: a chunk's token copies are spread over 64 routed experts, and the expert
 # GEMMs run at a fraction of the matmul rate at ~48 rows each (512 x 6 / 64) against ~96; a
 # 1037-token photo prompt prefilled 13% faster in one run (real tiny shapes, 2 cores). The
-# activations of a 1024 chunk are still small beside the weights (fit.prefill_peak).
+# activations of a 1024 chunk are still small beside the weights (loading/memory_plan.prefill_peak).
 DEFAULT_PREFILL_CHUNK = 1024
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from ... import quant_methods
 from ...settings import DEFAULT_MODEL
 from . import exits
 from .cli_options import JsonOpt, QuietOpt, shared_options
@@ -103,10 +104,10 @@ def info(*, opts: Options):
 def quantize(
     src: Annotated[str, typer.Argument(metavar="SRC", help="Model folder or Hugging Face id to quantize.")],
     dst: Annotated[Path, typer.Argument(metavar="DST", help="New folder to write (must not exist or be empty).")],
-    method: Annotated[str, typer.Option("--method", metavar="int4|nf4|int8",
+    method: Annotated[str, typer.Option("--method", metavar=quant_methods.FOLDER_METAVAR,
                                         help="How to store the routed experts.")] = "int4",
     group_size: Annotated[Optional[int], typer.Option("--group-size", min=32, show_default=False,
-                                                      help="Values per scale (default: int4 128, nf4 64).")] = None,
+                                                      help=quant_methods.GROUP_SIZE_HELP)] = None,
     quiet: QuietOpt = False,
 ):
     """Write a pre-quantized copy of a model: routed experts packed, the rest unchanged; it loads

@@ -81,7 +81,7 @@ def info_lines(facts: dict) -> list[str]:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"  # GB as in engine/loading/fit.py's messages, so the numbers match
+    return f"{n / 1e9:.1f} GB"  # GB as in engine/loading/host_memory.gb (the memory messages), so the numbers match
 
 
 def _memory_rows(memory: dict) -> list[tuple[str, str]]:
