@@ -53,10 +53,11 @@ class Prefill:
     """
 
     def __init__(self, vlm: VLModel, prepared: Prepared, pcache: PromptCache,
-                 chunk: int = DEFAULT_PREFILL_CHUNK, store: PromptStore | None = None, tile_batch: int = TILE_BATCH):
+                 chunk: int = DEFAULT_PREFILL_CHUNK, store: PromptStore | None = None, tile_batch: int = TILE_BATCH,
+                 keys: list | None = None):
         self.vlm, self.prepared, self.pcache = vlm, prepared, pcache
         self.chunk, self.store, self.tile_batch = chunk, store, tile_batch
-        self.keys = position_keys(prepared)
+        self.keys = keys if keys is not None else position_keys(prepared)  # the caller's, when it has them
         self.prefix = image_prefix(prepared)
         self.logits: torch.Tensor | None = None  # (V,) once done
         self.reused = 0

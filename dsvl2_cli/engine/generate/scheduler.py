@@ -97,7 +97,6 @@ class EngineRequest:
         self.emit = emit
         self.skip_special_tokens = skip_special_tokens
         self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
         # set by the worker while the request is prefilled and decoded
         self.entry: PromptCache | None = None  # the pool entry its prompt is prefilled into
         self.prefill: Prefill | None = None
@@ -223,12 +222,13 @@ class BatchEngine:
     def _start(self, request: EngineRequest) -> None:
         check_context(self.vlm, request.prepared)
         request.t0 = time.perf_counter()
-        request.entry = self.pool.checkout(position_keys(request.prepared), self._busy())
+        keys = position_keys(request.prepared)  # hashes the images' tiles: once
+        request.entry = self.pool.checkout(keys, self._busy())
         # one tile per unit: a tile (~2 s on a 2-core CPU for tiny) costs less than a prompt chunk,
         # so a running stream waits at most one chunk per token (a tile's rows are the same bits
         # at any tile batch: tested)
         request.prefill = Prefill(self.vlm, request.prepared, request.entry, request.config.prefill_chunk,
-                                  tile_batch=SERVER_TILE_BATCH)
+                                  tile_batch=SERVER_TILE_BATCH, keys=keys)
 
     def _join(self, request: EngineRequest) -> None:
         job, prepared = request.prefill, request.prepared
